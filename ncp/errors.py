@@ -1,0 +1,2 @@
+class NcpError(ValueError):
+    """Bad input or configuration; the message names the file, row or key at fault."""
