@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates .venv with the pinned stack. torch is installed first and pinned by constraints.txt,
+# so no other package can pull a different torch (that would download GBs of CUDA wheels).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+if ! python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
+  pip install -q torch==2.13.0
+fi
+pip install -q -r requirements.txt -c constraints.txt 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+python -c "import torch, diffusers, peft, accelerate; print(f'ncp setup: torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}')"
