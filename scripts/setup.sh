@@ -7,7 +7,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
 if ! python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
-  pip install -q torch==2.13.0
+  pip install -q torch==2.13.0 > .venv/pip.log 2>&1 || { cat .venv/pip.log; exit 1; }
 fi
-pip install -q -r requirements.txt -c constraints.txt 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+pip install -q -r requirements.txt -c constraints.txt > .venv/pip.log 2>&1 || { cat .venv/pip.log; exit 1; }
 python -c "import torch, diffusers, peft, accelerate; print(f'ncp setup: torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}')"
