@@ -1,0 +1,68 @@
+"""DDPM maths from the scheduler's own `alphas_cumprod` / `betas`, batched over per-sample timesteps.
+
+Notation (Ho et al. 2020): abar_t = prod_{s<=t} alpha_s, alpha_t = 1 - beta_t.
+The paper's Eq. 12 / Algorithm 1 write alpha_t where abar_t is meant; this follows Eq. 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over all non-batch dimensions: (N, ...) -> (N,)."""
+    return x.mean(dim=tuple(range(1, x.dim())))
+
+
+def _gather(coef: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """coef[t] shaped (N, 1, 1, 1) to broadcast against x, in x's dtype."""
+    return coef.to(t.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def prev_t(t: torch.Tensor) -> torch.Tensor:
+    """t' = t - 1, clamped at 0 (method notes: the authors' code)."""
+    return (t - 1).clamp(min=0)
+
+
+@dataclass
+class Schedule:
+    alphas_cumprod: torch.Tensor  # (T,) float64
+    betas: torch.Tensor  # (T,)
+
+    @classmethod
+    def from_scheduler(cls, scheduler) -> "Schedule":
+        if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+            raise ValueError(f"only epsilon-prediction models are supported, got {scheduler.config.prediction_type}")
+        return cls(scheduler.alphas_cumprod.double(), scheduler.betas.double())
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.betas)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps  (q(x_t | x_0), Eq. 2)."""
+        abar = self.alphas_cumprod
+        return _gather(abar.sqrt(), t, x0) * x0 + _gather((1 - abar).sqrt(), t, x0) * eps
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+        abar = self.alphas_cumprod
+        return (x_t - _gather((1 - abar).sqrt(), t, x_t) * eps) / _gather(abar.sqrt(), t, x_t)
+
+    def ddpm_step(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """One reverse step t -> t-1 of the DDPM posterior q(x_{t-1} | x_t, x0_hat), per sample.
+
+        mean = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0_hat + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t,
+        variance "fixed_small" = (1 - abar_{t-1}) / (1 - abar_t) beta_t, and no noise where t = 0 (abar_{-1} = 1).
+        Matches `DDPMScheduler.step` with clip_sample=False (no x0 clipping: latents are not in [-1, 1]).
+        """
+        abar = self.alphas_cumprod
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        beta = 1 - abar / abar_prev
+        x0_coef = abar_prev.sqrt() * beta / (1 - abar)
+        xt_coef = (1 - beta).sqrt() * (1 - abar_prev) / (1 - abar)
+        std = ((1 - abar_prev) / (1 - abar) * beta).clamp(min=1e-20).sqrt() * (torch.arange(len(abar)) > 0)
+        x0_hat = self.predict_x0(x_t, t, eps)
+        return _gather(x0_coef, t, x_t) * x0_hat + _gather(xt_coef, t, x_t) * x_t + _gather(std, t, x_t) * z

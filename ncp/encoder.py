@@ -1,0 +1,82 @@
+"""The perceptual encoder f: a frozen copy of the base U-Net's downsampling stack (paper Sec. 3).
+
+f(x_{t'}, t', c) runs the time embedding (+ SDXL's added text/time embedding), `conv_in` and every
+down block (cross-attending to the prompt), optionally the mid block, and returns features whose
+squared distance replaces the latent-space error. Only these modules are copied: nothing of the
+up path is kept in memory. Its weights never get gradients; gradients flow through its activations.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import NcpError
+
+FEATURES = ("last", "mid", "multiscale")
+
+
+class PerceptualEncoder(nn.Module):
+    """features: "last" = output of the last down block (the authors' SDXL setting);
+    "mid" = after the mid block; "multiscale" = every down-path state and the mid block output,
+    average-pooled to the smallest resolution, each scaled so every state weighs the same in the
+    mean squared error whatever its channel count (the authors' SD1.5 setting). pool: spatial mean."""
+
+    def __init__(self, unet, features: str = "last", pool: bool = False):
+        super().__init__()
+        if features not in FEATURES:
+            raise NcpError(f"encoder.features must be one of {FEATURES}, got {features!r}")
+        if any("lora" in name for name, _ in unet.named_parameters()):
+            raise NcpError("build the perceptual encoder from the base U-Net before adding LoRA")
+        self.features, self.pool = features, pool
+        self.config = unet.config
+        keep = ["time_proj", "time_embedding", "conv_in", "down_blocks"]
+        if unet.config.addition_embed_type == "text_time":
+            keep += ["add_time_proj", "add_embedding"]
+        if features != "last":
+            keep.append("mid_block")
+        for name in keep:
+            setattr(self, name, copy.deepcopy(getattr(unet, name)))
+        self.time_embed_act = copy.deepcopy(unet.time_embed_act)
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    def _embedding(self, t: torch.Tensor, cond) -> torch.Tensor:
+        # as UNet2DConditionModel.forward (diffusers 0.42): time_proj -> time_embedding (+ text_time) -> act
+        emb = self.time_embedding(self.time_proj(t).to(self.dtype))
+        if self.config.addition_embed_type == "text_time":
+            time_embeds = self.add_time_proj(cond.time_ids.flatten()).reshape(len(t), -1)
+            add = torch.cat([cond.text_embeds, time_embeds], dim=-1).to(emb.dtype)
+            emb = emb + self.add_embedding(add)
+        return emb if self.time_embed_act is None else self.time_embed_act(emb)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """x: (N, C, h, w) latents at timestep t (N,); cond: ncp.conditioning.Cond with N rows."""
+        emb = self._embedding(t, cond)
+        ehs = cond.encoder_hidden_states.to(self.dtype)
+        h = self.conv_in(x.to(self.dtype))
+        states = [h]
+        for block in self.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=ehs)
+            else:
+                h, res = block(hidden_states=h, temb=emb)
+            states += res
+        if self.features != "last":
+            if getattr(self.mid_block, "has_cross_attention", False):
+                h = self.mid_block(h, emb, encoder_hidden_states=ehs)
+            else:
+                h = self.mid_block(h, emb)
+            states.append(h)
+        if self.features == "multiscale":
+            size = h.shape[-2:]
+            total = sum(s.shape[1] for s in states)
+            h = torch.cat([F.adaptive_avg_pool2d(s, size) * (total / (len(states) * s.shape[1])) ** 0.5 for s in states], 1)
+        return h.mean(dim=(2, 3)) if self.pool else h

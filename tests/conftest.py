@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny SD1.5 / SDXL pipeline folders, built once per test session."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory):
+    from ncp.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd15", "sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    from ncp.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tiny_sd15, tiny_sdxl):
+    return {"sd15": tiny_sd15, "sdxl": tiny_sdxl}

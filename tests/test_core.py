@@ -1,0 +1,203 @@
+"""The NCP objectives on real (tiny) diffusers U-Nets: maths, losses, gradients, determinism."""
+
+import math
+
+import pytest
+import torch
+
+from ncp.conditioning import build_cond, encode_prompts
+from ncp.diffusion import Schedule
+from ncp.encoder import PerceptualEncoder
+from ncp.errors import NcpError
+from ncp.losses import cpo_loss, dpo_loss, sft_loss
+from ncp.models import add_lora, adapters_disabled, load_models
+from ncp.objective import ObjectiveConfig, compute_objective, sample_randomness
+
+PROMPTS = ["a red circle on a white background", "a blue square"]
+
+
+def setup(path, features="last", rank=4):
+    models = load_models(str(path))
+    encoder = PerceptualEncoder(models.unet, features=features)
+    params = add_lora(models.unet, rank=rank)
+    models.unet.train()
+    torch.manual_seed(0)
+    x0 = torch.randn(4, 4, 16, 16)
+    cond = build_cond(models, PROMPTS, original_size=torch.tensor([[32, 32], [40, 48]] * 2),
+                      crop_top_left=torch.tensor([[0, 0], [4, 8]] * 2), target_size=(32, 32))
+    rnd = sample_randomness(2, (4, 16, 16), 1000, torch.Generator().manual_seed(1))
+    return models, encoder, params, x0, cond, rnd
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("space", ["perceptual", "latent"])
+def test_dpo_is_log2_at_initialisation(tiny_paths, arch, space):
+    models, encoder, _, x0, cond, rnd = setup(tiny_paths[arch])
+    # gaussian init makes LoRA-A random but LoRA-B zero: the policy equals the reference exactly
+    cfg = ObjectiveConfig(loss="dpo", space=space, beta=2500.0)
+    loss, metrics = compute_objective(models.unet, encoder, Schedule.from_scheduler(models.scheduler), x0, cond, rnd, cfg)
+    assert abs(loss.item() - math.log(2)) < 1e-6
+    assert torch.equal(metrics["implicit_acc"], torch.full((2,), 0.5))
+    assert (metrics["err_w"] > 0).all()
+
+
+def test_losses_against_hand_values():
+    err_w, err_l = torch.tensor([0.10, 0.30]), torch.tensor([0.20, 0.30])
+    ref_w, ref_l = torch.tensor([0.15, 0.30]), torch.tensor([0.15, 0.20])
+    loss, m = dpo_loss(err_w, err_l, ref_w, ref_l, beta=10.0)
+    # pair 0: margin = 10 * ((0.15 - 0.15) - (0.10 - 0.20)) = 1 -> -log sigmoid(1) = 0.3132617
+    # pair 1: margin = 10 * ((0.30 - 0.20) - (0.30 - 0.30)) = 1 -> same
+    assert torch.allclose(loss, torch.tensor([0.3132617, 0.3132617]), atol=1e-6)
+    assert torch.allclose(m["reward_w"], torch.tensor([0.5, 0.0]))
+    assert torch.allclose(m["reward_l"], torch.tensor([-0.5, -1.0]))
+    assert torch.equal(m["implicit_acc"], torch.tensor([1.0, 1.0]))
+
+    loss, m = cpo_loss(err_w, err_l, beta=10.0, cpo_lambda=0.0)
+    # pair 0: margin = -10 * (0.1 - 0.2) = 1 -> 0.3132617; pair 1: margin 0 -> log 2, a tie counts 1/2
+    assert torch.allclose(loss, torch.tensor([0.3132617, math.log(2)]), atol=1e-6)
+    assert torch.equal(m["implicit_acc"], torch.tensor([1.0, 0.5]))
+    # lambda = 0 is the authors' form: -logsigmoid(-beta * (err_w - err_l))
+    assert torch.allclose(loss, -torch.nn.functional.logsigmoid(-10.0 * (err_w - err_l)))
+    loss2, _ = cpo_loss(err_w, err_l, beta=10.0, cpo_lambda=2.0)
+    assert torch.allclose(loss2 - loss, 2.0 * err_w)
+    loss, _ = sft_loss(err_w)
+    assert torch.equal(loss, err_w)
+
+
+def test_ddpm_step_matches_scheduler_per_sample(tiny_sd15):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_pretrained(tiny_sd15, subfolder="scheduler")
+    assert scheduler.config.clip_sample is False
+    schedule = Schedule.from_scheduler(scheduler)
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([0, 1, 500, 999])
+    x_t, eps = (torch.randn(4, 4, 8, 8, generator=g) for _ in range(2))
+    # the scheduler draws its variance noise from a generator: use the same draws as z
+    z = torch.cat([torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)])
+    ours = schedule.ddpm_step(x_t, t, eps, z)
+    for i in range(4):
+        gen = torch.Generator().manual_seed(i)
+        ref = scheduler.step(eps[i : i + 1], int(t[i]), x_t[i : i + 1], generator=gen).prev_sample
+        assert torch.allclose(ours[i : i + 1], ref, atol=1e-5), int(t[i])
+    # no noise at t = 0: z does not matter there
+    assert torch.equal(schedule.ddpm_step(x_t, t, eps, torch.zeros_like(z))[0], ours[0])
+
+
+@pytest.mark.parametrize("space", ["perceptual", "latent"])
+def test_gradients_reach_only_lora(tiny_sd15, space):
+    models, encoder, params, x0, cond, rnd = setup(tiny_sd15)
+    schedule = Schedule.from_scheduler(models.scheduler)
+    cfg = ObjectiveConfig(loss="dpo", space=space, beta=2500.0)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    names = {p: n for n, p in models.unet.named_parameters()}
+
+    def backward():
+        opt.zero_grad(set_to_none=True)
+        loss, _ = compute_objective(models.unet, encoder, schedule, x0, cond, rnd, cfg)
+        loss.backward()
+
+    backward()
+    assert all(p.grad is None for p in encoder.parameters())
+    assert all(p.grad is None for p in models.unet.parameters() if not p.requires_grad)
+    # at initialisation B = 0, so only the B (up) matrices get a gradient; in perceptual space it can only
+    # have come through f
+    for p in params:
+        assert (p.grad.abs().sum() > 0) == ("lora_B" in names[p]), names[p]
+    opt.step()
+    backward()
+    assert all(p.grad.abs().sum() > 0 for p in params)
+
+
+def test_perceptual_error_gradient_flows_through_encoder(tiny_sd15):
+    models, encoder, params, x0, cond, rnd = setup(tiny_sd15)
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    encoder(x, torch.tensor([10, 20]), cond.index(slice(0, 2))).pow(2).mean().backward()
+    assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss_name", ["dpo", "cpo", "sft"])
+def test_same_randomness_same_loss_and_checkpointing_same_gradients(tiny_sd15, loss_name):
+    models, encoder, params, x0, cond, rnd = setup(tiny_sd15)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01 * torch.randn_like(p))  # move away from B = 0 so all paths matter
+    schedule = Schedule.from_scheduler(models.scheduler)
+    cfg = ObjectiveConfig(loss=loss_name, space="perceptual", beta=2500.0, cpo_lambda=0.5)
+
+    def grads():
+        for p in params:
+            p.grad = None
+        loss, _ = compute_objective(models.unet, encoder, schedule, x0, cond, rnd, cfg)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    loss1, g1 = grads()
+    loss2, g2 = grads()
+    assert torch.equal(loss1, loss2)
+    models.unet.enable_gradient_checkpointing()
+    loss3, g3 = grads()
+    assert torch.allclose(loss1, loss3, atol=1e-6)
+    for a, b in zip(g1, g3):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_encoder_is_the_down_path_of_the_base_unet(tiny_paths, arch):
+    models = load_models(str(tiny_paths[arch]))
+    encoder = PerceptualEncoder(models.unet)
+    assert not any(n.startswith(("up_blocks", "mid_block", "conv_out")) for n, _ in encoder.named_parameters())
+    captured = {}
+    models.unet.down_blocks[-1].register_forward_hook(lambda m, i, o: captured.update(h=o[0]))
+    cond = build_cond(models, PROMPTS, target_size=(32, 32)).index(slice(0, 2))
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([3, 700])
+    models.unet(x, t, **cond.unet_kwargs())
+    assert torch.allclose(encoder(x, t, cond), captured["h"], atol=1e-6)
+    # options: mid block, multiscale, pooling
+    mid = PerceptualEncoder(models.unet, features="multiscale", pool=True)
+    assert any(n.startswith("mid_block") for n, _ in mid.named_parameters())
+    assert mid(x, t, cond).dim() == 2
+    # LoRA must not leak into the encoder copy
+    add_lora(models.unet, rank=4)
+    with pytest.raises(NcpError, match="before adding LoRA"):
+        PerceptualEncoder(models.unet)
+
+
+def test_adapters_disabled_is_the_reference_and_restores_on_error(tiny_sd15):
+    models, _, params, x0, cond, _ = setup(tiny_sd15)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.1 * torch.randn_like(p))
+    unet, t, kw = models.unet, torch.tensor([5, 5, 5, 5]), cond.unet_kwargs()
+    policy = unet(x0, t, **kw).sample
+    with pytest.raises(RuntimeError):
+        with adapters_disabled(unet):
+            reference = unet(x0, t, **kw).sample
+            raise RuntimeError("boom")
+    assert not torch.allclose(policy, reference)
+    assert torch.equal(unet(x0, t, **kw).sample, policy)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_conditioning_matches_pipeline(tiny_paths, arch):
+    from ncp.models import pipeline_class
+
+    pipe = pipeline_class(arch).from_pretrained(tiny_paths[arch])
+    models = load_models(str(tiny_paths[arch]))
+    ours = encode_prompts(models, PROMPTS)
+    if arch == "sd15":
+        ref, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False)
+        assert torch.allclose(ours.encoder_hidden_states, ref)
+    else:
+        ref, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+        assert torch.allclose(ours.encoder_hidden_states, ref)
+        assert torch.allclose(ours.text_embeds, pooled)
+        time_ids = pipe._get_add_time_ids((40, 48), (4, 8), (32, 32), torch.float32, 32)
+        cond = build_cond(models, PROMPTS, original_size=torch.tensor([[40, 48]] * 4),
+                          crop_top_left=torch.tensor([[4, 8]] * 4), target_size=(32, 32))
+        assert torch.equal(cond.time_ids, time_ids.repeat(4, 1))
+
+
+def test_wrong_arch_is_a_clear_error(tiny_sd15):
+    with pytest.raises(NcpError, match="sd15"):
+        load_models(str(tiny_sd15), arch="sdxl")
