@@ -1,0 +1,271 @@
+"""Preference sources -> `Pairs`: prompts and winner-first image references, images read lazily.
+
+Supported (`data.source`):
+- hub: a hub dataset id or a local folder (`save_to_disk` output or data files) in the Pick-a-Pic
+  schema (`caption, jpg_0, jpg_1, label_0, label_1, image_0_uid, image_1_uid, ...`);
+- parquet: local Pick-a-Pic parquet shards (file, folder or glob);
+- pickapic_meta: Pick-a-Pic metadata without images (e.g. `pickapic_v2_no_images`) + `image_dir/<uid>.jpg`;
+- authors_csv: the NCP authors' CSV (`image_0_uid, image_1_uid, label_0, caption`) + `image_dir/<uid>.jpg`;
+- pairs: the user's JSONL/CSV of `prompt, chosen, rejected` image paths (relative to the file).
+- toy: built-in coloured shapes (ncp.data.toy), no files.
+Ties (label_0 == label_1, i.e. 0.5/0.5) are dropped and counted; pairs are turned so the winner is first.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from ncp.data.config import DataConfig
+from ncp.data.toy import toy_pair
+from ncp.errors import NcpError
+
+PICKAPIC_COLUMNS = ["caption", "label_0", "label_1"]
+IMAGE_COLUMNS = ["jpg_0", "jpg_1"]
+UID_COLUMNS = ["image_0_uid", "image_1_uid"]
+KNOWN_SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")
+
+
+# ---------------------------------------------------------------- image stores (picklable, for workers)
+class ArrowImages:
+    """Image bytes in a `datasets.Dataset` (memory-mapped Arrow), read one row at a time."""
+
+    def __init__(self, ds, rows: list[int], swap: list[bool], origin: str):
+        self.ds, self.rows, self.swap, self.origin = ds.select_columns(IMAGE_COLUMNS), rows, swap, origin
+
+    def get(self, i: int):
+        row = self.ds[self.rows[i]]
+        a = (row["jpg_0"], f"{self.origin} row {self.rows[i]} column jpg_0")
+        b = (row["jpg_1"], f"{self.origin} row {self.rows[i]} column jpg_1")
+        return (b, a) if self.swap[i] else (a, b)
+
+
+class FileImages:
+    """Images as files on disk; the path is both the source and the place named in errors."""
+
+    def __init__(self, win: list[str], lose: list[str]):
+        self.win, self.lose = win, lose
+
+    def get(self, i: int):
+        return (self.win[i], self.win[i]), (self.lose[i], self.lose[i])
+
+
+class ToyImages:
+    """Toy pairs rendered on demand (cheaper than holding them): a pure function of (seed, index)."""
+
+    def __init__(self, seed: int, size: int):
+        self.seed, self.size = seed, size
+
+    def get(self, i: int):
+        _, w, l = toy_pair(self.seed, i, self.size)
+        return (w, f"toy pair {i} winner"), (l, f"toy pair {i} loser")
+
+
+@dataclass
+class Pairs:
+    """Preference pairs, winner first. `images.get(i)` -> ((src_w, where_w), (src_l, where_l)),
+    src being bytes, a path, an `{"bytes": ...}` dict or a PIL image; `stats` counts each step."""
+
+    prompts: list[str]
+    pair_ids: list[str]
+    win_uids: list[str]
+    lose_uids: list[str]
+    images: object
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+# ---------------------------------------------------------------- files and tables
+def resolve_files(path: str, split: str, exts: tuple[str, ...]) -> list[str]:
+    """Files of `split` under a file, folder or glob. In a folder whose file names start with split
+    names (Pick-a-Pic shards: `train-00000-of-00645.parquet`) only `split`'s files; else all."""
+    if any(ch in path for ch in "*?["):
+        files = sorted(glob.glob(path, recursive=True))
+    elif os.path.isdir(path):
+        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if f.endswith(exts))
+    elif os.path.isfile(path):
+        return [path]
+    else:
+        raise NcpError(f"data.path: no such file or folder: {path}")
+    if not files:
+        raise NcpError(f"data.path: no {'/'.join(exts)} files in {path}")
+
+    def split_of(f: str) -> str | None:
+        for part in [os.path.basename(f)] + list(Path(f).parent.parts):
+            for s in KNOWN_SPLITS:
+                if re.match(rf"^{s}(-|\.|$)", part):
+                    return s
+        return None
+
+    splits = {split_of(f) for f in files}
+    if splits == {None}:
+        return files
+    chosen = [f for f in files if split_of(f) == split]
+    if not chosen:
+        raise NcpError(f"data.split={split!r}: no such split in {path} (found {sorted(s for s in splits if s)})")
+    return chosen
+
+
+def read_table(files: list[str], columns: list[str], optional: list[str] = ()) -> pd.DataFrame:
+    """Read parquet / CSV / JSONL files into one frame with `columns` (required) and `optional` ones.
+    An unreadable file or a missing column raises NcpError naming both."""
+    frames = []
+    for f in files:
+        try:
+            if f.endswith(".parquet"):
+                have = pq.read_schema(f).names
+                missing = [c for c in columns if c not in have]
+                if missing:
+                    raise NcpError(f"{f}: missing column {missing[0]!r} (has {have})")
+                df = pd.read_parquet(f, columns=[c for c in columns + list(optional) if c in have])
+            elif f.endswith((".jsonl", ".json")):
+                df = pd.read_json(f, lines=True)
+            else:
+                df = pd.read_csv(f)
+        except NcpError:
+            raise
+        except Exception as e:  # pyarrow / pandas raise many types for a bad file
+            raise NcpError(f"{f}: cannot read ({type(e).__name__}: {e})") from e
+        missing = [c for c in columns if c not in df.columns]
+        if missing:
+            raise NcpError(f"{f}: missing column {missing[0]!r} (has {list(df.columns)})")
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+
+def orient(label_0, label_1) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Rows to keep and whether to swap them so the winner is image 0. Ties (equal labels, Pick-a-Pic's
+    0.5/0.5) and rows without labels are dropped and counted."""
+    l0, l1 = np.asarray(label_0, dtype=np.float64), np.asarray(label_1, dtype=np.float64)
+    unlabelled = np.isnan(l0) | np.isnan(l1)
+    tie = ~unlabelled & (l0 == l1)
+    keep = np.flatnonzero(~unlabelled & ~tie)
+    return keep, l1[keep] > l0[keep], {"ties": int(tie.sum()), "unlabelled": int(unlabelled.sum())}
+
+
+def _finish(prompts, ids, wu, lu, images, stats, where: str, max_pairs: int | None) -> Pairs:
+    """Apply max_pairs and refuse an empty result with the count each step removed."""
+    if max_pairs is not None:
+        stats["dropped_by_max_pairs"] = max(0, len(prompts) - max_pairs)
+        prompts, ids, wu, lu = prompts[:max_pairs], ids[:max_pairs], wu[:max_pairs], lu[:max_pairs]
+    stats["pairs"] = len(prompts)
+    if not prompts:
+        steps = ", ".join(f"{k} {v}" for k, v in stats.items() if k not in ("pairs",))
+        raise NcpError(f"{where}: no pairs left after filtering ({steps}; removed: ties = 0.5/0.5 labels, "
+                       "unlabelled = missing labels)")
+    return Pairs(list(prompts), list(ids), list(wu), list(lu), images, stats)
+
+
+def _labelled(df: pd.DataFrame, where: str, max_pairs):
+    """Keep/orient rows of a Pick-a-Pic-like frame; returns rows, swap flags, prompts, ids, uids, stats."""
+    keep, swap, stats = orient(df["label_0"], df["label_1"])
+    stats = {"rows": len(df), **stats}
+    if max_pairs is not None:  # cut before building per-pair lists: cheap on 1M rows
+        stats["dropped_by_max_pairs"] = max(0, len(keep) - max_pairs)
+        keep, swap = keep[:max_pairs], swap[:max_pairs]
+    caps = df["caption"].fillna("").astype(str).to_numpy()[keep]
+    if all(c in df.columns for c in UID_COLUMNS):
+        u0 = df["image_0_uid"].astype(str).to_numpy()[keep]
+        u1 = df["image_1_uid"].astype(str).to_numpy()[keep]
+    else:  # no uids: name images by row, so reports and the cache still have a key
+        u0 = np.array([f"row{r}_0" for r in keep])
+        u1 = np.array([f"row{r}_1" for r in keep])
+    wu, lu = np.where(swap, u1, u0).tolist(), np.where(swap, u0, u1).tolist()
+    ids = [f"{w}>{l}" for w, l in zip(wu, lu)]
+    return keep.tolist(), swap.tolist(), caps.tolist(), ids, wu, lu, stats
+
+
+# ---------------------------------------------------------------- sources
+def _load_arrow(cfg: DataConfig):
+    """A `datasets.Dataset` for hub / parquet sources, plus a name for messages."""
+    import datasets
+
+    path = cfg.path
+    try:
+        if cfg.source == "parquet":
+            files = resolve_files(path, cfg.split, (".parquet",))
+            for f in files:  # fail on a bad shard or column here, naming the file, not deep in datasets
+                _check_parquet(f)
+            return datasets.load_dataset("parquet", data_files=files, split="train"), path
+        if os.path.isdir(path) and (os.path.exists(os.path.join(path, "dataset_dict.json"))
+                                    or os.path.exists(os.path.join(path, "state.json"))):
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                if cfg.split not in ds:
+                    raise NcpError(f"data.split={cfg.split!r}: no such split in {path} (found {list(ds)})")
+                ds = ds[cfg.split]
+            return ds, path
+        return datasets.load_dataset(path, split=cfg.split), path
+    except NcpError:
+        raise
+    except Exception as e:
+        raise NcpError(f"{path}: cannot load dataset split {cfg.split!r} ({type(e).__name__}: {e})") from e
+
+
+def _check_parquet(f: str) -> None:
+    try:
+        have = pq.read_schema(f).names
+    except Exception as e:
+        raise NcpError(f"{f}: cannot read ({type(e).__name__}: {e})") from e
+    for c in PICKAPIC_COLUMNS + IMAGE_COLUMNS:
+        if c not in have:
+            raise NcpError(f"{f}: missing column {c!r} (has {have})")
+
+
+def load_pairs(cfg: DataConfig) -> Pairs:
+    """Read the configured source into winner-first `Pairs` (images not decoded yet)."""
+    cfg.validate()
+    if cfg.source == "toy":
+        caps = [toy_pair(cfg.toy_seed, i, 8)[0] for i in range(cfg.toy_num_pairs)]  # caption only; 8 px is cheap
+        n = len(caps) if cfg.max_pairs is None else min(cfg.max_pairs, len(caps))
+        ids = [f"toy{cfg.toy_seed}-{i}" for i in range(n)]
+        return Pairs(caps[:n], ids, [f"{p}w" for p in ids], [f"{p}l" for p in ids],
+                     ToyImages(cfg.toy_seed, cfg.resolution), {"rows": cfg.toy_num_pairs, "pairs": n})
+
+    if cfg.source in ("hub", "parquet"):
+        ds, where = _load_arrow(cfg)
+        missing = [c for c in PICKAPIC_COLUMNS + IMAGE_COLUMNS if c not in ds.column_names]
+        if missing:
+            raise NcpError(f"{where} (split {cfg.split}): missing column {missing[0]!r} (has {ds.column_names})")
+        meta = ds.select_columns(PICKAPIC_COLUMNS + [c for c in UID_COLUMNS if c in ds.column_names]).to_pandas()
+        rows, swap, caps, ids, wu, lu, stats = _labelled(meta, where, cfg.max_pairs)
+        return _finish(caps, ids, wu, lu, ArrowImages(ds, rows, swap, where), stats, where, None)
+
+    if cfg.source == "pickapic_meta":
+        files = resolve_files(cfg.path, cfg.split, (".parquet",))
+        df = read_table(files, PICKAPIC_COLUMNS + UID_COLUMNS)
+    elif cfg.source == "authors_csv":
+        files = [cfg.path]
+        df = read_table(files, ["image_0_uid", "image_1_uid", "label_0", "caption"])
+        df["label_1"] = 1.0 - pd.to_numeric(df["label_0"], errors="coerce")  # the CSV stores label_0 only
+    else:  # pairs
+        return _load_user_pairs(cfg)
+
+    rows, swap, caps, ids, wu, lu, stats = _labelled(df, cfg.path, cfg.max_pairs)
+    to_path = lambda uid: os.path.join(cfg.image_dir, f"{uid}.jpg")  # noqa: E731  (Pick-a-Pic names files by uid)
+    images = FileImages([to_path(u) for u in wu], [to_path(u) for u in lu])
+    return _finish(caps, ids, wu, lu, images, stats, cfg.path, None)
+
+
+def _load_user_pairs(cfg: DataConfig) -> Pairs:
+    """JSONL/CSV of `prompt, chosen, rejected` (chosen = winner). Relative paths are relative to the file."""
+    df = read_table([cfg.path], ["prompt", "chosen", "rejected"])
+    base = os.path.dirname(os.path.abspath(cfg.path))
+    stats = {"rows": len(df)}
+    ok = df["chosen"].notna() & df["rejected"].notna()
+    stats["missing_paths"] = int((~ok).sum())
+    df = df[ok]
+    full = lambda p: os.path.normpath(os.path.join(base, str(p)))  # noqa: E731  (absolute p wins in join)
+    win, lose = [full(p) for p in df["chosen"]], [full(p) for p in df["rejected"]]
+    ids = df["id"].astype(str).tolist() if "id" in df.columns else [f"{Path(cfg.path).name}:{i}" for i in df.index]
+    prompts = df["prompt"].fillna("").astype(str).tolist()
+    return _finish(prompts, ids, win, lose, FileImages(win, lose), stats, cfg.path, cfg.max_pairs)

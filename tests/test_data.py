@@ -1,0 +1,140 @@
+"""Tests of the preference-data layer (ncp.data): sources, pairs, loader, filter, toy data, cache.
+
+All fixtures are written into tmp_path; nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from ncp.data import DataConfig, build_dataloader, load_pairs, read_bad_pair_ids, toy_prompts, toy_reward
+from ncp.data.loader import PairDataset, pair_transform
+from ncp.data.toy import render, toy_pair
+from ncp.errors import NcpError
+
+
+# ---------------------------------------------------------------- fixtures
+def solid(colour, size=(40, 24)) -> Image.Image:
+    """A plain image whose colour tells which uid it is (width 40, height 24 by default)."""
+    return Image.new("RGB", size, colour)
+
+
+def jpg_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")  # lossless, so pixel checks are exact; PIL sniffs the format, not the name
+    return buf.getvalue()
+
+
+# image uid -> colour; the winner of each row below is always the reddest
+COLOURS = {"a": (250, 0, 0), "b": (0, 250, 0), "c": (0, 0, 250), "d": (200, 0, 0), "e": (0, 100, 0), "f": (0, 0, 100)}
+# (caption, uid0, uid1, label_0, label_1): row 1 is turned (winner second), row 2 a tie
+ROWS = [("p0", "a", "b", 1.0, 0.0), ("p1", "c", "d", 0.0, 1.0), ("p2", "e", "f", 0.5, 0.5), ("p3", "a", "c", 1.0, 0.0)]
+WINNERS = [("p0", "a", "b"), ("p1", "d", "c"), ("p3", "a", "c")]
+
+
+def pickapic_frame(with_images=True) -> pd.DataFrame:
+    df = pd.DataFrame(ROWS, columns=["caption", "image_0_uid", "image_1_uid", "label_0", "label_1"])
+    if with_images:
+        df["jpg_0"] = [jpg_bytes(solid(COLOURS[u])) for u in df["image_0_uid"]]
+        df["jpg_1"] = [jpg_bytes(solid(COLOURS[u])) for u in df["image_1_uid"]]
+    return df
+
+
+def image_dir(tmp_path) -> str:
+    d = tmp_path / "images"
+    d.mkdir(exist_ok=True)
+    for uid, c in COLOURS.items():
+        solid(c).save(d / f"{uid}.jpg", format="PNG")
+    return str(d)
+
+
+def winner_colour_ok(batch, pairs_by_id):
+    """Each winner / loser image of the batch has the colour of the expected uid."""
+    b = len(batch["prompts"])
+    for i, pid in enumerate(batch["pair_id"]):
+        w, l = pairs_by_id[pid]
+        for img, uid in ((batch["pixel_values"][i], w), (batch["pixel_values"][b + i], l)):
+            want = torch.tensor(COLOURS[uid], dtype=torch.float32) / 127.5 - 1
+            assert torch.allclose(img.mean(dim=(1, 2)), want, atol=0.02), (pid, uid)
+
+
+def check_source(cfg: DataConfig):
+    """Load every pair of a Pick-a-Pic-like fixture and check ties, orientation and pixels."""
+    pairs = load_pairs(cfg)
+    assert pairs.stats["ties"] == 1
+    assert [(p, w, l) for p, w, l in zip(pairs.prompts, pairs.win_uids, pairs.lose_uids)] == WINNERS
+    batch = next(iter(build_dataloader(cfg, batch_size=3, seed=0)))
+    assert batch["pixel_values"].shape == (6, 3, 16, 16)
+    assert batch["original_size"].tolist() == [[24, 40]] * 6  # (height, width) before resize
+    winner_colour_ok(batch, {i: (w, l) for i, w, l in zip(pairs.pair_ids, pairs.win_uids, pairs.lose_uids)})
+
+
+# ---------------------------------------------------------------- config
+def test_config_validate_names_key():
+    DataConfig().validate()
+    with pytest.raises(NcpError, match="data.crop must be one of"):
+        DataConfig(crop="middle").validate()
+    with pytest.raises(NcpError, match="data.path is required"):
+        DataConfig(source="parquet").validate()
+    with pytest.raises(NcpError, match="data.image_dir"):
+        DataConfig(source="authors_csv", path="x.csv").validate()
+    with pytest.raises(NcpError, match="data.proportion_empty_prompts"):
+        DataConfig(proportion_empty_prompts=1.5).validate()
+
+
+# ---------------------------------------------------------------- toy data
+def test_toy_winner_beats_loser_and_reward_reads_tensors():
+    for i in range(300):
+        caption, w, l = toy_pair(seed=3, index=i)
+        assert toy_reward(w, caption) == 1.0
+        assert toy_reward(l, caption) < 1.0
+    caption, w, l = toy_pair(seed=3, index=0)
+    # the loader's tensor in [-1, 1] scores the same as the PIL image
+    t = torch.from_numpy(np.array(l)).permute(2, 0, 1).float() / 127.5 - 1
+    assert toy_reward(t, caption) == pytest.approx(toy_reward(l, caption), abs=1e-6)
+    assert toy_reward(render("red", "circle", "white"), "a blue circle on a white background") < 1.0
+    with pytest.raises(NcpError, match="not a toy caption"):
+        toy_reward(w, "a cat")
+    assert toy_prompts(5, seed=1) == toy_prompts(5, seed=1) != toy_prompts(5, seed=2)
+    assert toy_pair(3, 7)[0] == toy_pair(3, 7)[0] and np.array_equal(toy_pair(3, 7)[2], toy_pair(3, 7)[2])
+
+
+def test_toy_loader_batch_format_and_determinism():
+    cfg = DataConfig(toy_num_pairs=16, crop="random", random_flip=True, proportion_empty_prompts=0.5)
+    batches = [next(iter(build_dataloader(cfg, batch_size=4, seed=1))) for _ in range(2)]
+    b = batches[0]
+    assert b["pixel_values"].shape == (8, 3, 32, 32) and b["pixel_values"].dtype == torch.float32
+    assert b["pixel_values"].min() >= -1 and b["pixel_values"].max() <= 1
+    assert b["original_size"].shape == (8, 2) and b["crop_top_left"].dtype == torch.long
+    assert len(b["prompts"]) == len(b["pair_id"]) == 4
+    assert b["pair_id"] == batches[1]["pair_id"] and torch.equal(b["pixel_values"], batches[1]["pixel_values"])
+    # winners first: each winner follows its (non-dropped) prompt better than its loser
+    for i, p in enumerate(b["prompts"]):
+        if p:
+            assert toy_reward(b["pixel_values"][i], p) > toy_reward(b["pixel_values"][4 + i], p)
+
+
+def test_per_item_randomness_ignores_workers_and_global_rng():
+    cfg = DataConfig(toy_num_pairs=12, crop="random", random_flip=True, proportion_empty_prompts=0.5, resolution=16)
+    runs = []
+    for workers in (0, 2):
+        torch.manual_seed(workers)
+        cfg.num_workers = workers
+        loader = build_dataloader(cfg, batch_size=4, seed=5)
+        loader.dataset.set_epoch(1)
+        runs.append([(b["pair_id"], b["prompts"], b["pixel_values"]) for b in loader])
+    for (ids0, p0, x0), (ids1, p1, x1) in zip(*runs):
+        assert ids0 == ids1 and p0 == p1 and torch.equal(x0, x1)
+    loader.dataset.set_epoch(2)
+    assert [b["pair_id"] for b in loader] != [r[0] for r in runs[1]]  # a new epoch reshuffles
+    # roughly half the prompts dropped over all 12 pairs
+    n_empty = sum(p == "" for r in runs[0] for p in r[1])
+    assert 1 <= n_empty <= 11
