@@ -138,3 +138,114 @@ def test_per_item_randomness_ignores_workers_and_global_rng():
     # roughly half the prompts dropped over all 12 pairs
     n_empty = sum(p == "" for r in runs[0] for p in r[1])
     assert 1 <= n_empty <= 11
+
+
+# ---------------------------------------------------------------- sources
+def test_parquet_source_split_ties_orientation(tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    pickapic_frame().to_parquet(d / "train-00000-of-00001.parquet")
+    pickapic_frame().iloc[:1].to_parquet(d / "test-00000-of-00001.parquet")
+    check_source(DataConfig(source="parquet", path=str(d), resolution=16))
+    assert len(load_pairs(DataConfig(source="parquet", path=str(d), split="test"))) == 1
+    assert len(load_pairs(DataConfig(source="parquet", path=str(d / "train-*.parquet"), max_pairs=2))) == 2
+    with pytest.raises(NcpError, match="no such split.*'test', 'train'"):
+        load_pairs(DataConfig(source="parquet", path=str(d), split="validation"))
+
+
+def test_hub_source_from_save_to_disk_folder(tmp_path):
+    import datasets
+
+    dsd = datasets.DatasetDict({"train": datasets.Dataset.from_pandas(pickapic_frame())})
+    dsd.save_to_disk(str(tmp_path / "pick"))
+    check_source(DataConfig(source="hub", path=str(tmp_path / "pick"), resolution=16))
+    with pytest.raises(NcpError, match="no such split"):
+        load_pairs(DataConfig(source="hub", path=str(tmp_path / "pick"), split="test"))
+
+
+def test_pickapic_meta_and_authors_csv_with_image_dir(tmp_path):
+    images = image_dir(tmp_path)
+    pickapic_frame(with_images=False).to_parquet(tmp_path / "meta.parquet")
+    check_source(DataConfig(source="pickapic_meta", path=str(tmp_path / "meta.parquet"), image_dir=images,
+                            resolution=16))
+    pickapic_frame(with_images=False).drop(columns="label_1").to_csv(tmp_path / "authors.csv", index=False)
+    check_source(DataConfig(source="authors_csv", path=str(tmp_path / "authors.csv"), image_dir=images,
+                            resolution=16))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_user_pairs_paths_relative_to_file(tmp_path, fmt):
+    image_dir(tmp_path)
+    rows = [{"prompt": p, "chosen": f"images/{w}.jpg", "rejected": f"images/{l}.jpg"} for p, w, l in WINNERS]
+    rows[1]["chosen"] = str(tmp_path / "images" / "d.jpg")  # absolute paths work too
+    path = tmp_path / f"pairs.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        pd.DataFrame(rows).to_csv(path, index=False)
+    cfg = DataConfig(source="pairs", path=str(path), resolution=16)
+    pairs = load_pairs(cfg)
+    assert pairs.prompts == ["p0", "p1", "p3"]
+    batch = next(iter(build_dataloader(cfg, batch_size=3, seed=0)))
+    winner_colour_ok(batch, {pid: (w, l) for pid, (_, w, l) in zip(pairs.pair_ids, WINNERS)})
+
+
+# ---------------------------------------------------------------- transforms
+def test_pair_gets_identical_crop_and_flip():
+    """Two copies of one asymmetric image stay equal after random crop + flip; a crop moves over epochs."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8))
+    seen = set()
+    for k in range(8):
+        (w, l), sizes, corners = pair_transform([img, img.copy()], 16, u=k / 8, v=(7 - k) / 8, flip=k % 2 == 1)
+        assert torch.equal(w, l) and corners[0] == corners[1] and sizes == [(30, 50)] * 2
+        seen.add(tuple(corners[0]))
+    assert len(seen) > 4
+    (c,), _, (tl,) = pair_transform([img], 16, u=0.5, v=0.5, flip=False)
+    assert tl == (0, round(0.5 * (round(50 * 16 / 30) - 16)))  # resized to 27x16, centred: left = 6 (hand maths)
+    assert tl == (0, 6)
+
+
+# ---------------------------------------------------------------- bad input
+def test_missing_column_and_unreadable_file_name_file_and_column(tmp_path):
+    pickapic_frame().drop(columns="label_1").to_parquet(tmp_path / "train-0.parquet")
+    with pytest.raises(NcpError, match=r"train-0.parquet: missing column 'label_1'"):
+        load_pairs(DataConfig(source="parquet", path=str(tmp_path / "train-0.parquet")))
+    (tmp_path / "bad.parquet").write_bytes(b"not a parquet file")
+    with pytest.raises(NcpError, match=r"bad.parquet: cannot read"):
+        load_pairs(DataConfig(source="pickapic_meta", path=str(tmp_path / "bad.parquet"), image_dir="x"))
+    with pytest.raises(NcpError, match=r"bad.parquet: cannot read"):
+        load_pairs(DataConfig(source="parquet", path=str(tmp_path / "bad.parquet")))
+    pd.DataFrame({"prompt": ["x"], "chosen": ["a.jpg"]}).to_csv(tmp_path / "p.csv", index=False)
+    with pytest.raises(NcpError, match=r"p.csv: missing column 'rejected'"):
+        load_pairs(DataConfig(source="pairs", path=str(tmp_path / "p.csv")))
+    with pytest.raises(NcpError, match="nope.jsonl: cannot read.*No such file"):
+        load_pairs(DataConfig(source="pairs", path=str(tmp_path / "nope.jsonl")))
+
+
+def test_everything_filtered_says_what_removed_it(tmp_path):
+    df = pickapic_frame(with_images=False)
+    df["label_0"] = df["label_1"] = 0.5
+    df.to_parquet(tmp_path / "meta.parquet")
+    with pytest.raises(NcpError, match=r"no pairs left.*rows 4, ties 4"):
+        load_pairs(DataConfig(source="pickapic_meta", path=str(tmp_path / "meta.parquet"), image_dir="x"))
+
+
+def test_bad_images_skipped_and_reported_or_error(tmp_path):
+    images = image_dir(tmp_path)
+    (tmp_path / "images" / "b.jpg").write_bytes(b"\xff\xd8 truncated jpeg")  # corrupt: pair a>b is bad
+    pickapic_frame(with_images=False).to_parquet(tmp_path / "meta.parquet")
+    cfg = DataConfig(source="pickapic_meta", path=str(tmp_path / "meta.parquet"), image_dir=images, resolution=16)
+    out = tmp_path / "run"
+    batches = list(build_dataloader(cfg, batch_size=1, seed=0, output_dir=str(out)))
+    assert len(batches) == 3  # the bad pair's slot is filled by the next readable pair: batches stay full
+    assert {b["pair_id"][0] for b in batches} == {"d>c", "a>c"}
+    assert read_bad_pair_ids(str(out)) == {"a>b"}
+    assert "b.jpg" in (out / "bad_images.txt").read_text()
+
+    os.remove(tmp_path / "images" / "c.jpg")  # missing, and now no pair is readable
+    with pytest.raises(NcpError, match="every image of all 3 pairs"):
+        list(build_dataloader(cfg, batch_size=1, seed=0, output_dir=str(out)))
+    cfg.on_bad_image = "error"
+    with pytest.raises(NcpError, match=r"pair (a>b|d>c|a>c) .*uid.*(b|c)\.jpg"):
+        list(build_dataloader(cfg, batch_size=1, seed=0))
