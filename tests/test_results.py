@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +108,113 @@ def test_prompt_sets_from_local_copies(tmp_path):
         load_prompts("parti", str(pick / "train"))  # no Prompt column there
     with pytest.raises(NcpError, match="nope.txt"):
         load_prompts(str(tmp_path / "nope.txt"))
+
+
+# ---------------------------------------------------------------- evaluation
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> tuple[Path, Path]:
+    """A randomly initialised CLIPModel and its processor (byte-level tokenizer from ncp.tiny), as local folders."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from ncp.tiny import write_tokenizer
+
+    root = tmp_path_factory.mktemp("clip")
+    write_tokenizer(root / "processor")
+    tok = CLIPTokenizer.from_pretrained(root / "processor")
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(root / "processor")
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=len(tok) - 2,
+                         eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1, **small),
+        vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16,
+    )
+    CLIPModel(cfg).save_pretrained(root / "model")
+    return root / "model", root / "processor"
+
+
+def fake_index(root: Path, models=("base", "a", "b"), prompts=("a red circle", "a blue square"), seeds=(0, 1)):
+    """Random images plus an index.jsonl in ncp.generate's layout."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for m in models:
+        (root / m).mkdir(parents=True)
+        for i, p in enumerate(prompts):
+            for s in seeds:
+                rel = f"{m}/{i}_{s}.png"
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / rel)
+                rows.append(dict(prompt=p, prompt_idx=i, seed=s, model=m, lora=None, path=rel))
+    (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_wilson_interval_and_ties_by_hand():
+    from ncp.evaluate import win_rate, wilson_interval
+
+    low, high = wilson_interval(8, 10)  # textbook: p = 0.8, n = 10 -> [0.4902, 0.9433]
+    assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
+    # a beats b on key 1, ties on 2, loses on 3 -> (1 + 0.5) / 3
+    w = win_rate({1: 2.0, 2: 1.0, 3: 0.0, 9: 5.0}, {1: 1.0, 2: 1.0, 3: 1.0})
+    assert (w["wins"], w["ties"], w["n"]) == (1, 1, 3) and w["win_rate"] == pytest.approx(0.5)
+    assert (w["low"], w["high"]) == pytest.approx(wilson_interval(1.5, 3))
+
+
+def test_pickscore_evaluation_matches_direct_computation(tiny_clip, tmp_path, monkeypatch):
+    from transformers import AutoProcessor, CLIPModel
+
+    from ncp.evaluate import evaluate, wilson_interval
+
+    model_dir, proc_dir = tiny_clip
+    rows = fake_index(tmp_path / "gen")
+    for optional in ("hpsv2", "ImageReward"):  # make the optional packages unimportable even where installed
+        monkeypatch.setitem(sys.modules, optional, None)
+    results = evaluate(tmp_path / "gen" / "index.jsonl", ["pickscore", "hpsv2", "imagereward"], tmp_path / "eval", batch_size=5,
+                       pickscore_model=str(model_dir), pickscore_processor=str(proc_dir))
+
+    # Direct: CLIP's own forward gives logits_per_image = logit_scale.exp() * cos; PickScore is its diagonal.
+    model, proc = CLIPModel.from_pretrained(model_dir).eval(), AutoProcessor.from_pretrained(proc_dir)
+    images = [Image.open(tmp_path / "gen" / r["path"]).convert("RGB") for r in rows]
+    inputs = proc(text=[r["prompt"] for r in rows], images=images, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        direct = model(**inputs).logits_per_image.diagonal().tolist()
+    scores = {(r["model"], r["prompt_idx"], r["seed"]): s for r, s in zip(rows, direct)}
+    assert len(set(round(s, 6) for s in direct)) > 1  # a constant scorer would make the checks below vacuous
+
+    res = results["rewards"]["pickscore"]
+    keys = [(i, s) for i in (0, 1) for s in (0, 1)]
+    for m in ("base", "a", "b"):
+        assert res["mean"][m] == pytest.approx(np.mean([scores[(m, *k)] for k in keys]), abs=1e-5)
+    for m in ("a", "b"):
+        wins = sum(scores[(m, *k)] > scores[("base", *k)] for k in keys)
+        w = res["win_rate"][m]
+        assert (w["wins"], w["n"]) == (wins, 4) and w["win_rate"] == pytest.approx(wins / 4)
+        assert (w["low"], w["high"]) == pytest.approx(wilson_interval(wins, 4))
+    assert "base" not in res["win_rate"]
+
+    # Missing optional reward: reported in the JSON and the table, not a crash.
+    assert set(results["skipped"]) == {"hpsv2", "imagereward"} and set(results["rewards"]) == {"pickscore"}
+    assert "hpsv2 is not importable" in results["skipped"]["hpsv2"]
+    on_disk = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert on_disk["rewards"]["pickscore"]["mean"] == pytest.approx(res["mean"])
+    md = (tmp_path / "eval" / "results.md").read_text()
+    assert "| a |" in md and f"{res['mean']['a']:.4f}" in md and "Skipped hpsv2" in md and "Wilson" in md
+    per_image = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
+    assert [p["pickscore"] for p in per_image] == pytest.approx(direct, abs=1e-5)
+
+
+def test_toy_reward_and_bad_index(tmp_path):
+    from ncp.data.toy import render, toy_reward
+    from ncp.evaluate import evaluate
+
+    root = tmp_path / "gen"
+    rows = fake_index(root, models=("base", "good"), prompts=("a red circle on a white background",), seeds=(0,))
+    render("red", "circle", "white").save(root / "good/0_0.png")  # perfect image for its caption
+    results = evaluate(root / "index.jsonl", ["toy"], tmp_path / "eval")
+    base_score = toy_reward(Image.open(root / rows[0]["path"]).convert("RGB"), rows[0]["prompt"])
+    assert results["rewards"]["toy"]["mean"] == pytest.approx({"base": base_score, "good": 1.0})
+    assert results["rewards"]["toy"]["win_rate"]["good"]["win_rate"] == 1.0
+
+    (root / "index.jsonl").write_text('{"prompt": "x", "seed": 0, "model": "base", "path": "p.png"}\n')
+    with pytest.raises(NcpError, match=r"index.jsonl, line 1: missing key\(s\) \['prompt_idx'\]"):
+        evaluate(root / "index.jsonl", ["toy"], tmp_path / "eval")

@@ -1,0 +1,268 @@
+"""Score generated images with reward models; per-model means and win rates over a baseline.
+
+Reads the index written by `ncp.generate`, scores every image with each reward, and writes
+`results.json`, `results.md` (Markdown table) and `scores.jsonl` (one row per image) to --out.
+
+Win rate of A over the baseline = share of (prompt, seed) pairs where A's image scores higher,
+ties counted as half (method-notes.md, "Rewards used for evaluation"). Its 95% interval is the
+Wilson score interval over those n pairs (Wilson 1927), computed with the tie-adjusted share; the
+pairs of one prompt under different seeds are treated as independent, so with several seeds per
+prompt the interval is somewhat narrower than a prompt-level one.
+
+    python -m ncp.evaluate --index outputs/gen/index.jsonl --reward pickscore hpsv2 --out outputs/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ncp.errors import NcpError
+
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"  # method-notes.md: PickScore model and CLIP-H processor
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+REWARDS = ("pickscore", "hpsv2", "imagereward", "toy")
+Z95 = 1.959963984540054  # standard normal 97.5% quantile
+
+
+class RewardUnavailable(RuntimeError):
+    """An optional reward whose package is not importable; evaluation reports it and goes on."""
+
+
+# ---------------------------------------------------------------- scorers: (images, prompts) -> list of floats
+class PickScore:
+    """PickScore (Kirstain et al. 2023): `logit_scale.exp() * cos(text_emb, image_emb)` of a CLIP model.
+
+    Follows the reference snippet on the yuvalkirstain/PickScore_v1 model card; embeddings are taken
+    through the projection heads directly so the code does not depend on transformers' return types.
+    """
+
+    name = "pickscore"
+
+    def __init__(self, model: str = PICKSCORE_MODEL, processor: str = PICKSCORE_PROCESSOR, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        from transformers import AutoProcessor, CLIPModel
+
+        self.processor = AutoProcessor.from_pretrained(processor)
+        self.model = CLIPModel.from_pretrained(model, torch_dtype=dtype).to(device).eval()
+        self.device, self.dtype = device, dtype
+
+    @torch.no_grad()
+    def __call__(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
+        m = self.model
+        pix = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
+        text = self.processor(text=list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt")
+        img_emb = m.visual_projection(m.vision_model(pixel_values=pix).pooler_output)
+        txt_emb = m.text_projection(m.text_model(input_ids=text["input_ids"].to(self.device),
+                                                 attention_mask=text["attention_mask"].to(self.device)).pooler_output)
+        cos = torch.nn.functional.cosine_similarity(img_emb.float(), txt_emb.float(), dim=-1)
+        return (m.logit_scale.exp().float() * cos).tolist()
+
+
+class HPSv2:
+    """Human Preference Score v2 through the `hpsv2` package (open_clip ViT-H-14, checkpoint xswu/HPSv2)."""
+
+    name = "hpsv2"
+
+    def __init__(self, version: str = "v2.1"):
+        self.hpsv2 = _import_optional("hpsv2", "pip install hpsv2")
+        self.version = version
+
+    def __call__(self, images, prompts):
+        return [float(self.hpsv2.score(img, p, hps_version=self.version)[0]) for img, p in zip(images, prompts)]
+
+
+class ImageReward:
+    """ImageReward (Xu et al. 2023) through the `image-reward` package (`import ImageReward`)."""
+
+    name = "imagereward"
+
+    def __init__(self, device: str = "cpu"):
+        rm = _import_optional("ImageReward", "pip install image-reward (it does not import with transformers 5)")
+        self.model = rm.load("ImageReward-v1.0", device=device)
+
+    def __call__(self, images, prompts):
+        return [float(self.model.score(p, [img])) for img, p in zip(images, prompts)]
+
+
+class ToyReward:
+    """`ncp.data.toy.toy_reward`: exact caption agreement for the built-in toy shapes, no learned model."""
+
+    name = "toy"
+
+    def __init__(self):
+        self.reward = _import_optional("ncp.data.toy", "the toy data module is not in this checkout").toy_reward
+
+    def __call__(self, images, prompts):
+        return [float(self.reward(img, p)) for img, p in zip(images, prompts)]
+
+
+def _import_optional(module: str, hint: str):
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - broken installs raise more than ImportError (ImageReward on transformers 5)
+        raise RewardUnavailable(f"{module} is not importable ({type(e).__name__}: {e}); {hint}") from e
+
+
+def make_scorer(name: str, device: str = "cpu", pickscore_model: str = PICKSCORE_MODEL,
+                pickscore_processor: str = PICKSCORE_PROCESSOR):
+    """The scorer for reward `name`; raises RewardUnavailable when its package is missing."""
+    if name == "pickscore":
+        return PickScore(pickscore_model, pickscore_processor, device)
+    if name == "hpsv2":
+        return HPSv2()
+    if name == "imagereward":
+        return ImageReward(device)
+    if name == "toy":
+        return ToyReward()
+    raise NcpError(f"--reward: unknown reward {name!r}; choose from {REWARDS}")
+
+
+# ---------------------------------------------------------------- statistics
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a proportion successes / n (ties may make `successes` a half-integer)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_rate(a: dict, b: dict) -> dict:
+    """Win rate of scores `a` over `b`, both {(prompt_idx, seed): score}, on their shared keys."""
+    keys = sorted(set(a) & set(b))
+    wins = sum(a[k] > b[k] for k in keys)
+    ties = sum(a[k] == b[k] for k in keys)
+    n = len(keys)
+    share = (wins + 0.5 * ties) / n if n else float("nan")
+    low, high = wilson_interval(wins + 0.5 * ties, n)
+    return dict(win_rate=share, low=low, high=high, n=n, wins=wins, ties=ties)
+
+
+# ---------------------------------------------------------------- index and scoring
+def read_index(path: str | Path) -> list[dict]:
+    """Rows of an index.jsonl; image paths made absolute (relative ones are relative to the index's folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NcpError(f"--index: {path} does not exist")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise NcpError(f"{path}, line {n}: not JSON ({e})") from e
+        missing = [k for k in ("prompt", "prompt_idx", "seed", "model", "path") if k not in row]
+        if missing:
+            raise NcpError(f"{path}, line {n}: missing key(s) {missing}")
+        image = Path(row["path"])
+        row["file"] = str(image if image.is_absolute() else path.parent / image)
+        rows.append(row)
+    if not rows:
+        raise NcpError(f"{path}: no rows")
+    return rows
+
+
+def score_rows(rows: list[dict], scorer, batch_size: int = 16) -> list[float]:
+    """The scorer's score for each row's image, in row order."""
+    scores = []
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i:i + batch_size]
+        images = [Image.open(r["file"]).convert("RGB") for r in batch]
+        scores += scorer(images, [r["prompt"] for r in batch])
+    return scores
+
+
+def summarise(rows: list[dict], scores: dict[str, list[float]], baseline: str = "base") -> dict:
+    """Per reward: mean score per model and win rate of each model over `baseline`."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    out = {}
+    for reward, values in scores.items():
+        by_model = {m: {} for m in models}
+        for r, v in zip(rows, values):
+            by_model[r["model"]][(r["prompt_idx"], r["seed"])] = v
+        entry = {"mean": {m: sum(d.values()) / len(d) for m, d in by_model.items()},
+                 "n": {m: len(d) for m, d in by_model.items()}, "win_rate": {}}
+        if baseline in by_model:
+            entry["win_rate"] = {m: win_rate(d, by_model[baseline]) for m, d in by_model.items() if m != baseline}
+        out[reward] = entry
+    return out
+
+
+def to_markdown(results: dict) -> str:
+    """One table: a row per model, mean and win rate [95% CI] per reward; skipped rewards listed below."""
+    rewards = results["rewards"]
+    base = results["baseline"]
+    models = list(dict.fromkeys(m for r in rewards.values() for m in r["mean"]))
+    head = ["model"] + [c for name in rewards for c in (f"{name} mean", f"{name} win rate vs {base} [95% CI]")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in models:
+        cells = [m]
+        for r in rewards.values():
+            cells.append(f"{r['mean'][m]:.4f}" if m in r["mean"] else "")
+            w = r["win_rate"].get(m)
+            cells.append(f"{w['win_rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] (n={w['n']})" if w else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    text += f"\nWin rate: share of (prompt, seed) pairs scored higher than `{base}`, ties as half; {results['interval']}.\n"
+    for name, why in results["skipped"].items():
+        text += f"\nSkipped {name}: {why}\n"
+    return text
+
+
+def evaluate(index: str | Path, rewards: list[str], out_dir: str | Path, baseline: str = "base",
+             batch_size: int = 16, device: str = "cpu", scorers: dict | None = None, **scorer_kwargs) -> dict:
+    """Score the index with each reward (unavailable ones are skipped and reported); write the results.
+
+    `scorers` maps reward names to ready scorers (callables), used instead of building them.
+    """
+    rows = read_index(index)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scores, skipped = {}, {}
+    for name in rewards:
+        try:
+            scorer = (scorers or {}).get(name) or make_scorer(name, device, **scorer_kwargs)
+        except RewardUnavailable as e:
+            skipped[name] = str(e)
+            print(f"skipping reward {name}: {e}")
+            continue
+        scores[name] = score_rows(rows, scorer, batch_size)
+    results = {"index": str(index), "baseline": baseline, "interval": "95% Wilson score interval",
+               "rewards": summarise(rows, scores, baseline), "skipped": skipped}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "results.md").write_text(to_markdown(results))
+    with open(out_dir / "scores.jsonl", "w", encoding="utf-8") as f:
+        for i, r in enumerate(rows):
+            f.write(json.dumps({**{k: r[k] for k in ("model", "prompt_idx", "seed", "path")},
+                                **{name: s[i] for name, s in scores.items()}}) + "\n")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--index", required=True, help="index.jsonl written by ncp.generate")
+    p.add_argument("--reward", nargs="+", default=["pickscore"], choices=REWARDS)
+    p.add_argument("--pickscore-model", default=PICKSCORE_MODEL)
+    p.add_argument("--pickscore-processor", default=PICKSCORE_PROCESSOR)
+    p.add_argument("--baseline", default="base", help="model name the others are compared with")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    results = evaluate(a.index, a.reward, a.out, a.baseline, a.batch_size, a.device,
+                       pickscore_model=a.pickscore_model, pickscore_processor=a.pickscore_processor)
+    print(to_markdown(results))
+
+
+if __name__ == "__main__":
+    main()
