@@ -249,3 +249,60 @@ def test_bad_images_skipped_and_reported_or_error(tmp_path):
     cfg.on_bad_image = "error"
     with pytest.raises(NcpError, match=r"pair (a>b|d>c|a>c) .*uid.*(b|c)\.jpg"):
         list(build_dataloader(cfg, batch_size=1, seed=0))
+
+
+# ---------------------------------------------------------------- the paper's filter
+# Synthetic rankings with hand-known answers. ranking_id swaps rows 0 and 1, so A's latest loser is B.
+#   P: A>B, A>C, B>D, C~D (tie), B>E, C>D  -> A is absolute (2 wins, no loss/draw); B lost once; C drew.
+#   Q: F>H, G>H, F>G                        -> F is absolute; latest loser of F is G, of G is H.
+#   R: I>J, J>K                             -> I has only 1 win: not absolute.
+#   S: L>M, L~N (tie), L>N                  -> L drew: not absolute.
+RANKINGS = [("P", "A", "B", 1), ("P", "C", "A", 0), ("P", "B", "D", 1), ("P", "C", "D", 0.5), ("P", "B", "E", 1),
+            ("Q", "F", "H", 1), ("Q", "G", "H", 1), ("Q", "F", "G", 1), ("R", "I", "J", 1), ("R", "J", "K", 1),
+            ("S", "L", "M", 1), ("S", "L", "N", 0.5), ("S", "N", "L", 0), ("P", "C", "D", 1)]
+
+
+def rankings_frame() -> pd.DataFrame:
+    df = pd.DataFrame(RANKINGS, columns=["caption", "image_0_uid", "image_1_uid", "label_0"])
+    df["label_1"] = 1 - df["label_0"]
+    df["ranking_id"] = [1, 0] + list(range(2, len(df)))
+    df["jpg_0"] = [f"img-{u}".encode() for u in df["image_0_uid"]]
+    df["jpg_1"] = [f"img-{u}".encode() for u in df["image_1_uid"]]
+    return df
+
+
+@pytest.mark.parametrize("mini_set, expected", [
+    (None, [("P", "A", "B"), ("P", "A", "C"), ("Q", "F", "H"), ("Q", "F", "G")]),
+    ("x>y", [("P", "A", "B"), ("Q", "F", "G")]),
+    ("x>y,y>z", [("P", "A", "B"), ("P", "B", "E"), ("Q", "F", "G"), ("Q", "G", "H")]),
+    ("x>y,x>z", [("P", "A", "B"), ("P", "A", "E"), ("Q", "F", "G"), ("Q", "F", "H")]),
+])
+def test_filter_known_answers(tmp_path, capsys, mini_set, expected):
+    from ncp.data.filter import main
+
+    rankings_frame().to_parquet(tmp_path / "rank.parquet")
+    argv = ["--input", str(tmp_path / "rank.parquet"), "--output", str(tmp_path / "out.parquet")]
+    main(argv + (["--mini-set", mini_set] if mini_set else []))
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert list(out[["caption", "image_0_uid", "image_1_uid"]].itertuples(index=False, name=None)) == expected
+    assert (out["label_0"] == 1).all()
+    assert list(out["jpg_0"]) == [f"img-{u}".encode() for u in out["image_0_uid"]]  # images follow their uid
+    assert list(out["jpg_1"]) == [f"img-{u}".encode() for u in out["image_1_uid"]]
+    printed = capsys.readouterr().out
+    assert "before: 12 pairs, 4 prompts (2 ties dropped)" in printed
+    assert f"{len(expected)} pairs, 2 prompts" in printed
+
+
+def test_filter_output_loads_as_source_and_empty_result_errors(tmp_path):
+    from ncp.data.filter import main
+
+    images = image_dir(tmp_path)
+    df = pickapic_frame(with_images=False)
+    df.loc[3] = ["p0", "a", "c", 1.0, 0.0]  # a now beats b and c for prompt p0: absolute winner
+    df.to_csv(tmp_path / "authors.csv", index=False)
+    main(["--input", str(tmp_path / "authors.csv"), "--output", str(tmp_path / "f.parquet")])
+    pairs = load_pairs(DataConfig(source="pickapic_meta", path=str(tmp_path / "f.parquet"), image_dir=images))
+    assert list(zip(pairs.win_uids, pairs.lose_uids)) == [("a", "b"), ("a", "c")]
+    pickapic_frame(with_images=False).to_parquet(tmp_path / "none.parquet")  # nobody wins twice
+    with pytest.raises(SystemExit, match="filter removed all 3 pairs"):
+        main(["--input", str(tmp_path / "none.parquet"), "--output", str(tmp_path / "g.parquet")])
