@@ -52,24 +52,25 @@ def load_models(
 
     kw = dict(revision=revision)
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, torch_dtype=weight_dtype, **kw)
     except (OSError, ValueError) as e:
         raise NcpError(f"model.pretrained={path!r}: cannot load a diffusers U-Net from it ({e})") from e
     found = detect_arch(unet.config)
     if arch is not None and arch != found:
         raise NcpError(f"model.arch={arch!r} but {path!r} holds an {found} U-Net; set model.arch={found} or leave it empty")
-    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)]
+    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)]
+    kw.update(torch_dtype=weight_dtype)
     text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw)]
     if found == "sdxl":
-        tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw))
+        tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=revision))
         text_encoders.append(
             CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", variant=variant, **kw)
         )
     if vae is None:
-        vae_model = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw)
+        vae_model = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, revision=revision)
     else:
         vae_model = AutoencoderKL.from_pretrained(vae)
-    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
 
     vae_dtype = torch.float32 if vae_model.config.get("force_upcast", False) else weight_dtype
     for m, dtype in [(unet, weight_dtype), (vae_model, vae_dtype)] + [(te, weight_dtype) for te in text_encoders]:
@@ -95,12 +96,14 @@ def add_lora(unet, rank: int = 64, alpha: float | None = None, init: str | bool 
 
 @contextlib.contextmanager
 def adapters_disabled(unet):
-    """The reference model: the same U-Net with its LoRA switched off, restored even on error."""
-    unet.disable_adapters()
+    """The reference model: the same U-Net with its LoRA switched off, restored even on error.
+    Works through a DistributedDataParallel wrapper (the switch lives on the wrapped module)."""
+    base = getattr(unet, "module", unet)
+    base.disable_adapters()
     try:
         yield unet
     finally:
-        unet.enable_adapters()
+        base.enable_adapters()
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:

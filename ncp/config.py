@@ -1,0 +1,204 @@
+"""The one typed configuration: dataclass defaults, YAML files that hold only what differs, and
+`key.sub=value` overrides. Unknown keys, wrong types and impossible combinations fail before any
+model loads, naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .data.config import DataConfig
+from .errors import NcpError
+from .models import LORA_TARGETS
+from .objective import ObjectiveConfig
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "outputs/tiny-sd15"  # hub id or local diffusers folder; the quickstart's tiny SD1.5
+    arch: str | None = None  # sd15 | sdxl; None = detect from the U-Net config (set it to guard against mix-ups)
+    vae: str | None = None  # VAE override, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16
+    revision: str | None = None  # hub revision, for reproducible downloads
+    variant: str | None = None  # e.g. fp16 weight files on the hub
+
+
+@dataclass
+class EncoderConfig:
+    features: str = "last"  # last down block (authors' SDXL); "multiscale" = authors' SD1.5 (down + mid + all states)
+    pool: bool = False  # spatial mean-pool the features before the distance
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 64  # the paper: rank-64 LoRA on the U-Net
+    alpha: float | None = None  # None = rank (scale 1), as the authors
+    init: str = "gaussian"  # peft init of A (B starts at zero, so policy = reference at step 0)
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # attention projections
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw8bit"  # the paper's 8-bit AdamW (bitsandbytes); "adamw" = torch AdamW
+    lr: float = 1e-8  # per-sample lr: the paper's "1e-8 x effective batch" with scale_lr
+    scale_lr: bool = True  # multiply lr by batch_size x grad_accum x processes
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW defaults (authors)
+    weight_decay: float = 1e-2  # authors' launch scripts
+    eps: float = 1e-8  # AdamW default
+    max_grad_norm: float = 1.0  # authors' clip
+    lr_scheduler: str = "constant_with_warmup"  # official Diffusion-DPO; any diffusers get_scheduler name
+    warmup_steps: int = 250  # SD1.5 NCP-DPO launch script
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"  # LoRA, config.yaml, metrics.jsonl, checkpoints/, validation/, logs/
+    seed: int = 0  # model init of LoRA, data order and all training randomness
+    batch_size: int = 1  # pairs per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    max_steps: int = 1500  # optimizer steps (SD1.5 NCP-DPO launch script)
+    mixed_precision: str = "no"  # no | fp16 | bf16: frozen weights in this precision, LoRA stays fp32
+    gradient_checkpointing: bool = False  # trade compute for memory on the policy U-Net
+    checkpoint_every: int = 500  # optimizer steps between checkpoints
+    keep_checkpoints: int = 3  # oldest are deleted beyond this many
+    resume_from: str | None = None  # "latest" or a checkpoint folder
+    log_every: int = 1  # optimizer steps between metrics.jsonl / tensorboard lines
+    validate_every: int = 0  # optimizer steps between validation grids; 0 = only at the end
+    validation_prompts: list[str] = field(default_factory=lambda: [
+        "a red circle on a white background", "a blue square on a yellow background"])
+    validation_steps: int = 25  # sampler steps for validation images
+    validation_guidance: float = 7.5  # classifier-free guidance scale for validation images
+    max_bad_steps: int = 10  # consecutive non-finite steps before the run stops (after a checkpoint)
+    push_to_hub: str | None = None  # repo id to upload the final LoRA and model card to
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> None:
+        self.objective.validate()
+        self.data.validate()
+        if self.model.arch not in (None, "sd15", "sdxl"):
+            raise NcpError(f"model.arch must be sd15, sdxl or null, got {self.model.arch!r}")
+        if self.encoder.features not in ("last", "mid", "multiscale"):
+            raise NcpError(f"encoder.features must be last, mid or multiscale, got {self.encoder.features!r}")
+        if self.optim.optimizer not in ("adamw8bit", "adamw"):
+            raise NcpError(f"optim.optimizer must be adamw8bit or adamw, got {self.optim.optimizer!r}")
+        if self.train.mixed_precision not in ("no", "fp16", "bf16"):
+            raise NcpError(f"train.mixed_precision must be no, fp16 or bf16, got {self.train.mixed_precision!r}")
+        if len(self.optim.betas) != 2:
+            raise NcpError(f"optim.betas must hold two numbers, got {self.optim.betas}")
+        positive = {"lora.rank": self.lora.rank, "train.batch_size": self.train.batch_size,
+                    "train.grad_accum": self.train.grad_accum, "train.max_steps": self.train.max_steps,
+                    "train.checkpoint_every": self.train.checkpoint_every, "train.keep_checkpoints": self.train.keep_checkpoints,
+                    "train.log_every": self.train.log_every, "train.max_bad_steps": self.train.max_bad_steps,
+                    "optim.lr": self.optim.lr}
+        for key, value in positive.items():
+            if value <= 0:
+                raise NcpError(f"{key} must be > 0, got {value}")
+        if self.optim.warmup_steps < 0 or self.train.validate_every < 0:
+            raise NcpError("optim.warmup_steps and train.validate_every must be >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value, tp, key: str):
+    """Return value converted to the annotated type, or raise NcpError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except NcpError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            raise NcpError(f"{key} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-8" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool) and key.endswith("pretrained"):
+        return str(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise NcpError(f"{key} must be of type {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _merge(obj, values: dict, prefix: str, source: str, explicit: set) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(f"{prefix}{k}" for k in hints)
+            raise NcpError(f"{source}: unknown key {name!r} (known: {known})")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise NcpError(f"{source}: {name} must be a section (mapping), got {value!r}")
+            _merge(getattr(obj, key), value, f"{name}.", source, explicit)
+        else:
+            setattr(obj, key, _check_type(value, hints[key], name))
+            explicit.add(name)
+
+
+def parse_override(item: str) -> dict:
+    """`train.max_steps=5` -> {"train": {"max_steps": 5}}; values are parsed as YAML scalars / lists."""
+    if "=" not in item:
+        raise NcpError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else None
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), **forced) -> Config:
+    """Defaults <- YAML file <- overrides, then validate. `forced` = {"objective.loss": "dpo"} set by a script."""
+    cfg, explicit = Config(), set()
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise NcpError(f"{path}: cannot read the config ({e})") from e
+        if not isinstance(values, dict):
+            raise NcpError(f"{path}: a config must be a mapping of sections")
+        _merge(cfg, values, "", str(path), explicit)
+    for item in overrides:
+        _merge(cfg, parse_override(item), "", "command line", explicit)
+    for key, value in forced.items():
+        section, name = key.split(".")
+        current = getattr(getattr(cfg, section), name)
+        if key in explicit and current != value:
+            raise NcpError(f"{key}={current!r} in the config, but this script trains {key}={value!r}")
+        setattr(getattr(cfg, section), name, value)
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,173 @@
+"""The training scripts through their command lines on the tiny SD1.5 / SDXL folders."""
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ncp.config import load_config
+from ncp.errors import NcpError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def args(model, out, *extra, config="configs/tiny_sd15_ncp_dpo.yaml"):
+    return ["--config", str(ROOT / config), f"model.pretrained={model}", f"train.output_dir={out}",
+            "train.batch_size=2", "data.toy_num_pairs=16", "train.validation_steps=2", "lora.rank=4", *extra]
+
+
+def run_script(loss, argv):
+    return importlib.import_module(f"train_ncp_{loss}").main(argv)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def _root_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+
+
+@pytest.mark.parametrize("arch,loss", [("sd15", "dpo"), ("sd15", "cpo"), ("sd15", "sft"),
+                                       ("sdxl", "dpo"), ("sdxl", "cpo"), ("sdxl", "sft")])
+def test_script_trains_lora_only(tiny_paths, tmp_path, arch, loss):
+    from accelerate.utils import set_seed
+
+    from ncp.models import add_lora, load_models
+
+    out = tmp_path / "run"
+    trainer = run_script(loss, args(tiny_paths[arch], out, "train.max_steps=3", "optim.optimizer=adamw"))
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+    fresh = load_models(str(tiny_paths[arch]))
+    set_seed(0)
+    add_lora(fresh.unet, rank=4)  # the same seeded initialisation the trainer started from
+    before = dict(fresh.unet.named_parameters())
+    after = dict(trainer.models.unet.named_parameters())
+    lora = [n for n in after if "lora" in n]
+    assert lora and all(not torch.equal(before[n], after[n]) for n in lora)
+    assert all(torch.equal(before[n], p) for n, p in after.items() if "lora" not in n)
+    assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "config.yaml").exists()
+    assert list((out / "validation").glob("step-*.png"))
+
+
+def test_resume_gives_the_same_losses_and_lora(tiny_sd15, tmp_path, monkeypatch):
+    import ncp.objective
+    import train_ncp_dpo
+
+    common = ["train.max_steps=6", "train.checkpoint_every=2", "train.grad_accum=2", "objective.beta=50000"]
+    straight = tmp_path / "straight"
+    run_script("dpo", args(tiny_sd15, straight, *common))
+
+    crashed = tmp_path / "crashed"
+    real, calls = ncp.objective.compute_objective, []
+
+    def crash_at_step_5(*a, **kw):  # 2 micro-steps per optimizer step: call 9 is step 5
+        calls.append(1)
+        if len(calls) == 9:
+            raise RuntimeError("simulated crash")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_ncp_dpo, "compute_objective", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_script("dpo", args(tiny_sd15, crashed, *common))
+    monkeypatch.setattr(train_ncp_dpo, "compute_objective", real)
+    assert [r["step"] for r in metrics(crashed)] == [1, 2, 3, 4]
+    run_script("dpo", args(tiny_sd15, crashed, *common, "train.resume_from=latest"))
+
+    a, b = metrics(straight), metrics(crashed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert len({r["loss"] for r in a}) > 1  # the losses move, so equality means something
+    la, lb = (load_file(str(d / "pytorch_lora_weights.safetensors")) for d in (straight, crashed))
+    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+
+
+def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(tiny_sd15, tmp_path, monkeypatch):
+    import ncp.objective
+    import train_ncp_dpo
+
+    real, calls = ncp.objective.compute_objective, []
+
+    def nan_on(steps):
+        def fn(*a, **kw):
+            calls.append(1)
+            loss, m = real(*a, **kw)
+            return (loss * float("nan"), m) if len(calls) in steps else (loss, m)
+        return fn
+
+    out = tmp_path / "nan"
+    monkeypatch.setattr(train_ncp_dpo, "compute_objective", nan_on({2}))
+    run_script("dpo", args(tiny_sd15, out, "train.max_steps=3"))
+    rows = metrics(out)
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1]
+
+    calls.clear()
+    out = tmp_path / "nan_stop"
+    monkeypatch.setattr(train_ncp_dpo, "compute_objective", nan_on({2, 3, 4}))
+    with pytest.raises(NcpError, match="3 non-finite steps in a row"):
+        run_script("dpo", args(tiny_sd15, out, "train.max_steps=10", "train.max_bad_steps=3"))
+    assert (out / "checkpoints" / "checkpoint-00000004" / "training_state.pt").exists()
+
+
+def test_lora_loads_into_pipeline_and_unloads(tiny_sd15, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "run"
+    run_script("dpo", args(tiny_sd15, out, "train.max_steps=2", "optim.lr=0.01"))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15)
+
+    def image():
+        return pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    base = image()
+    pipe.load_lora_weights(out)
+    tuned = image()
+    pipe.unload_lora_weights()
+    assert not (base == tuned).all()
+    assert (image() == base).all()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_validates(path):
+    loss = path.stem.split("_")[-1]
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# accelerate launch") and f"train_ncp_{loss}.py --config configs/{path.name}" in first
+    cfg = load_config(str(path), **{"objective.loss": loss})
+    assert cfg.objective.loss == loss
+
+
+def test_bad_keys_and_types_are_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_stpes: 3\n")
+    with pytest.raises(NcpError, match="train.max_stpes"):
+        load_config(str(bad))
+    with pytest.raises(NcpError, match="train.batch_size must be of type int"):
+        load_config(None, ["train.batch_size=two"])
+    with pytest.raises(NcpError, match="objective.space"):
+        load_config(None, ["objective.space=pixels"])
+    with pytest.raises(NcpError, match="objective.loss"):
+        load_config(None, ["objective.loss=cpo"], **{"objective.loss": "dpo"})
+    assert load_config(None, ["optim.lr=1e-6"]).optim.lr == 1e-6  # YAML 1.1 reads 1e-6 as a string
+
+
+def test_two_processes_train_one_lora(tiny_sd15, tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_ncp_dpo.py"),
+           *args(tiny_sd15, out, "train.max_steps=2")]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "effective batch 4" in proc.stderr  # 2 processes x 2 pairs
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert len(list(out.glob("*.safetensors"))) == 1
