@@ -218,3 +218,48 @@ def test_toy_reward_and_bad_index(tmp_path):
     (root / "index.jsonl").write_text('{"prompt": "x", "seed": 0, "model": "base", "path": "p.png"}\n')
     with pytest.raises(NcpError, match=r"index.jsonl, line 1: missing key\(s\) \['prompt_idx'\]"):
         evaluate(root / "index.jsonl", ["toy"], tmp_path / "eval")
+
+
+# ---------------------------------------------------------------- curves
+def test_curves_over_checkpoints(tiny_pipe_dir, tmp_path):
+    import shutil
+
+    from ncp.curves import main as curves_main, run_loras
+    from ncp.data.toy import toy_reward
+    from ncp.generate import generate
+
+    run = tmp_path / "run-x"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.7}) + "\n" for s in range(1, 6)))
+    write_lora(tiny_pipe_dir, run / "checkpoints" / "checkpoint-00000002", seed=2)
+    write_lora(tiny_pipe_dir, run / "checkpoints" / "checkpoint-00000004", seed=4)
+    shutil.copy(run / "checkpoints/checkpoint-00000004/pytorch_lora_weights.safetensors", run)  # final LoRA
+    assert [(s, p.name) for s, p in run_loras(run)] == [(2, "checkpoint-00000002"), (4, "checkpoint-00000004"),
+                                                       (5, "run-x")]  # final step = last step in metrics.jsonl
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a white background\na blue square on a black background\nunused\n")
+    out = tmp_path / "curves"
+    curves_main(["--run", str(run), "--model", str(tiny_pipe_dir), "--prompts", str(prompts), "--max-prompts", "2",
+                 "--seeds", "0", "--steps", str(STEPS), "--reward", "toy", "--device", "cpu", "--out", str(out)])
+
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = json.loads((out / "curves.json").read_text())["runs"]["run-x"]
+    assert [p["step"] for p in points] == [0, 2, 4, 5]
+    with open(out / "curves.csv") as f:
+        csv_rows = f.read().splitlines()
+    assert csv_rows[0] == "run,step,reward,lora" and len(csv_rows) == 5
+
+    # Direct: render with ncp.generate and score with toy_reward by hand, for the base and checkpoint 2.
+    gen = generate(str(tiny_pipe_dir), [str(run / "checkpoints" / "checkpoint-00000002")],
+                   prompts.read_text().splitlines()[:2], tmp_path / "gen", seeds=[0], batch_size=8, steps=STEPS)
+    direct = {}
+    for r in gen:
+        direct.setdefault(r["model"], []).append(toy_reward(Image.open(tmp_path / "gen" / r["path"]), r["prompt"]))
+    assert points[0]["reward"] == pytest.approx(np.mean(direct["base"]), abs=1e-4)
+    assert points[1]["reward"] == pytest.approx(np.mean(direct["run-x-checkpoint-00000002"]), abs=1e-4)
+    assert points[1]["reward"] != points[2]["reward"]  # different checkpoints, different scores
+    assert points[2]["reward"] == pytest.approx(points[3]["reward"])  # final LoRA = checkpoint 4's weights
+
+    with pytest.raises(NcpError, match="no pytorch_lora_weights"):
+        run_loras(tmp_path / "gen")

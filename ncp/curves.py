@@ -1,0 +1,157 @@
+"""Reward vs training step for one or several runs (the paper's Figure 3).
+
+Every checkpoint LoRA of each run, its final LoRA and step 0 (the base model, shared by all runs)
+render the same prompt subset with the same seeds and are scored with one reward. Writes to --out:
+`curves.png` (one line per run), `curves.json` and `curves.csv` (run, step, reward, lora).
+
+    python -m ncp.curves --run outputs/ncp-dpo --run outputs/diffusion-dpo --model runwayml/stable-diffusion-v1-5 \\
+        --prompts parti --max-prompts 64 --reward pickscore --out outputs/curves
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ncp.errors import NcpError
+from ncp.evaluate import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, REWARDS, make_scorer
+from ncp.generate import (LORA_FILE, add_render_args, default_device, dtype_of, load_pipeline, load_prompts,
+                          render)
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def score_lora(pipe, prompts: list[str], seeds: list[int], scorer, batch_size: int = 8, steps: int = 25,
+               guidance: float = 7.5, resolution: int | None = None, negative_prompt: str | None = None) -> float:
+    """Mean reward of `pipe` as it stands (LoRA on or off) over every prompt x seed.
+
+    Cheap enough to call from a training loop every N steps with a small fixed prompt subset; the
+    caller keeps prompts and seeds fixed so successive calls are comparable.
+    """
+    jobs = [(p, s) for p in prompts for s in seeds]
+    scores = []
+    was_training = pipe.unet.training
+    pipe.unet.eval()
+    try:
+        for i in range(0, len(jobs), batch_size):
+            batch = jobs[i:i + batch_size]
+            images = render(pipe, [p for p, _ in batch], [s for _, s in batch], steps, guidance, resolution,
+                            negative_prompt)
+            scores += scorer(images, [p for p, _ in batch])
+    finally:
+        pipe.unet.train(was_training)
+    return sum(scores) / len(scores)
+
+
+def _final_step(run: Path, ckpt_steps: list[int]) -> int:
+    """Step of the final LoRA: last step in metrics.jsonl, else train.max_steps in config.yaml, else last checkpoint + 1."""
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file():
+        steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines() if line.strip()]
+        steps = [s for s in steps if isinstance(s, int)]
+        if steps:
+            return max(steps)
+    config = run / "config.yaml"
+    if config.is_file():
+        import yaml
+
+        max_steps = ((yaml.safe_load(config.read_text()) or {}).get("train") or {}).get("max_steps")
+        if isinstance(max_steps, int):
+            return max_steps
+    return max(ckpt_steps, default=0) + 1
+
+
+def run_loras(run: str | Path) -> list[tuple[int, Path]]:
+    """(step, LoRA folder) for each checkpoint of a run and its final LoRA, sorted by step.
+
+    When the final LoRA shares a step with a checkpoint, the final one is kept (same weights).
+    """
+    run = Path(run)
+    found = {}
+    for d in sorted((run / "checkpoints").glob("checkpoint-*")):
+        m = _CKPT.match(d.name)
+        if m and (d / LORA_FILE).is_file():
+            found[int(m[1])] = d
+    if (run / LORA_FILE).is_file():
+        found[_final_step(run, list(found))] = run
+    if not found:
+        raise NcpError(f"--run {run}: no {LORA_FILE} in the run folder or in checkpoints/checkpoint-*/")
+    return sorted(found.items())
+
+
+def curves(runs: list[str | Path], pipe, prompts: list[str], seeds: list[int], scorer, out_dir: str | Path,
+           reward_name: str = "reward", **render_kwargs) -> dict:
+    """Score step 0 (base) and every LoRA of every run; write curves.json, curves.csv and curves.png."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [Path(r).name for r in runs]
+    if len(set(names)) != len(names):
+        raise NcpError(f"--run: runs need distinct folder names, got {names}")
+    base = score_lora(pipe, prompts, seeds, scorer, **render_kwargs)
+    points = {}
+    for name, run in zip(names, runs):
+        points[name] = [dict(step=0, reward=base, lora=None)]
+        for step, lora in run_loras(run):
+            pipe.load_lora_weights(str(lora), adapter_name="ncp_curve")
+            try:
+                reward = score_lora(pipe, prompts, seeds, scorer, **render_kwargs)
+            finally:
+                pipe.unload_lora_weights()
+            points[name].append(dict(step=step, reward=reward, lora=str(lora)))
+            print(f"{name} step {step}: {reward_name} {reward:.4f}")
+    result = dict(reward=reward_name, prompts=list(prompts), seeds=list(seeds), runs=points)
+    (out_dir / "curves.json").write_text(json.dumps(result, indent=2))
+    with open(out_dir / "curves.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "step", "reward", "lora"])
+        for name, rows in points.items():
+            w.writerows([name, r["step"], r["reward"], r["lora"] or ""] for r in rows)
+    plot(points, reward_name, out_dir / "curves.png")
+    return result
+
+
+def plot(points: dict[str, list[dict]], reward_name: str, path: Path) -> None:
+    """Reward vs step, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rows in points.items():
+        ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], marker="o", label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"mean {reward_name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_render_args(p)
+    p.add_argument("--run", action="append", required=True, help="training run folder; repeat for several runs")
+    p.add_argument("--reward", default="pickscore", choices=REWARDS)
+    p.add_argument("--pickscore-model", default=PICKSCORE_MODEL)
+    p.add_argument("--pickscore-processor", default=PICKSCORE_PROCESSOR)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    device = a.device or default_device()
+    prompts = load_prompts(a.prompts, a.prompts_path, a.max_prompts)
+    scorer = make_scorer(a.reward, device, a.pickscore_model, a.pickscore_processor)
+    pipe = load_pipeline(a.model, device, dtype_of(a.dtype))
+    with torch.no_grad():
+        curves(a.run, pipe, prompts, a.seeds, scorer, a.out, a.reward, batch_size=a.batch_size, steps=a.steps,
+               guidance=a.guidance, resolution=a.resolution, negative_prompt=a.negative_prompt)
+    print(f"curves written to {Path(a.out) / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    main()
