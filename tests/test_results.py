@@ -263,3 +263,102 @@ def test_curves_over_checkpoints(tiny_pipe_dir, tmp_path):
 
     with pytest.raises(NcpError, match="no pytorch_lora_weights"):
         run_loras(tmp_path / "gen")
+
+
+# ---------------------------------------------------------------- hub
+def fake_finished_run(root: Path) -> Path:
+    """A run folder as training leaves it: config.yaml, metrics.jsonl, final LoRA, two validation grids."""
+    import yaml
+    from safetensors.torch import save_file
+
+    run = root / "ncp-dpo-run"
+    (run / "validation").mkdir(parents=True)
+    config = {
+        "model": {"pretrained": "runwayml/stable-diffusion-v1-5", "arch": "sd15", "vae": None},
+        "objective": {"loss": "dpo", "space": "perceptual", "beta": 2500.0, "cpo_lambda": 0.0},
+        "lora": {"rank": 64, "alpha": None},
+        "optim": {"lr": 1.25e-7, "optimizer": "adamw8bit"},
+        "train": {"batch_size": 4, "grad_accum": 8, "max_steps": 20, "output_dir": str(run),
+                  "validation_prompts": ["a red circle on a white background"]},
+        "data": {"source": "hub", "path": "liuhuohuo2/pick-a-pic-v2", "split": "train", "max_pairs": None},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = [{"step": s, "loss": 0.69 - 0.01 * s, "implicit_acc": 0.5 + 0.01 * s, "reward_w": 0.1 * s,
+             "reward_l": -0.1 * s, "lr": 1.25e-7} for s in range(1, 21)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    save_file({"unet.x.lora_A.weight": torch.ones(2, 2)}, str(run / "pytorch_lora_weights.safetensors"))
+    Image.new("RGB", (64, 32), (255, 0, 0)).save(run / "validation" / "step-00000010.png")
+    Image.new("RGB", (64, 32), (0, 0, 255)).save(run / "validation" / "step-00000020.png")
+    return run
+
+
+def test_model_card_and_upload_folder(tmp_path):
+    from ncp.hub import build_model_card, prepare_upload_folder
+
+    run = fake_finished_run(tmp_path)
+    card = build_model_card(run, repo_id="me/sd15-ncp-dpo")
+    assert card.data.base_model == "runwayml/stable-diffusion-v1-5"
+    assert card.data.datasets == ["liuhuohuo2/pick-a-pic-v2"] and card.data.library_name == "diffusers"
+    assert {"lora", "ncp-dpo", "stable-diffusion"} <= set(card.data.tags)
+    assert card.data.license is None  # not in the config: left to the user
+    text = str(card)
+    for needed in ("NCP-DPO", "| loss space | perceptual |", "| objective.beta | 2500 |", "| lora.rank | 64 |",
+                   "| optim.lr | 1.25e-07 |", "| train.grad_accum | 8 |", "| path | liuhuohuo2/pick-a-pic-v2 |",
+                   "Last logged optimizer step (20)", "| implicit_acc | 0.7 |", "| loss | 0.49 |",
+                   'pipe.load_lora_weights("me/sd15-ncp-dpo")', "StableDiffusionPipeline.from_pretrained(",
+                   "![validation samples](sample_grid.png)", "at step 20"):
+        assert needed in text, needed
+    assert "output_dir" not in text
+
+    folder = prepare_upload_folder(run, tmp_path / "upload", "me/sd15-ncp-dpo", license="openrail++")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "pytorch_lora_weights.safetensors",
+                                                       "sample_grid.png"]
+    assert (folder / "pytorch_lora_weights.safetensors").read_bytes() == \
+        (run / "pytorch_lora_weights.safetensors").read_bytes()
+    assert Image.open(folder / "sample_grid.png").getpixel((0, 0)) == (0, 0, 255)  # the latest grid (step 20)
+    assert "license: openrail++" in (folder / "README.md").read_text()
+    with pytest.raises(NcpError, match="not empty"):
+        prepare_upload_folder(run, folder)
+
+
+def test_push_to_hub_uploads_the_folder_and_never_writes_the_token(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    from ncp.hub import main as hub_main, push_to_hub
+
+    run = fake_finished_run(tmp_path)
+    calls = []
+
+    def fake_create_repo(self, repo_id, **kw):
+        calls.append(("create", repo_id, kw.get("private"), self.token))
+
+    def fake_upload_folder(self, *, repo_id, folder_path, **kw):
+        files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+        calls.append(("upload", repo_id, files, self.token))
+        return type("Info", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
+
+    monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
+    secret = "hf_SECRETtoken1234567890"
+    url = push_to_hub(run, "me/sd15-ncp-dpo", private=True, token=secret)
+    assert url == "https://huggingface.co/me/sd15-ncp-dpo/commit/abc"
+    assert calls[0] == ("create", "me/sd15-ncp-dpo", True, secret)
+    _, repo, files, token = calls[1]
+    assert (repo, token) == ("me/sd15-ncp-dpo", secret)
+    assert sorted(files) == ["README.md", "pytorch_lora_weights.safetensors", "sample_grid.png"]
+    assert 'load_lora_weights("me/sd15-ncp-dpo")' in files["README.md"].decode()
+
+    # CLI with the token from the environment: used, never printed, never written anywhere.
+    env_secret = "hf_ENVtoken0987654321"
+    monkeypatch.setenv("HF_TOKEN", env_secret)
+    hub_main(["--run", str(run), "--repo-id", "me/other"])
+    out = capsys.readouterr()
+    assert "me/other/commit/abc" in out.out and env_secret not in out.out + out.err
+    uploaded = calls[-1][2]
+    for data in [*files.values(), *uploaded.values()]:
+        assert secret.encode() not in data and env_secret.encode() not in data
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes() and env_secret.encode() not in path.read_bytes(), path
+    with pytest.raises(NcpError, match="USER/NAME"):
+        push_to_hub(run, "not a repo id")
