@@ -306,3 +306,87 @@ def test_filter_output_loads_as_source_and_empty_result_errors(tmp_path):
     pickapic_frame(with_images=False).to_parquet(tmp_path / "none.parquet")  # nobody wins twice
     with pytest.raises(SystemExit, match="filter removed all 3 pairs"):
         main(["--input", str(tmp_path / "none.parquet"), "--output", str(tmp_path / "g.parquet")])
+
+
+# ---------------------------------------------------------------- latent cache
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from ncp.tiny import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: str(build_tiny_pipeline(root / arch, arch=arch)) for arch in ("sd15", "sdxl")}
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_cache_round_trip_equals_fresh_encoding(tmp_path, tiny_models, arch):
+    from dataclasses import replace
+
+    from ncp.conditioning import encode_prompts
+    from ncp.data.cache import build_cache
+    from ncp.models import load_models
+
+    model = tiny_models[arch]
+    cfg = DataConfig(toy_num_pairs=6, resolution=16, proportion_empty_prompts=0.5)
+    build_cache(cfg, model, str(tmp_path / "cache"), shard_size=4)
+    cached = build_dataloader(replace(cfg, cache_dir=str(tmp_path / "cache")), batch_size=3, seed=2, model=model)
+    fresh = build_dataloader(cfg, batch_size=3, seed=2)
+    models = load_models(model)
+    n = 0
+    for c, f in zip(cached, fresh):
+        assert c["pair_id"] == f["pair_id"] and c["prompts"] == f["prompts"] and "pixel_values" not in c
+        want = models.vae.encode(f["pixel_values"]).latent_dist.mean * models.vae.config.scaling_factor
+        assert c["latents"].shape == (6, 4, 8, 8)
+        torch.testing.assert_close(c["latents"], want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(c["original_size"], f["original_size"]) and torch.equal(c["crop_top_left"], f["crop_top_left"])
+        cond = encode_prompts(models, c["prompts"])
+        torch.testing.assert_close(c["prompt_embeds"], cond.encoder_hidden_states, atol=1e-5, rtol=1e-5)
+        if arch == "sdxl":
+            torch.testing.assert_close(c["pooled_prompt_embeds"], cond.text_embeds, atol=1e-5, rtol=1e-5)
+        else:
+            assert "pooled_prompt_embeds" not in c
+        n += 1
+    assert n == 2 and "" in {p for b in cached for p in b["prompts"]}  # some dropped prompts were read back
+
+
+def test_cache_dedup_resume_bad_images_and_stale(tmp_path, tiny_models):
+    from dataclasses import replace
+
+    from ncp.data.cache import build_cache
+
+    model = tiny_models["sd15"]
+    images = image_dir(tmp_path)
+    (tmp_path / "images" / "b.jpg").write_bytes(b"not an image")
+    pickapic_frame(with_images=False).to_parquet(tmp_path / "meta.parquet")
+    cfg = DataConfig(source="pickapic_meta", path=str(tmp_path / "meta.parquet"), image_dir=images, resolution=16)
+    out = tmp_path / "cache"
+    build_cache(cfg, model, str(out), shard_size=2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["images"] == 4 and manifest["latent_shards"] == 2  # a, b, d, c: 6 slots, 4 distinct images
+    assert list(manifest["bad_uids"]) == ["b"]
+
+    # resume: a finished shard is kept as is, a missing one is rebuilt identically
+    from safetensors.torch import load_file
+
+    first, second = out / "latents-00000.safetensors", out / "latents-00001.safetensors"
+    before, mtime = load_file(str(second)), first.stat().st_mtime_ns
+    second.unlink()
+    build_cache(cfg, model, str(out), shard_size=2)
+    assert first.stat().st_mtime_ns == mtime
+    assert torch.equal(load_file(str(second))["latents"], before["latents"])
+
+    # the pair with the corrupt image is skipped and reported from the cache too
+    with pytest.warns(UserWarning, match="random crop / flip are off"):
+        loader = build_dataloader(replace(cfg, cache_dir=str(out), random_flip=True), batch_size=1, seed=0,
+                                  output_dir=str(tmp_path / "run"), model=model)
+    assert {b["pair_id"][0] for b in loader} == {"d>c", "a>c"}
+    assert read_bad_pair_ids(str(tmp_path / "run")) == {"a>b"}
+
+    # stale caches are refused with the rebuild command
+    with pytest.raises(NcpError, match=r"stale cache.*resolution.*rebuild it with: python -m ncp.data.cache"):
+        build_dataloader(replace(cfg, cache_dir=str(out), resolution=32), batch_size=1, seed=0, model=model)
+    with pytest.raises(NcpError, match=r"stale cache.*model"):
+        build_dataloader(replace(cfg, cache_dir=str(out)), batch_size=1, seed=0, model=tiny_models["sdxl"])
+    with pytest.raises(NcpError, match=r"stale cache, it lacks image uid 'toy0-0w'"):
+        build_dataloader(DataConfig(resolution=16, cache_dir=str(out)), batch_size=1, seed=0, model=model)
+    with pytest.raises(NcpError, match=r"no manifest.json"):
+        build_dataloader(replace(cfg, cache_dir=str(tmp_path / "nothing")), batch_size=1, seed=0, model=model)

@@ -188,16 +188,21 @@ def collate_pairs(items: list[dict]) -> dict:
 PER_IMAGE = ("pixel_values", "latents", "original_size", "crop_top_left")
 
 
-def build_dataloader(cfg: DataConfig, batch_size: int, seed: int, output_dir: str | None = None) -> DataLoader:
+def build_dataloader(cfg: DataConfig, batch_size: int, seed: int, output_dir: str | None = None,
+                     model: str | None = None, vae: str | None = None) -> DataLoader:
     """Loader of `[winners; losers]` batches (see ARCHITECTURE.md, "Batch format"). The last partial batch is
-    dropped when there is at least one full batch, so every step sees B pairs."""
+    dropped when there is at least one full batch, so every step sees B pairs.
+
+    With `cfg.cache_dir`, batches carry `latents` and `prompt_embeds` (+ `pooled_prompt_embeds`) instead of
+    `pixel_values`; pass the run's `model` (and `vae` override) so a cache built for another model is refused.
+    """
     cfg.validate()
     pairs = load_pairs(cfg)
     log.info("data: %d pairs from %s (%s)", len(pairs), cfg.path or "toy", pairs.stats)
     if cfg.cache_dir:
         from ncp.data.cache import CachedPairDataset
 
-        dataset = CachedPairDataset(pairs, cfg, seed)
+        dataset = CachedPairDataset(pairs, cfg, seed, output_dir, model, vae)
     else:
         dataset = PairDataset(pairs, cfg, seed, output_dir)
     return DataLoader(
