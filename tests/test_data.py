@@ -309,12 +309,10 @@ def test_filter_output_loads_as_source_and_empty_result_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- latent cache
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    from ncp.tiny import build_tiny_pipeline
-
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: str(build_tiny_pipeline(root / arch, arch=arch)) for arch in ("sd15", "sdxl")}
+@pytest.fixture
+def tiny_models(tiny_paths):
+    """Tiny SD1.5 / SDXL pipeline folders (built once per session in conftest.py), as strings."""
+    return {arch: str(path) for arch, path in tiny_paths.items()}
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
@@ -390,3 +388,14 @@ def test_cache_dedup_resume_bad_images_and_stale(tmp_path, tiny_models):
         build_dataloader(DataConfig(resolution=16, cache_dir=str(out)), batch_size=1, seed=0, model=model)
     with pytest.raises(NcpError, match=r"no manifest.json"):
         build_dataloader(replace(cfg, cache_dir=str(tmp_path / "nothing")), batch_size=1, seed=0, model=model)
+
+
+def test_cache_command_line_parses_data_options(tmp_path, tiny_models):
+    from ncp.data.cache import main
+
+    out = main(["--model", tiny_models["sd15"], "--out", str(tmp_path / "c"), "--toy-num-pairs", "3",
+                "--resolution", "16", "--random-flip", "false", "--max-pairs", "2", "--device", "cpu"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["images"] == 4 and manifest["key"]["resolution"] == 16 and manifest["complete"]
+    with pytest.raises(SystemExit, match="data.crop must be one of"):
+        main(["--model", tiny_models["sd15"], "--out", str(tmp_path / "d"), "--crop", "middle"])

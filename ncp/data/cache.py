@@ -77,6 +77,7 @@ def build_cache(cfg: DataConfig, model: str, out: str, vae: str | None = None, s
     from ncp.conditioning import encode_prompts
     from ncp.models import load_models
 
+    cfg.validate()
     if cfg.crop != "center" or cfg.random_flip:
         warnings.warn("data cache: random crop / flip are not cached; caching centre crops without flips")
     cfg = replace(cfg, crop="center", random_flip=False, cache_dir=None)
