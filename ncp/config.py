@@ -62,6 +62,7 @@ class TrainConfig:
     batch_size: int = 1  # pairs per process per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
     max_steps: int = 1500  # optimizer steps (SD1.5 NCP-DPO launch script)
+    max_epochs: float | None = None  # if set, the run length in passes over the data (overrides max_steps)
     mixed_precision: str = "no"  # no | fp16 | bf16: frozen weights in this precision, LoRA stays fp32
     gradient_checkpointing: bool = False  # trade compute for memory on the policy U-Net
     checkpoint_every: int = 500  # optimizer steps between checkpoints
@@ -70,7 +71,7 @@ class TrainConfig:
     log_every: int = 1  # optimizer steps between metrics.jsonl / tensorboard lines
     validate_every: int = 0  # optimizer steps between validation grids; 0 = only at the end
     validation_prompts: list[str] = field(default_factory=lambda: [
-        "a red circle on a white background", "a blue square on a yellow background"])
+        "a red circle on a white background", "a blue square on a black background"])
     validation_steps: int = 25  # sampler steps for validation images
     validation_guidance: float = 7.5  # classifier-free guidance scale for validation images
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops (after a checkpoint)
@@ -108,6 +109,8 @@ class Config:
         for key, value in positive.items():
             if value <= 0:
                 raise NcpError(f"{key} must be > 0, got {value}")
+        if self.train.max_epochs is not None and self.train.max_epochs <= 0:
+            raise NcpError(f"train.max_epochs must be > 0 or null, got {self.train.max_epochs}")
         if self.optim.warmup_steps < 0 or self.train.validate_every < 0:
             raise NcpError("optim.warmup_steps and train.validate_every must be >= 0")
 

@@ -82,7 +82,8 @@ def resolve_lora(spec: str) -> tuple[str, Path]:
 
     The default name is the run folder's name, or `<run>-checkpoint-<step>` for a checkpoint.
     """
-    name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+    # an existing path wins, so folders named like sweep points (`key=value`) need no NAME= prefix
+    name, _, path = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
     p = Path(path)
     if p.is_file():
         p = p.parent

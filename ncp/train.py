@@ -99,17 +99,6 @@ class Trainer:
             self.models.unet.enable_gradient_checkpointing()
         self.models.unet.train()
 
-        effective_batch = tc.batch_size * tc.grad_accum * acc.num_processes
-        lr = cfg.optim.lr * effective_batch if cfg.optim.scale_lr else cfg.optim.lr
-        optimizer = self._optimizer(params, lr)
-        from diffusers.optimization import get_scheduler
-
-        self.lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
-                                          num_training_steps=tc.max_steps)
-        self.unet, self.optimizer = acc.prepare(self.models.unet, optimizer)
-        self.params = params
-        self.effective_batch = effective_batch
-
         from .data.loader import build_dataloader
 
         base = build_dataloader(cfg.data, tc.batch_size, tc.seed, str(self.out))
@@ -118,6 +107,21 @@ class Trainer:
         self.loader = DataLoader(self.dataset, batch_size=tc.batch_size, sampler=self.sampler, drop_last=True,
                                  collate_fn=base.collate_fn, num_workers=cfg.data.num_workers,
                                  pin_memory=torch.cuda.is_available())
+        self.max_steps = tc.max_steps
+        if tc.max_epochs is not None:
+            self.max_steps = math.ceil(tc.max_epochs * self.sampler.batches_per_epoch / tc.grad_accum)
+
+        effective_batch = tc.batch_size * tc.grad_accum * acc.num_processes
+        lr = cfg.optim.lr * effective_batch if cfg.optim.scale_lr else cfg.optim.lr
+        optimizer = self._optimizer(params, lr)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                                          num_training_steps=self.max_steps)
+        self.unet, self.optimizer = acc.prepare(self.models.unet, optimizer)
+        self.params = params
+        self.effective_batch = effective_batch
+
         # per-process stream for t, eps, z: different pairs on each process, restored exactly on resume
         self.generator = torch.Generator().manual_seed(tc.seed * 1_000_003 + 7919 * acc.process_index + 1)
 
@@ -154,19 +158,19 @@ class Trainer:
         micro = self.step * self.cfg.train.grad_accum
         epoch, batch = divmod(micro, self.sampler.batches_per_epoch)
         self.progress = self._progress()
-        while self.step < self.cfg.train.max_steps:
+        while self.step < self.max_steps:
             self.sampler.set_position(epoch, batch)
             self.dataset.set_epoch(epoch)
             for item in self.loader:
                 yield item
-                if self.step >= self.cfg.train.max_steps:
+                if self.step >= self.max_steps:
                     return
             epoch, batch = epoch + 1, 0
 
     def _progress(self):
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.cfg.train.max_steps, initial=self.step, disable=not self.accelerator.is_main_process,
+        return tqdm(total=self.max_steps, initial=self.step, disable=not self.accelerator.is_main_process,
                     desc=f"NCP {self.cfg.objective.loss}" if self.cfg.objective.space == "perceptual"
                     else f"latent {self.cfg.objective.loss}")
 
@@ -235,13 +239,13 @@ class Trainer:
             path = self.save_checkpoint()
             raise NcpError(f"{self.bad_in_a_row} non-finite steps in a row (train.max_bad_steps={tc.max_bad_steps}); "
                            f"stopped, last good state saved in {path}. Lower optim.lr or use bf16 / fp32.")
-        if self.step % tc.checkpoint_every == 0 and self.step < tc.max_steps:
+        if self.step % tc.checkpoint_every == 0 and self.step < self.max_steps:
             self.save_checkpoint()
-        if tc.validate_every and self.step % tc.validate_every == 0 and self.step < tc.max_steps:
+        if tc.validate_every and self.step % tc.validate_every == 0 and self.step < self.max_steps:
             self.validate()
 
     def _log(self, record: dict) -> None:
-        if self.step % self.cfg.train.log_every and self.step != self.cfg.train.max_steps:
+        if self.step % self.cfg.train.log_every and self.step != self.max_steps:
             return
         self.accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=self.step)
         if self.accelerator.is_main_process:
