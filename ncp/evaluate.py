@@ -185,6 +185,8 @@ def score_rows(rows: list[dict], scorer, batch_size: int = 16) -> list[float]:
 def summarise(rows: list[dict], scores: dict[str, list[float]], baseline: str = "base") -> dict:
     """Per reward: mean score per model and win rate of each model over `baseline`."""
     models = list(dict.fromkeys(r["model"] for r in rows))
+    if baseline not in models:
+        raise NcpError(f"--baseline {baseline!r} is not a model in the index (models: {models})")
     out = {}
     for reward, values in scores.items():
         by_model = {m: {} for m in models}
@@ -192,8 +194,7 @@ def summarise(rows: list[dict], scores: dict[str, list[float]], baseline: str = 
             by_model[r["model"]][(r["prompt_idx"], r["seed"])] = v
         entry = {"mean": {m: sum(d.values()) / len(d) for m, d in by_model.items()},
                  "n": {m: len(d) for m, d in by_model.items()}, "win_rate": {}}
-        if baseline in by_model:
-            entry["win_rate"] = {m: win_rate(d, by_model[baseline]) for m, d in by_model.items() if m != baseline}
+        entry["win_rate"] = {m: win_rate(d, by_model[baseline]) for m, d in by_model.items() if m != baseline}
         out[reward] = entry
     return out
 
@@ -226,6 +227,7 @@ def evaluate(index: str | Path, rewards: list[str], out_dir: str | Path, baselin
     `scorers` maps reward names to ready scorers (callables), used instead of building them.
     """
     rows = read_index(index)
+    summarise(rows, {}, baseline)  # fail on a wrong --baseline before loading any reward model
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scores, skipped = {}, {}

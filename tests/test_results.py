@@ -17,6 +17,15 @@ STEPS = 2  # denoising steps: enough to exercise the pipeline, cheap on CPU
 
 
 # ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded; on a loaded 2-core machine two threads ran 8x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_pipe_dir(tmp_path_factory) -> Path:
     from ncp.tiny import build_tiny_pipeline
@@ -56,7 +65,7 @@ def pixels(path) -> np.ndarray:
 
 # ---------------------------------------------------------------- generation
 def test_generate_writes_images_and_index_reproducibly(tiny_pipe_dir, lora_run, tmp_path):
-    from ncp.generate import generate, load_prompts
+    from ncp.generate import generate, load_prompts, main as generate_main
 
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("a red circle\n\na blue square\n")
@@ -76,7 +85,9 @@ def test_generate_writes_images_and_index_reproducibly(tiny_pipe_dir, lora_run, 
 
     # Same seeds and batch size -> identical images; another batch size only changes float rounding.
     again = tmp_path / "again"
-    generate(str(tiny_pipe_dir), [str(lora_run)], prompts, again, seeds=[0, 1], batch_size=3, steps=STEPS)
+    generate_main(["--model", str(tiny_pipe_dir), "--lora", str(lora_run), "--prompts", str(prompt_file),
+                   "--out", str(again), "--seeds", "0", "1", "--batch-size", "3", "--steps", str(STEPS),
+                   "--device", "cpu"])
     single = tmp_path / "single"
     generate(str(tiny_pipe_dir), [], prompts, single, seeds=[0, 1], batch_size=1, steps=STEPS)
     for rel in expected:
@@ -205,16 +216,19 @@ def test_pickscore_evaluation_matches_direct_computation(tiny_clip, tmp_path, mo
 
 def test_toy_reward_and_bad_index(tmp_path):
     from ncp.data.toy import render, toy_reward
-    from ncp.evaluate import evaluate
+    from ncp.evaluate import evaluate, main as evaluate_main
 
     root = tmp_path / "gen"
     rows = fake_index(root, models=("base", "good"), prompts=("a red circle on a white background",), seeds=(0,))
     render("red", "circle", "white").save(root / "good/0_0.png")  # perfect image for its caption
-    results = evaluate(root / "index.jsonl", ["toy"], tmp_path / "eval")
+    evaluate_main(["--index", str(root / "index.jsonl"), "--reward", "toy", "--out", str(tmp_path / "eval")])
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
     base_score = toy_reward(Image.open(root / rows[0]["path"]).convert("RGB"), rows[0]["prompt"])
     assert results["rewards"]["toy"]["mean"] == pytest.approx({"base": base_score, "good": 1.0})
     assert results["rewards"]["toy"]["win_rate"]["good"]["win_rate"] == 1.0
 
+    with pytest.raises(NcpError, match="--baseline 'sd15'.*'good'"):
+        evaluate(root / "index.jsonl", ["toy"], tmp_path / "eval", baseline="sd15")
     (root / "index.jsonl").write_text('{"prompt": "x", "seed": 0, "model": "base", "path": "p.png"}\n')
     with pytest.raises(NcpError, match=r"index.jsonl, line 1: missing key\(s\) \['prompt_idx'\]"):
         evaluate(root / "index.jsonl", ["toy"], tmp_path / "eval")
