@@ -101,7 +101,7 @@ class Trainer:
 
         from .data.loader import build_dataloader
 
-        base = build_dataloader(cfg.data, tc.batch_size, tc.seed, str(self.out))
+        base = build_dataloader(cfg.data, tc.batch_size, tc.seed, str(self.out), m.pretrained, m.vae)
         self.dataset = base.dataset
         self.sampler = ShardSampler(len(self.dataset), tc.seed, acc.process_index, acc.num_processes, tc.batch_size)
         self.loader = DataLoader(self.dataset, batch_size=tc.batch_size, sampler=self.sampler, drop_last=True,

@@ -171,3 +171,21 @@ def test_two_processes_train_one_lora(tiny_sd15, tmp_path):
     assert "effective batch 4" in proc.stderr  # 2 processes x 2 pairs
     assert [r["step"] for r in metrics(out)] == [1, 2]
     assert len(list(out.glob("*.safetensors"))) == 1
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_training_from_the_latent_cache_matches_pixels(tiny_paths, tmp_path, arch):
+    """The cache holds what encode() computes from pixels, so the first loss is the same either way."""
+    from ncp.data.cache import main as build_cache
+
+    cache = tmp_path / "cache"
+    build_cache(["--model", str(tiny_paths[arch]), "--out", str(cache), "--toy-num-pairs", "16"])
+    common = ["train.max_steps=2", "optim.optimizer=adamw"]
+    run_script("dpo", args(tiny_paths[arch], tmp_path / "pixels", *common))
+    run_script("dpo", args(tiny_paths[arch], tmp_path / "cached", *common, f"data.cache_dir={cache}"))
+    a, b = metrics(tmp_path / "pixels"), metrics(tmp_path / "cached")
+    assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-5)
+    assert a[0]["err_w"] == pytest.approx(b[0]["err_w"], rel=1e-4)
+    with pytest.raises(NcpError, match="stale cache"):
+        other = "sdxl" if arch == "sd15" else "sd15"
+        run_script("dpo", args(tiny_paths[other], tmp_path / "wrong", *common, f"data.cache_dir={cache}"))
