@@ -180,7 +180,8 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
     """Rendering flags shared with ncp.curves."""
     p.add_argument("--model", required=True, help="base pipeline: hub id or local folder")
     p.add_argument("--prompts", required=True, help="text file (one prompt a line), 'pickapic' or 'parti'")
-    p.add_argument("--prompts-path", help="hub id, save_to_disk folder or parquet file for pickapic/parti")
+    p.add_argument("--prompts-path", help="hub id, save_to_disk folder or parquet file for pickapic/parti; "
+                   "yuvalkirstain/pickapic_v2 answers 404 since 2025, so pass a mirror or a local copy")
     p.add_argument("--max-prompts", type=int)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--batch-size", type=int, default=4)
