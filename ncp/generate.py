@@ -196,7 +196,8 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_render_args(p)
-    p.add_argument("--lora", nargs="+", action="extend", default=[], help="run folder, checkpoint folder or NAME=PATH; repeatable")
+    p.add_argument("--lora", nargs="+", action="extend", default=[],
+                   help="run folder, checkpoint folder or NAME=PATH; repeatable")
     p.add_argument("--no-base", action="store_true", help="render only the LoRAs")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
