@@ -74,8 +74,15 @@ class TrainConfig:
         "a red circle on a white background", "a blue square on a black background"])
     validation_steps: int = 25  # sampler steps for validation images
     validation_guidance: float = 7.5  # classifier-free guidance scale for validation images
+    validation_reward: str | None = None  # score validation images each time: toy | pickscore (ncp.evaluate)
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops (after a checkpoint)
-    push_to_hub: str | None = None  # repo id to upload the final LoRA and model card to
+
+
+@dataclass
+class HubConfig:
+    repo_id: str | None = None  # upload the final LoRA, a model card and a sample grid here at the end
+    private: bool = False  # create the repo private
+    license: str | None = None  # license id for the model card (e.g. creativeml-openrail-m); none by default
 
 
 @dataclass
@@ -87,6 +94,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
     def validate(self) -> None:
         self.objective.validate()
@@ -111,6 +119,9 @@ class Config:
                 raise NcpError(f"{key} must be > 0, got {value}")
         if self.train.max_epochs is not None and self.train.max_epochs <= 0:
             raise NcpError(f"train.max_epochs must be > 0 or null, got {self.train.max_epochs}")
+        if self.train.validation_reward not in (None, "toy", "pickscore", "hpsv2", "imagereward"):
+            raise NcpError(f"train.validation_reward must be toy, pickscore, hpsv2, imagereward or null, "
+                           f"got {self.train.validation_reward!r}")
         if self.optim.warmup_steps < 0 or self.train.validate_every < 0:
             raise NcpError("optim.warmup_steps and train.validate_every must be >= 0")
 

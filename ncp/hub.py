@@ -77,7 +77,7 @@ image = pipe("{{ example_prompt }}", num_inference_steps=25, guidance_scale=7.5)
 {% endif %}"""
 
 HYPERPARAMETER_SECTIONS = ("objective", "encoder", "lora", "optim", "train")
-HYPERPARAMETER_SKIP = {"train.output_dir", "train.resume_from", "train.push_to_hub", "train.validation_prompts",
+HYPERPARAMETER_SKIP = {"train.output_dir", "train.resume_from", "train.validation_prompts", "train.validation_reward",
                        "train.log_every", "train.max_bad_steps", "train.keep_checkpoints"}
 
 

@@ -305,8 +305,23 @@ class Trainer:
             grid.save(path)
             tracker = acc.get_tracker("tensorboard", unwrap=True)
             tracker.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
+            if tc.validation_reward:
+                self._score(images)
         acc.wait_for_everyone()
         return path
+
+    def _score(self, images) -> None:
+        """Mean reward of the validation images (reward vs step during training, the paper's Figure 3)."""
+        from .evaluate import make_scorer
+
+        name = self.cfg.train.validation_reward
+        if not hasattr(self, "_scorer"):
+            self._scorer = make_scorer(name, str(self.accelerator.device))
+        scores = self._scorer(images, list(self.cfg.train.validation_prompts))
+        mean = sum(scores) / len(scores)
+        self.accelerator.log({f"validation/{name}": mean}, step=self.step)
+        with open(self.out / "validation" / "rewards.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, "reward": name, "mean": mean, "scores": scores}) + "\n")
 
     def finish(self) -> Path:
         """Save the final LoRA (diffusers format), a validation grid and, if asked, push to the Hub."""
@@ -316,10 +331,11 @@ class Trainer:
         if acc.is_main_process:
             save_lora(acc.unwrap_model(self.unet), self.out, self.arch)
         self.validate()
-        if acc.is_main_process and self.cfg.train.push_to_hub:
+        hub = self.cfg.hub
+        if acc.is_main_process and hub.repo_id:
             from .hub import push_to_hub
 
-            push_to_hub(str(self.out), self.cfg.train.push_to_hub)
+            log.info("uploaded to %s", push_to_hub(str(self.out), hub.repo_id, hub.private, license=hub.license))
         acc.end_training()
         log.info("final LoRA: %s", self.out / "pytorch_lora_weights.safetensors")
         return self.out / "pytorch_lora_weights.safetensors"
