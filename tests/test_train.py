@@ -119,11 +119,19 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(tiny_sd15, tmp
     assert (out / "checkpoints" / "checkpoint-00000004" / "training_state.pt").exists()
 
 
-def test_lora_loads_into_pipeline_and_unloads(tiny_sd15, tmp_path):
+def test_lora_loads_into_pipeline_and_unloads(tiny_sd15, tmp_path, monkeypatch):
     from diffusers import StableDiffusionPipeline
 
+    import ncp.hub
+
+    pushed = []
+    monkeypatch.setattr(ncp.hub, "push_to_hub", lambda *a, **kw: pushed.append((a, kw)) or "url")
     out = tmp_path / "run"
-    run_script("dpo", args(tiny_sd15, out, "train.max_steps=2", "optim.lr=0.01"))
+    run_script("dpo", args(tiny_sd15, out, "train.max_steps=2", "optim.lr=0.01", "train.validation_reward=toy",
+                           "hub.repo_id=me/tiny-ncp"))
+    assert pushed == [((str(out), "me/tiny-ncp", False), {"license": None})]
+    rewards = [json.loads(line) for line in (out / "validation" / "rewards.jsonl").read_text().splitlines()]
+    assert rewards[-1]["step"] == 2 and 0.0 <= rewards[-1]["mean"] <= 1.0
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15)
 
     def image():
