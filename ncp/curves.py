@@ -4,7 +4,7 @@ Every checkpoint LoRA of each run, its final LoRA and step 0 (the base model, sh
 render the same prompt subset with the same seeds and are scored with one reward. Writes to --out:
 `curves.png` (one line per run), `curves.json` and `curves.csv` (run, step, reward, lora).
 
-    python -m ncp.curves --run outputs/ncp-dpo --run outputs/diffusion-dpo --model runwayml/stable-diffusion-v1-5 \\
+    python -m ncp.curves --run outputs/ncp-dpo --run outputs/diffusion-dpo --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --prompts parti --max-prompts 64 --reward pickscore --out outputs/curves
 """
 

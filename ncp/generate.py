@@ -6,7 +6,7 @@ difference between a LoRA's image and the base image is the LoRA. Output:
     DIR/<model>/<prompt_idx>_<seed>.png
     DIR/index.jsonl   one row per image: prompt, prompt_idx, seed, model, lora, path (relative to DIR)
 
-    python -m ncp.generate --model runwayml/stable-diffusion-v1-5 --lora outputs/run1 \\
+    python -m ncp.generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 --lora outputs/run1 \\
         --prompts parti --max-prompts 100 --out outputs/gen --seeds 0 1
 """
 

@@ -94,7 +94,7 @@ def _unet(arch: str, seed: int):
     )
 
 
-SCHEDULER_CONFIG = dict(  # Stable Diffusion's training schedule (runwayml/stable-diffusion-v1-5 scheduler config)
+SCHEDULER_CONFIG = dict(  # Stable Diffusion's training schedule (stable-diffusion-v1-5/stable-diffusion-v1-5 scheduler config)
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     steps_offset=1, clip_sample=False, set_alpha_to_one=False,
 )

@@ -288,7 +288,7 @@ def fake_finished_run(root: Path) -> Path:
     run = root / "ncp-dpo-run"
     (run / "validation").mkdir(parents=True)
     config = {
-        "model": {"pretrained": "runwayml/stable-diffusion-v1-5", "arch": "sd15", "vae": None},
+        "model": {"pretrained": "stable-diffusion-v1-5/stable-diffusion-v1-5", "arch": "sd15", "vae": None},
         "objective": {"loss": "dpo", "space": "perceptual", "beta": 2500.0, "cpo_lambda": 0.0},
         "lora": {"rank": 64, "alpha": None},
         "optim": {"lr": 1.25e-7, "optimizer": "adamw8bit"},
@@ -311,7 +311,7 @@ def test_model_card_and_upload_folder(tmp_path):
 
     run = fake_finished_run(tmp_path)
     card = build_model_card(run, repo_id="me/sd15-ncp-dpo")
-    assert card.data.base_model == "runwayml/stable-diffusion-v1-5"
+    assert card.data.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert card.data.datasets == ["liuhuohuo2/pick-a-pic-v2"] and card.data.library_name == "diffusers"
     assert {"lora", "ncp-dpo", "stable-diffusion"} <= set(card.data.tags)
     assert card.data.license is None  # not in the config: left to the user

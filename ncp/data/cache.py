@@ -1,6 +1,6 @@
 """Latent cache: VAE latents and text-encoder outputs computed once, read by the loader instead of images.
 
-    python -m ncp.data.cache --model runwayml/stable-diffusion-v1-5 --out cache/pick --source parquet \
+    python -m ncp.data.cache --model stable-diffusion-v1-5/stable-diffusion-v1-5 --out cache/pick --source parquet \
         --path data/pickapic --resolution 512
 
 What is stored (safetensors shards + `manifest.json`):
