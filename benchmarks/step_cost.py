@@ -1,0 +1,323 @@
+"""Cost of one optimizer step of NCP-DPO/CPO/SFT against the latent-space baselines, side by side.
+
+Every method trains the same U-Net + LoRA on the same latents, conditioning and randomness, with the
+step training takes (objective forward, backward, grad clip, 8-bit AdamW step). Methods are
+interleaved (round-robin over repeats, rotated start) and the median is reported, because step
+times on a shared CPU vary by 10-15% from one run to the next. Beside each measured ratio to latent
+DPO stands the ratio of FLOPs (torch.utils.flop_counter), in two forms:
+  floor   from U (one U-Net forward) and E (one encoder forward), per pair, counting a backward with
+          LoRA as one more forward (no weight gradients of the frozen base; issue 6's model):
+          latent DPO 6U, CPO 4U, SFT 2U; NCP adds 6E+2E (DPO), 4E+2E (CPO), 2E+1E (SFT).
+  counted the FLOPs of one whole training step of that method, backward included.
+It also times the toy data loader, to show that feeding a step costs a small fraction of the step.
+
+    python benchmarks/step_cost.py --model tiny-sd15
+    python benchmarks/step_cost.py --model sd15 --latent-size 32 --pairs 1 --steps 1 --warmup 1 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a clean checkout
+
+from ncp.conditioning import Cond, build_cond  # noqa: E402
+from ncp.config import OptimConfig  # noqa: E402
+from ncp.diffusion import Schedule  # noqa: E402
+from ncp.encoder import PerceptualEncoder  # noqa: E402
+from ncp.models import add_lora  # noqa: E402
+from ncp.objective import ObjectiveConfig, compute_objective, sample_randomness  # noqa: E402
+
+# (name, loss, space); latent DPO first: every ratio is to it
+METHODS = [("latent DPO", "dpo", "latent"), ("NCP-DPO", "dpo", "perceptual"),
+           ("latent CPO", "cpo", "latent"), ("NCP-CPO", "cpo", "perceptual"),
+           ("latent SFT", "sft", "latent"), ("NCP-SFT", "sft", "perceptual")]
+# per pair, in units of one U-Net forward (U) and one encoder forward (E): see the module docstring
+FLOOR = {("dpo", "latent"): (6, 0), ("dpo", "perceptual"): (6, 8), ("cpo", "latent"): (4, 0),
+         ("cpo", "perceptual"): (4, 6), ("sft", "latent"): (2, 0), ("sft", "perceptual"): (2, 3)}
+
+# runwayml/stable-diffusion-v1-5, unet/config.json (diffusers defaults for the keys not listed)
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1,
+)
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5,
+    act_fn="silu", downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, upcast_attention=False,
+)
+SDXL_POOLED = 1280  # text_encoder_2 projection_dim: 2816 = 1280 + 6 * 256
+
+
+# ---------------------------------------------------------------- the model, data and randomness
+def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtype: torch.dtype):
+    """(unet with LoRA, LoRA params, encoder, schedule, x0, cond) for `pairs` pairs on `device`."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from ncp.tiny import SCHEDULER_CONFIG
+
+    torch.manual_seed(0)
+    n = 2 * pairs  # [winners; losers]
+    if model.startswith("tiny-"):
+        from ncp.data.toy import toy_prompts
+        from ncp.models import load_models
+        from ncp.tiny import build_tiny_pipeline
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = build_tiny_pipeline(Path(tmp) / model, model.removeprefix("tiny-"))
+            models = load_models(path, weight_dtype=dtype, device=device)
+        unet, scheduler = models.unet, models.scheduler
+        cond = build_cond(models, toy_prompts(pairs), target_size=(8 * latent_size,) * 2)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            unet = UNet2DConditionModel(**(SD15_UNET if model == "sd15" else SDXL_UNET))
+        unet.requires_grad_(False).eval().to(device, dtype)
+        scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+        ehs = torch.randn(pairs, 77, unet.config.cross_attention_dim)  # random text: only its shape matters here
+        cond = Cond(ehs).repeat(2)
+        if model == "sdxl":
+            r = 8 * latent_size
+            cond.text_embeds = torch.randn(pairs, SDXL_POOLED).repeat(2, 1)
+            cond.time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32).repeat(n, 1)
+        cond = cond.to(device=device, dtype=dtype)
+    encoder = PerceptualEncoder(unet)  # before LoRA: f is the frozen base
+    params = add_lora(unet, rank)
+    unet.train()
+    x0 = torch.randn(n, unet.config.in_channels, latent_size, latent_size, device=device)
+    return unet, params, encoder, Schedule.from_scheduler(scheduler), x0, cond
+
+
+def make_optimizer(params):
+    """8-bit AdamW with the training defaults (ncp.config.OptimConfig), as ncp.train.Trainer builds it."""
+    o = OptimConfig()
+    kw = dict(lr=1e-6, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+    try:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kw), "AdamW8bit"
+    except Exception as e:  # noqa: BLE001 - as ncp.train: no bitsandbytes build for this platform
+        warnings.warn(f"bitsandbytes AdamW8bit unavailable ({e}); timing torch.optim.AdamW")
+        return torch.optim.AdamW(params, **kw), "AdamW"
+
+
+# ---------------------------------------------------------------- measuring
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: str) -> None:
+    """Start a fresh peak: CUDA allocator stats, or the kernel's RSS high-water mark (VmHWM, Linux >= 4.0)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the last method's peak does not linger
+    except OSError:
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_gb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())[1]) / 2**20
+    except (OSError, TypeError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def count_flops(fn) -> int:
+    """FLOPs of fn(); SDPA runs its math path here because the fused CPU kernel is not in the counter's registry."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def loader_pairs_per_s(latent_size: int, pairs: int, batches: int = 8) -> float:
+    """Pairs per second the toy loader (decode, transform, collate) yields in the main process."""
+    from ncp.data.config import DataConfig
+    from ncp.data.loader import build_dataloader
+
+    cfg = DataConfig(source="toy", resolution=8 * latent_size, toy_num_pairs=pairs * (batches + 1))
+    it = iter(build_dataloader(cfg, pairs, seed=0))
+    next(it)  # first batch builds the toy pairs' bookkeeping
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return pairs * batches / (time.perf_counter() - t0)
+
+
+def run(model: str = "tiny-sd15", latent_size: int = 32, pairs: int = 1, steps: int = 2, warmup: int = 1,
+        repeats: int = 5, rank: int | None = None, device: str | None = None, profile: bool = False,
+        threads: int | None = None) -> dict:
+    """Measure every method; returns {"rows": [...], "setup": {...}} (rows in METHODS order).
+
+    threads: torch CPU threads for the run (restored after). On a CPU shared with other jobs, 1 thread
+    is far steadier: with 2 threads on 2 busy cores every op waits at an OpenMP barrier for a descheduled
+    thread (measured here: a tiny U-Net forward 0.17 s with 1 thread, 3.6 s with 2).
+    """
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile) -> dict:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.startswith("cuda") and not model.startswith("tiny-") else torch.float32
+    rank = rank or (8 if model.startswith("tiny-") else 64)
+    unet, params, encoder, schedule, x0, cond = build(model, latent_size, pairs, rank, device, dtype)
+    optimizer, opt_name = make_optimizer(params)
+    cfgs = {name: ObjectiveConfig(loss=loss, space=space, beta=1.0) for name, loss, space in METHODS}
+
+    def randomness(i: int):
+        g = torch.Generator().manual_seed(i)
+        return sample_randomness(pairs, x0.shape[1:], schedule.num_timesteps, g).to(device)
+
+    def step(name: str, rnd) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = compute_objective(unet, encoder, schedule, x0, cond, rnd, cfgs[name])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        return loss.item()
+
+    # FLOPs: one image through the U-Net and through f, then one whole step of each method
+    rnd0 = randomness(0)
+    one = dict(x=x0[:1], t=rnd0.t[:1], c=cond.index(slice(0, 1)))
+    with torch.no_grad():
+        u_flops = count_flops(lambda: unet(one["x"], one["t"], **one["c"].unet_kwargs()))
+        e_flops = count_flops(lambda: encoder(one["x"], one["t"], one["c"]))
+    counted = {name: count_flops(lambda: step(name, rnd0)) for name, _, _ in METHODS}  # also the first warmup
+
+    for i in range(warmup - 1):
+        for name, _, _ in METHODS:
+            step(name, randomness(i + 1))
+    times = {name: [] for name, _, _ in METHODS}
+    peaks = {name: 0.0 for name, _, _ in METHODS}
+    losses = {name: float("nan") for name, _, _ in METHODS}
+    for r in range(repeats):
+        rnds = [randomness(1000 * r + s) for s in range(steps)]  # same t, eps, z for every method
+        order = METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]
+        for name, _, _ in order:
+            reset_peak(device)
+            sync(device)
+            t0 = time.perf_counter()
+            for rnd in rnds:
+                losses[name] = step(name, rnd)
+            sync(device)
+            times[name].append((time.perf_counter() - t0) / steps)
+            peaks[name] = max(peaks[name], peak_gb(device))
+
+    step_s = {name: statistics.median(ts) for name, ts in times.items()}
+    base = "latent DPO"
+    rows = []
+    for name, loss, space in METHODS:
+        nu, ne = FLOOR[(loss, space)]
+        floor = (nu * u_flops + ne * e_flops) / (6 * u_flops)
+        rows.append(dict(method=name, s_per_step=step_s[name], spread=[min(times[name]), max(times[name])],
+                         ratio=step_s[name] / step_s[base], flop_floor=floor,
+                         flop_counted=counted[name] / counted[base], step_gflop=counted[name] / 1e9,
+                         peak_gb=peaks[name], loss=losses[name]))
+    loader = loader_pairs_per_s(latent_size, pairs)
+    setup = dict(model=model, latent_size=latent_size, pairs=pairs, steps=steps, warmup=warmup, repeats=repeats,
+                 rank=rank, device=device, dtype=str(dtype).removeprefix("torch."), optimizer=opt_name,
+                 threads=torch.get_num_threads(), torch=torch.__version__,
+                 encoder_share=e_flops / u_flops, unet_gflop_per_image=u_flops / 1e9,
+                 loader_pairs_per_s=loader, step_pairs_per_s=pairs / step_s["NCP-DPO"])
+    result = dict(setup=setup, rows=rows)
+    if profile:
+        result["profile"] = {name: profile_step(lambda: step(name, rnd0)) for name in ("latent DPO", "NCP-DPO")}
+    return result
+
+
+def profile_step(fn, top: int = 15) -> str:
+    """torch.profiler table of one step, ops sorted by self CPU time (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        fn()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=top)
+
+
+def format_table(result: dict) -> str:
+    s = result["setup"]
+    lines = [f"step cost: {s['model']} U-Net, {s['latent_size']}x{s['latent_size']} latents, {s['pairs']} pair(s)/step, "
+             f"LoRA rank {s['rank']}, {s['optimizer']}, {s['device']} {s['dtype']} ({s['threads']} threads), "
+             f"median of {s['repeats']} interleaved repeats x {s['steps']} step(s)",
+             f"encoder f = {100 * s['encoder_share']:.1f}% of a U-Net forward "
+             f"({s['unet_gflop_per_image']:.2f} GFLOP per image)",
+             "",
+             "| method | s/step | min-max | ratio to latent DPO | FLOP floor | FLOPs counted | peak GB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['method']} | {r['s_per_step']:.4f} | {r['spread'][0]:.4f}-{r['spread'][1]:.4f} | "
+                     f"{r['ratio']:.3f}x | {r['flop_floor']:.3f}x | {r['flop_counted']:.3f}x | {r['peak_gb']:.2f} |")
+    lines += ["", f"data loader: {s['loader_pairs_per_s']:.1f} pairs/s (toy images, main process) vs "
+                  f"NCP-DPO training step: {s['step_pairs_per_s']:.2f} pairs/s "
+                  f"(loader time = {100 * s['step_pairs_per_s'] / s['loader_pairs_per_s']:.1f}% of a step)"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["tiny-sd15", "tiny-sdxl", "sd15", "sdxl"], default="tiny-sd15")
+    p.add_argument("--latent-size", type=int, default=32, help="latent side (image side / 8)")
+    p.add_argument("--pairs", type=int, default=1, help="preference pairs per step")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per method per repeat")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per method (the first counts FLOPs)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds over the methods; median reported")
+    p.add_argument("--rank", type=int, help="LoRA rank (default 64, tiny models 8)")
+    p.add_argument("--device", help="default: cuda if available")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 is steadier on a shared CPU")
+    p.add_argument("--profile", action="store_true", help="also print a torch.profiler table of latent DPO and NCP-DPO")
+    p.add_argument("--json", help="write the result here")
+    a = p.parse_args(argv)
+    if a.warmup < 1 or a.steps < 1 or a.repeats < 1:
+        p.error("--warmup, --steps and --repeats must be >= 1")
+    result = run(a.model, a.latent_size, a.pairs, a.steps, a.warmup, a.repeats, a.rank, a.device, a.profile, a.threads)
+    print(format_table(result))
+    for name, table in result.get("profile", {}).items():
+        print(f"\nprofile of one {name} step\n{table}")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
