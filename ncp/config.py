@@ -32,6 +32,7 @@ class ModelConfig:
 class EncoderConfig:
     features: str = "last"  # last down block (authors' SDXL); "multiscale" = authors' SD1.5 (down + mid + all states)
     pool: bool = False  # spatial mean-pool the features before the distance
+    fp32: bool = False  # f in fp32 outside autocast: half-precision rounding can exceed the error it measures
 
 
 @dataclass

@@ -93,7 +93,7 @@ class Trainer:
         self.schedule = Schedule.from_scheduler(self.models.scheduler)
         self.encoder = None
         if cfg.objective.space == "perceptual":
-            self.encoder = PerceptualEncoder(self.models.unet, cfg.encoder.features, cfg.encoder.pool)
+            self.encoder = PerceptualEncoder(self.models.unet, cfg.encoder.features, cfg.encoder.pool, cfg.encoder.fp32)
         params = add_lora(self.models.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.init, cfg.lora.targets)
         if tc.gradient_checkpointing:
             self.models.unet.enable_gradient_checkpointing()

@@ -201,3 +201,28 @@ def test_conditioning_matches_pipeline(tiny_paths, arch):
 def test_wrong_arch_is_a_clear_error(tiny_sd15):
     with pytest.raises(NcpError, match="sd15"):
         load_models(str(tiny_sd15), arch="sdxl")
+
+
+def test_fp32_encoder_removes_half_precision_rounding(tiny_sd15):
+    """With bf16 frozen weights, the fp32 encoder's error matches the all-fp32 one; the bf16 copy's does not."""
+    models = load_models(str(tiny_sd15))
+    schedule = Schedule.from_scheduler(models.scheduler)
+    cond = build_cond(models, PROMPTS * 2, target_size=(32, 32)).index(slice(0, 4))
+    torch.manual_seed(0)
+    x0, eps, z = torch.randn(4, 4, 16, 16), torch.randn(4, 4, 16, 16), torch.randn(4, 4, 16, 16)
+    t = torch.tensor([50, 300, 600, 900])
+    x_t = schedule.q_sample(x0, t, eps)
+    x_pol = schedule.ddpm_step(x_t, t, eps + 0.1 * torch.randn_like(eps), z)  # a policy 10% off
+    x_true = schedule.ddpm_step(x_t, t, eps, z)
+
+    def err(encoder, c):
+        return ((encoder(x_pol, t - 1, c).float() - encoder(x_true, t - 1, c).float()) ** 2).mean(dim=(1, 2, 3))
+
+    exact = err(PerceptualEncoder(models.unet), cond)
+    models.unet.to(torch.bfloat16)
+    half_cond = cond.to(dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32 = err(PerceptualEncoder(models.unet, fp32=True), half_cond)
+        half = err(PerceptualEncoder(models.unet), half_cond)
+    assert torch.allclose(fp32, exact, rtol=0.05)  # only the bf16 base weights differ
+    assert ((half - exact).abs() / exact).min() > 1.0

@@ -197,3 +197,16 @@ def test_training_from_the_latent_cache_matches_pixels(tiny_paths, tmp_path, arc
     with pytest.raises(NcpError, match="stale cache"):
         other = "sdxl" if arch == "sd15" else "sd15"
         run_script("dpo", args(tiny_paths[other], tmp_path / "wrong", *common, f"data.cache_dir={cache}"))
+
+
+@pytest.mark.parametrize("fp32_encoder", [False, True])
+def test_bf16_mixed_precision_starts_at_log2(tiny_sdxl, tmp_path, fp32_encoder):
+    """Frozen weights in bf16, LoRA in fp32; policy = reference at step 1 in any precision."""
+    out = tmp_path / "bf16"
+    trainer = run_script("dpo", args(tiny_sdxl, out, "train.max_steps=2", "train.mixed_precision=bf16",
+                                     f"encoder.fp32={str(fp32_encoder).lower()}", config="configs/tiny_sdxl_ncp_dpo.yaml"))
+    rows = metrics(out)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and math.isfinite(rows[1]["loss"])
+    assert trainer.models.unet.conv_in.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.params)
+    assert trainer.encoder.dtype == (torch.float32 if fp32_encoder else torch.bfloat16)
