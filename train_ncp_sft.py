@@ -1,28 +1,20 @@
-"""NCP-SFT: supervised fine-tuning on preferred images in the perceptual space.
+"""NCP-SFT: supervised fine-tuning on the preferred images in the perceptual space.
+
+    loss = PL_w      (winners only, no reference model)
+
+PL is the perceptual error: the mean squared distance between f(x_{t-1}) for the model's and for the
+true noise, f being a frozen copy of the base U-Net's down path (Algorithm 1, in ncp/train.py:train).
+objective.space=latent trains the latent-space baseline of the same loss (mean((eps_pred - eps)^2)).
 
     accelerate launch train_ncp_sft.py --config configs/sd15_ncp_sft.yaml [key.sub=value ...]
-
-objective.space=latent trains the latent-space baseline of the same loss. The numbered lines are
-those of the paper's Algorithm 1; the loop itself lives in ncp/train.py.
 """
 
-from ncp.objective import compute_objective
-from ncp.train import Trainer, parse_args
+from ncp.train import main as train_main
 
 
 def main(argv=None):
-    cfg = parse_args(argv, loss="sft", description=__doc__)
-    trainer = Trainer(cfg)  # 1-2: policy = base + LoRA, reference = LoRA off, f = frozen copy of the down path
-    for batch in trainer.batches():  # 4: (x0_w, x0_l, c) ~ D
-        x0, cond = trainer.encode(batch)
-        rnd = trainer.sample_randomness(x0)  # 5, 7, 10: t, eps, z per pair
-        with trainer.accumulate():
-            loss, metrics = compute_objective(  # 8-18: x_t, reverse steps, errors in f's space, loss
-                trainer.unet, trainer.encoder, trainer.schedule, x0, cond, rnd, cfg.objective
-            )
-            trainer.backward_and_step(loss, metrics)  # 19: gradient step on the LoRA
-    trainer.finish()
-    return trainer
+    """Parse --config FILE [key.sub=value ...] (argv or the command line), train, return the Trainer."""
+    return train_main(argv, loss="sft", description=__doc__)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The training loop shared by train_ncp_dpo.py, train_ncp_cpo.py and train_ncp_sft.py.
 
-`Trainer` builds the parts (Algorithm 1, lines 1-2), yields batches (line 4), encodes them to latents
-and conditioning, draws the per-pair randomness (lines 5, 7, 10) and takes optimizer steps (line 19);
-the objective itself (lines 8-18) is `ncp.objective.compute_objective`, called by the scripts.
+`train(cfg)` is Algorithm 1 of the paper; `Trainer` holds what it needs: the parts (lines 1-2), the
+batches (line 4), latents and conditioning, the per-pair randomness (lines 5, 7, 10) and optimizer
+steps (line 19). The objective (lines 8-18) is `ncp.objective.compute_objective`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,30 @@ from .diffusion import Schedule
 from .encoder import PerceptualEncoder
 from .errors import NcpError
 from .models import add_lora, load_models, save_lora
-from .objective import sample_randomness
+from .objective import compute_objective, sample_randomness
 
 log = logging.getLogger("ncp")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def train(cfg: Config) -> "Trainer":
+    """Algorithm 1 (errata applied); the loss and its space come from cfg.objective."""
+    trainer = Trainer(cfg)  # 1-2: policy = base + LoRA, reference = LoRA off, f = frozen copy of the down path
+    for batch in trainer.batches():  # 3-4: repeat; (x0_w, x0_l, c) ~ D
+        x0, cond = trainer.encode(batch)
+        rnd = trainer.sample_randomness(x0)  # 5, 7, 10: t, eps, z per pair, shared by winner and loser
+        with trainer.accumulate():
+            loss, metrics = compute_objective(  # 6, 8-18: x_t, reverse steps to t-1, errors in f's space, loss
+                trainer.unet, trainer.encoder, trainer.schedule, x0, cond, rnd, trainer.cfg.objective
+            )
+            trainer.backward_and_step(loss, metrics)  # 19: gradient step on the LoRA
+    trainer.finish()
+    return trainer
+
+
+def main(argv: list[str] | None, loss: str, description: str) -> "Trainer":
+    """Command line of the train_ncp_*.py scripts: --config FILE [key.sub=value ...]."""
+    return train(parse_args(argv, loss, description))
 
 
 def parse_args(argv: list[str] | None, loss: str, description: str) -> Config:

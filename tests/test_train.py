@@ -25,6 +25,7 @@ def args(model, out, *extra, config="configs/tiny_sd15_ncp_dpo.yaml"):
 
 
 def run_script(loss, argv):
+    """`python train_ncp_<loss>.py ARGV`, in this process."""
     return importlib.import_module(f"train_ncp_{loss}").main(argv)
 
 
@@ -33,8 +34,13 @@ def metrics(out):
 
 
 @pytest.fixture(autouse=True)
-def _root_on_path(monkeypatch):
+def _fresh_process_state(monkeypatch):
+    """Each in-process run starts like a new process: scripts importable, accelerate's singleton state cleared
+    (it would otherwise keep the first run's mixed precision)."""
+    from accelerate.state import AcceleratorState
+
     monkeypatch.syspath_prepend(str(ROOT))
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.mark.parametrize("arch,loss", [("sd15", "dpo"), ("sd15", "cpo"), ("sd15", "sft"),
@@ -62,7 +68,7 @@ def test_script_trains_lora_only(tiny_paths, tmp_path, arch, loss):
 
 def test_resume_gives_the_same_losses_and_lora(tiny_sd15, tmp_path, monkeypatch):
     import ncp.objective
-    import train_ncp_dpo
+    import ncp.train
 
     common = ["train.max_steps=6", "train.checkpoint_every=2", "train.grad_accum=2", "objective.beta=50000"]
     straight = tmp_path / "straight"
@@ -77,10 +83,10 @@ def test_resume_gives_the_same_losses_and_lora(tiny_sd15, tmp_path, monkeypatch)
             raise RuntimeError("simulated crash")
         return real(*a, **kw)
 
-    monkeypatch.setattr(train_ncp_dpo, "compute_objective", crash_at_step_5)
+    monkeypatch.setattr(ncp.train, "compute_objective", crash_at_step_5)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_script("dpo", args(tiny_sd15, crashed, *common))
-    monkeypatch.setattr(train_ncp_dpo, "compute_objective", real)
+    monkeypatch.setattr(ncp.train, "compute_objective", real)
     assert [r["step"] for r in metrics(crashed)] == [1, 2, 3, 4]
     run_script("dpo", args(tiny_sd15, crashed, *common, "train.resume_from=latest"))
 
@@ -94,7 +100,7 @@ def test_resume_gives_the_same_losses_and_lora(tiny_sd15, tmp_path, monkeypatch)
 
 def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(tiny_sd15, tmp_path, monkeypatch):
     import ncp.objective
-    import train_ncp_dpo
+    import ncp.train
 
     real, calls = ncp.objective.compute_objective, []
 
@@ -106,14 +112,14 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(tiny_sd15, tmp
         return fn
 
     out = tmp_path / "nan"
-    monkeypatch.setattr(train_ncp_dpo, "compute_objective", nan_on({2}))
+    monkeypatch.setattr(ncp.train, "compute_objective", nan_on({2}))
     run_script("dpo", args(tiny_sd15, out, "train.max_steps=3"))
     rows = metrics(out)
     assert [r["skipped_steps"] for r in rows] == [0, 1, 1]
 
     calls.clear()
     out = tmp_path / "nan_stop"
-    monkeypatch.setattr(train_ncp_dpo, "compute_objective", nan_on({2, 3, 4}))
+    monkeypatch.setattr(ncp.train, "compute_objective", nan_on({2, 3, 4}))
     with pytest.raises(NcpError, match="3 non-finite steps in a row"):
         run_script("dpo", args(tiny_sd15, out, "train.max_steps=10", "train.max_bad_steps=3"))
     assert (out / "checkpoints" / "checkpoint-00000004" / "training_state.pt").exists()
