@@ -45,10 +45,10 @@ from ncp.data.toy import (BACKGROUNDS, COLOURS, SHAPES, parse_caption, render, t
 METHODS = [("NCP-DPO", "dpo", "perceptual"), ("latent DPO", "dpo", "latent"),
            ("NCP-SFT", "sft", "perceptual"), ("latent SFT", "sft", "latent"),
            ("NCP-CPO", "cpo", "perceptual"), ("latent CPO", "cpo", "latent")]
-FULL = dict(vae_steps=400, unet_max_steps=3000, unet_eval_every=100, steps=120, eval_every=20, pairs=8,
-            num_pairs=512, prompts=24, seeds=2, sample_steps=20, lr=5e-4, rank=8)
-SMOKE = dict(vae_steps=3, unet_max_steps=4, unet_eval_every=2, steps=2, eval_every=1, pairs=2,
-             num_pairs=8, prompts=2, seeds=1, sample_steps=2, lr=5e-4, rank=4)
+FULL = dict(vae_steps=200, unet_max_steps=1500, unet_eval_every=150, unet_batch=16, unet_lr=2e-3, steps=120,
+            eval_every=30, pairs=8, num_pairs=512, prompts=16, seeds=2, sample_steps=10, lr=1e-3, rank=8)
+SMOKE = dict(vae_steps=3, unet_max_steps=4, unet_eval_every=2, unet_batch=4, unet_lr=2e-3, steps=2, eval_every=1,
+             pairs=2, num_pairs=8, prompts=2, seeds=1, sample_steps=2, lr=5e-4, rank=4)
 PRETRAIN_SEED = 1  # pretraining images come from another toy stream than the preference pairs (data.toy_seed=0)
 
 
@@ -111,6 +111,7 @@ def pretrain_base(out: Path, cfg: dict, base_target: float, eval_prompts, seeds,
         loss.backward()
         opt.step()
     vae.eval().requires_grad_(False)
+    log(f"VAE trained in {time.perf_counter() - t_start:.0f} s")
     with torch.no_grad():
         mean = vae.encode(winners).latent_dist.mean
         recon = vae.decode(mean).sample
@@ -127,8 +128,8 @@ def pretrain_base(out: Path, cfg: dict, base_target: float, eval_prompts, seeds,
     ehs = encode_prompts(models, captions).encoder_hidden_states
     empty = encode_prompts(models, [""]).encoder_hidden_states
     scorer = make_scorer("toy")
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
-    target = base_target
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["unet_lr"])
+    target, bs = base_target, cfg["unet_batch"]
     history, step = [], 0
     while True:
         if step % cfg["unet_eval_every"] == 0 or step == cfg["unet_max_steps"]:
@@ -136,14 +137,14 @@ def pretrain_base(out: Path, cfg: dict, base_target: float, eval_prompts, seeds,
                 reward = score_lora(pipe, eval_prompts, seeds, scorer, batch_size=64, steps=cfg["sample_steps"],
                                     guidance=guidance, resolution=32)
             history.append(dict(step=step, reward=reward))
-            log(f"U-Net step {step}: toy reward {reward:.4f} (target {target:.4f})")
+            log(f"U-Net step {step}: toy reward {reward:.4f} (target {target:.4f}), {time.perf_counter() - t_start:.0f} s")
             if reward >= target or step >= cfg["unet_max_steps"] or time.perf_counter() - t_start > time_cap_s:
                 break
         unet.train().requires_grad_(True)
-        idx = torch.randint(0, len(latents), (32,), generator=g)
+        idx = torch.randint(0, len(latents), (bs,), generator=g)
         x0 = latents[idx]
-        cond = torch.where((torch.rand(32, generator=g) < 0.1).view(-1, 1, 1), empty, ehs[idx])
-        t = torch.randint(0, schedule.num_timesteps, (32,), generator=g)
+        cond = torch.where((torch.rand(bs, generator=g) < 0.1).view(-1, 1, 1), empty, ehs[idx])
+        t = torch.randint(0, schedule.num_timesteps, (bs,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         loss = F.mse_loss(unet(schedule.q_sample(x0, t, eps), t, encoder_hidden_states=cond).sample, eps)
         opt.zero_grad(set_to_none=True)
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, help="optimizer steps per method (default 120; smoke 2)")
     p.add_argument("--eval-every", type=int, help="checkpoint and score every K steps (default 20)")
     p.add_argument("--pairs", type=int, help="preference pairs per step (default 8)")
-    p.add_argument("--lr", type=float, help="LoRA lr, one for every run (default 5e-4)")
+    p.add_argument("--lr", type=float, help="LoRA lr, one for every run (default 1e-3)")
     p.add_argument("--base-target", type=float, default=0.5,
                    help="stop base pretraining when reward >= chance + this x (winner - chance)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance when sampling")
