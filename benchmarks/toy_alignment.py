@@ -190,6 +190,10 @@ def choose_betas(base: Path, cfg: dict) -> dict:
 
 def train_run(name: str, loss: str, space: str, base: Path, out: Path, cfg: dict, beta: float) -> Path:
     """One preference run through the real training script; returns its folder."""
+    from accelerate.state import AcceleratorState
+
+    # each run starts like a new process: accelerate keeps its state in a singleton (as tests/test_train.py)
+    AcceleratorState._reset_state(reset_partial_state=True)
     run_dir = out / "runs" / slug(name)
     argv = ["--config", str(ROOT / f"configs/tiny_sd15_ncp_{loss}.yaml"),
             f"model.pretrained={base}", f"train.output_dir={run_dir}", f"objective.space={space}",
