@@ -102,7 +102,19 @@ class Trainer:
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
-        set_seed(tc.seed)  # same LoRA init on every process
+
+        # data first: a bad file or column fails before minutes of model loading
+        from .data.loader import build_dataloader
+
+        base = build_dataloader(cfg.data, tc.batch_size, tc.seed, str(self.out), cfg.model.pretrained, cfg.model.vae)
+        self.dataset = base.dataset
+        self.sampler = ShardSampler(len(self.dataset), tc.seed, acc.process_index, acc.num_processes, tc.batch_size)
+        self.loader = DataLoader(self.dataset, batch_size=tc.batch_size, sampler=self.sampler, drop_last=True,
+                                 collate_fn=base.collate_fn, num_workers=cfg.data.num_workers,
+                                 pin_memory=torch.cuda.is_available())
+        self.max_steps = tc.max_steps
+        if tc.max_epochs is not None:
+            self.max_steps = math.ceil(tc.max_epochs * self.sampler.batches_per_epoch / tc.grad_accum)
 
         # Algorithm 1, lines 1-2: the policy is the base U-Net plus LoRA, the reference is the same U-Net
         # with LoRA off, f is a frozen copy of the base U-Net's down path, made before LoRA is added.
@@ -114,22 +126,11 @@ class Trainer:
         self.encoder = None
         if cfg.objective.space == "perceptual":
             self.encoder = PerceptualEncoder(self.models.unet, cfg.encoder.features, cfg.encoder.pool, cfg.encoder.fp32)
+        set_seed(tc.seed)  # the same LoRA init on every process and every run with this seed
         params = add_lora(self.models.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.init, cfg.lora.targets)
         if tc.gradient_checkpointing:
             self.models.unet.enable_gradient_checkpointing()
         self.models.unet.train()
-
-        from .data.loader import build_dataloader
-
-        base = build_dataloader(cfg.data, tc.batch_size, tc.seed, str(self.out), m.pretrained, m.vae)
-        self.dataset = base.dataset
-        self.sampler = ShardSampler(len(self.dataset), tc.seed, acc.process_index, acc.num_processes, tc.batch_size)
-        self.loader = DataLoader(self.dataset, batch_size=tc.batch_size, sampler=self.sampler, drop_last=True,
-                                 collate_fn=base.collate_fn, num_workers=cfg.data.num_workers,
-                                 pin_memory=torch.cuda.is_available())
-        self.max_steps = tc.max_steps
-        if tc.max_epochs is not None:
-            self.max_steps = math.ceil(tc.max_epochs * self.sampler.batches_per_epoch / tc.grad_accum)
 
         effective_batch = tc.batch_size * tc.grad_accum * acc.num_processes
         lr = cfg.optim.lr * effective_batch if cfg.optim.scale_lr else cfg.optim.lr
