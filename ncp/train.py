@@ -242,6 +242,8 @@ class Trainer:
             self.lr_scheduler.step()
             self.bad_in_a_row = 0
         else:
+            if acc.scaler is not None:  # fp16: the GradScaler sees the inf/NaN, skips the update, lowers its scale
+                self.optimizer.step()
             self.bad_in_a_row += 1
             self.skipped += 1
             log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s), step skipped",
