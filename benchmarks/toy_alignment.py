@@ -4,7 +4,8 @@
    autoencoder on winner and loser images, then its U-Net with plain epsilon-MSE on the winners'
    latents with their captions (10% empty captions, so classifier-free guidance works; text encoder
    frozen). U-Net training stops as soon as the sampled images' toy reward passes a point between
-   chance and the winners' 1.0 (--base-target), so the base follows captions only partly.
+   chance and the winners' 1.0 (--base-target), so the base follows captions only partly. That check
+   uses other prompts and seeds than step 3, so the base's score in the table is not selected for luck.
 2. From that base, each method trains for the same steps on the same pairs through the real
    scripts (`train_ncp_{dpo,cpo,sft}.main`), with a checkpoint every K steps.
    beta, per space, once: beta = 1 / median |err_w - err_l| over the base model's errors on the
@@ -27,6 +28,7 @@ import importlib
 import json
 import math
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -75,7 +77,7 @@ def reference_levels(prompts: list[str], size: int = 32) -> dict:
 
 
 # ---------------------------------------------------------------- 1. the base model
-def pretrain_base(out: Path, cfg: dict, base_target: float, eval_prompts, seeds, guidance: float,
+def pretrain_base(out: Path, cfg: dict, base_target: float, check_prompts, seeds, guidance: float,
                   time_cap_s: float, log=print) -> dict:
     """Train the tiny pipeline's VAE, then U-Net, on toy images; save it to out/base. Returns stats."""
     from diffusers import StableDiffusionPipeline
@@ -134,7 +136,7 @@ def pretrain_base(out: Path, cfg: dict, base_target: float, eval_prompts, seeds,
     while True:
         if step % cfg["unet_eval_every"] == 0 or step == cfg["unet_max_steps"]:
             with torch.no_grad():
-                reward = score_lora(pipe, eval_prompts, seeds, scorer, batch_size=64, steps=cfg["sample_steps"],
+                reward = score_lora(pipe, check_prompts, seeds, scorer, batch_size=64, steps=cfg["sample_steps"],
                                     guidance=guidance, resolution=32)
             history.append(dict(step=step, reward=reward))
             log(f"U-Net step {step}: toy reward {reward:.4f} (target {target:.4f}), {time.perf_counter() - t_start:.0f} s")
@@ -195,6 +197,7 @@ def train_run(name: str, loss: str, space: str, base: Path, out: Path, cfg: dict
     # each run starts like a new process: accelerate keeps its state in a singleton (as tests/test_train.py)
     AcceleratorState._reset_state(reset_partial_state=True)
     run_dir = out / "runs" / slug(name)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun must not score an earlier run's checkpoints
     argv = ["--config", str(ROOT / f"configs/tiny_sd15_ncp_{loss}.yaml"),
             f"model.pretrained={base}", f"train.output_dir={run_dir}", f"objective.space={space}",
             f"objective.beta={beta}", f"optim.lr={cfg['lr']}", "optim.scale_lr=false", "optim.warmup_steps=0",
@@ -222,7 +225,7 @@ def format_table(result: dict) -> str:
     b = result["base"]
     lines += ["", f"toy reward levels on the eval prompts: chance {ref['chance']:.4f}, loser image {ref['loser']:.4f}, "
                   f"winner image {ref['winner']:.4f}; VAE reconstruction of winners {b['vae_recon_reward']:.4f}; "
-                  f"base after {b['unet_steps']} U-Net steps {b['base_reward']:.4f}"]
+                  f"base after {b['unet_steps']} U-Net steps {b['base_reward']:.4f} on the stop check's own prompts"]
     return "\n".join(lines)
 
 
@@ -262,8 +265,13 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = toy_prompts(cfg["prompts"], seed=123)  # held fixed for every checkpoint of every run
     seeds = list(range(cfg["seeds"]))
     ref = reference_levels(prompts)
-    target = ref["chance"] + a.base_target * (ref["winner"] - ref["chance"])
-    base = pretrain_base(out, cfg, target, prompts, seeds, a.guidance, 0.35 * 60 * a.minutes_budget)
+    # The stop check uses its own prompts and seeds: stopping at the first check above the target picks
+    # an upward fluctuation, and scoring step 0 on the same images would carry that luck into the table
+    # (the first full run did: every method, SFT on winners included, then "lost" reward).
+    stop_prompts, stop_seeds = toy_prompts(cfg["prompts"], seed=456), [100 + s for s in seeds]
+    stop_ref = reference_levels(stop_prompts)
+    target = stop_ref["chance"] + a.base_target * (stop_ref["winner"] - stop_ref["chance"])
+    base = pretrain_base(out, cfg, target, stop_prompts, stop_seeds, a.guidance, 0.35 * 60 * a.minutes_budget)
     betas = choose_betas(out / "base", cfg)
     print(f"beta per space (1 / median |err_w - err_l| on the base): " +
           ", ".join(f"{k} {v:.4g}" for k, v in betas.items()))
