@@ -69,7 +69,7 @@ def sample_randomness(num_pairs: int, latent_shape, num_timesteps: int, generato
     return Randomness(t, eps, z, t_target)
 
 
-def _x_target(schedule: Schedule, cfg: ObjectiveConfig, x_t, t, eps_j, z, t_target, x0=None, eps=None):
+def _x_target(schedule: Schedule, cfg: ObjectiveConfig, x_t, t, eps_j, z, t_target, x0=None):
     """The point f sees for one noise prediction eps_j: the DDPM step to t-1 (default), or
     Lin & Yang's re-noising of the predicted x0 with the predicted noise at t_target."""
     if cfg.target == "prev":

@@ -226,3 +226,23 @@ def test_fp32_encoder_removes_half_precision_rounding(tiny_sd15):
         half = err(PerceptualEncoder(models.unet), half_cond)
     assert torch.allclose(fp32, exact, rtol=0.05)  # only the bf16 base weights differ
     assert ((half - exact).abs() / exact).min() > 1.0
+
+
+def test_uniform_target_renoises_at_a_fresh_timestep(tiny_sd15):
+    """Lin & Yang's target: the true point is x0 re-noised with the true eps at t_target; the policy's is
+    its own predicted x0 re-noised with its predicted eps. Still log 2 at initialisation."""
+    from ncp.objective import _x_target
+
+    models, encoder, _, x0, cond, _ = setup(tiny_sd15)
+    schedule = Schedule.from_scheduler(models.scheduler)
+    rnd = sample_randomness(2, (4, 16, 16), 1000, torch.Generator().manual_seed(3), target="uniform")
+    assert not torch.equal(rnd.t_target, (rnd.t - 1).clamp(min=0))
+    cfg = ObjectiveConfig(loss="dpo", space="perceptual", target="uniform")
+    loss, _ = compute_objective(models.unet, encoder, schedule, x0, cond, rnd, cfg)
+    assert abs(loss.item() - math.log(2)) < 1e-6
+    t, eps, tt = rnd.t.repeat(2), rnd.eps.repeat(2, 1, 1, 1), rnd.t_target.repeat(2)
+    x_t = schedule.q_sample(x0, t, eps)
+    truth = _x_target(schedule, cfg, x_t, t, eps, None, tt, x0=x0)
+    assert torch.allclose(truth, schedule.q_sample(x0, tt, eps))
+    # with the true noise as the "prediction", the predicted x0 is x0 itself
+    assert torch.allclose(_x_target(schedule, cfg, x_t, t, eps, None, tt), truth, atol=1e-4)
