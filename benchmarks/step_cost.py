@@ -208,7 +208,9 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
 
     def step(name: str, rnd) -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = compute_objective(unet, encoder, schedule, x0, cond, rnd, cfgs[name])
+        # half-precision frozen weights run under autocast, as accelerate's mixed precision does in training
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            loss, _ = compute_objective(unet, encoder, schedule, x0, cond, rnd, cfgs[name])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
