@@ -147,6 +147,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(tc.seed * 1_000_003 + 7919 * acc.process_index + 1)
 
         self.step, self.bad_in_a_row, self.skipped = 0, 0, 0
+        self._micro, self._t0 = [], time.perf_counter()  # this optimizer step's micro-step metrics, its start
         resume = resolve_resume(tc.output_dir, tc.resume_from)
         if resume is not None:
             state = load_checkpoint(acc, resume, self.unet, self.optimizer, self.lr_scheduler, self.generator)
@@ -179,6 +180,7 @@ class Trainer:
         micro = self.step * self.cfg.train.grad_accum
         epoch, batch = divmod(micro, self.sampler.batches_per_epoch)
         self.progress = self._progress()
+        self._t0 = time.perf_counter()
         while self.step < self.max_steps:
             self.sampler.set_position(epoch, batch)
             self.dataset.set_epoch(epoch)
@@ -227,8 +229,6 @@ class Trainer:
     # -- Algorithm 1, line 19 ------------------------------------------------------------------------------
     def backward_and_step(self, loss: torch.Tensor, metrics: dict) -> None:
         acc = self.accelerator
-        if not hasattr(self, "_micro"):
-            self._micro, self._t0 = [], time.perf_counter()
         self._micro.append({"loss": loss.detach().float(), **{k: v.float().mean() for k, v in metrics.items()}})
         acc.backward(loss)
         if not acc.sync_gradients:
