@@ -158,8 +158,6 @@ def _check_type(value, tp, key: str):
             return float(value)
         except ValueError:
             pass
-    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool) and key.endswith("pretrained"):
-        return str(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise NcpError(f"{key} must be of type {tp.__name__}, got {value!r} ({type(value).__name__})")
     return value
