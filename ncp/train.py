@@ -206,7 +206,7 @@ class Trainer:
         else:
             vae = self.models.vae
             pixels = batch["pixel_values"].to(dev, vae.dtype)
-            # the posterior mean, as the latent cache stores it; its std is ~1e-3 of the mean for SD VAEs
+            # the posterior mean (deterministic, no RNG draw), as the latent cache stores it
             x0 = vae.encode(pixels).latent_dist.mean.float() * vae.config.scaling_factor
         res = self.cfg.data.resolution
         cond = build_cond(self.models, batch["prompts"], batch.get("original_size"), batch.get("crop_top_left"),

@@ -5,8 +5,8 @@
 
 What is stored (safetensors shards + `manifest.json`):
 - `latents-<shard, 5 digits>.safetensors`: `latents` (N, C, h, w) = `vae.encode(x).latent_dist.mean * scaling_factor`
-  (the posterior mean, not a sample: the training loop encodes uncached images the same way, and the
-  posterior std of SD VAEs is ~1e-3 of the mean), `original_size`, `crop_top_left` (N, 2); the image uids
+  (the posterior mean, not a sample: the training loop encodes uncached images the same way),
+  `original_size`, `crop_top_left` (N, 2); the image uids
   in the shard's metadata. Each image is stored once however many pairs show it (dedup by uid).
 - `prompts-<shard, 5 digits>.safetensors`: `prompt_embeds` (N, L, D) and for SDXL `pooled_prompt_embeds` (N, D2) of every
   distinct prompt plus "" (for proportion_empty_prompts).
