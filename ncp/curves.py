@@ -20,8 +20,8 @@ import torch
 
 from ncp.errors import NcpError
 from ncp.evaluate import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, REWARDS, make_scorer
-from ncp.generate import (LORA_FILE, add_render_args, default_device, dtype_of, load_pipeline, load_prompts,
-                          render)
+from ncp.generate import add_render_args, default_device, dtype_of, load_pipeline, load_prompts, render
+from ncp.models import LORA_FILE
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 

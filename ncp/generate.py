@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from ncp.errors import NcpError
+from ncp.models import LORA_FILE
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 PROMPT_SETS = {  # name -> (default hub id, split, caption column); method-notes.md "Evaluation prompts"
     "pickapic": ("yuvalkirstain/pickapic_v2", "validation_unique", "caption"),
     "parti": ("nateraw/parti-prompts", "train", "Prompt"),

@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 from ncp.errors import NcpError
+from ncp.models import LORA_FILE
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 GRID_FILE = "sample_grid.png"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _STEP = re.compile(r"^step-(\d+)\.png$")

@@ -15,6 +15,7 @@ import torch
 
 from .errors import NcpError
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name; load_lora_weights(dir) finds it
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections, as the authors and diffusers' DPO example
 
 
@@ -123,7 +124,7 @@ def pipeline_class(arch: str):
 def save_lora(unet, out_dir: str | Path, arch: str) -> Path:
     """Write `pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(out_dir)`."""
     pipeline_class(arch).save_lora_weights(str(out_dir), unet_lora_layers=lora_state_dict(unet), safe_serialization=True)
-    return Path(out_dir) / "pytorch_lora_weights.safetensors"
+    return Path(out_dir) / LORA_FILE
 
 
 def load_lora(unet, lora_dir: str | Path) -> None:
@@ -132,7 +133,7 @@ def load_lora(unet, lora_dir: str | Path) -> None:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    sd = load_file(str(Path(lora_dir) / "pytorch_lora_weights.safetensors"))
+    sd = load_file(str(Path(lora_dir) / LORA_FILE))
     sd = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in sd.items()})
     result = set_peft_model_state_dict(unet, sd)
     if result.unexpected_keys:

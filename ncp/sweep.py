@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from .errors import NcpError
+from .models import LORA_FILE
 
 TAIL = 10  # final metrics are means over the last TAIL logged steps: single steps are noisy
 
@@ -21,7 +22,7 @@ def point_row(point: Path) -> dict:
     if not rows:
         raise NcpError(f"{point / 'metrics.jsonl'} is empty")
     tail = rows[-TAIL:]
-    row = {"point": point.name, "steps": rows[-1]["step"], "done": (point / "pytorch_lora_weights.safetensors").exists()}
+    row = {"point": point.name, "steps": rows[-1]["step"], "done": (point / LORA_FILE).exists()}
     for key in ("loss", "implicit_acc", "reward_w", "reward_l", "err_w"):
         if key in tail[0]:
             row[f"{key} (last {len(tail)})"] = sum(r[key] for r in tail) / len(tail)

@@ -25,7 +25,7 @@ from .config import Config, load_config, save_config
 from .diffusion import Schedule
 from .encoder import PerceptualEncoder
 from .errors import NcpError
-from .models import add_lora, load_models, save_lora
+from .models import LORA_FILE, add_lora, load_models, save_lora
 from .objective import compute_objective, sample_randomness
 
 log = logging.getLogger("ncp")
@@ -353,6 +353,7 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             save_lora(acc.unwrap_model(self.unet), self.out, self.arch)
+        lora = self.out / LORA_FILE
         self.validate()
         hub = self.cfg.hub
         if acc.is_main_process and hub.repo_id:
@@ -360,8 +361,8 @@ class Trainer:
 
             log.info("uploaded to %s", push_to_hub(str(self.out), hub.repo_id, hub.private, license=hub.license))
         acc.end_training()
-        log.info("final LoRA: %s", self.out / "pytorch_lora_weights.safetensors")
-        return self.out / "pytorch_lora_weights.safetensors"
+        log.info("final LoRA: %s", lora)
+        return lora
 
 
 def _grid(images):
