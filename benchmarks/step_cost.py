@@ -8,11 +8,15 @@ DPO stands the ratio of FLOPs (torch.utils.flop_counter), in two forms:
   floor   from U (one U-Net forward) and E (one encoder forward), per pair, counting a backward with
           LoRA as one more forward (no weight gradients of the frozen base; issue 6's model):
           latent DPO 6U, CPO 4U, SFT 2U; NCP adds 6E+2E (DPO), 4E+2E (CPO), 2E+1E (SFT).
+          With encoder.error=linearized (--errors) each policy image costs a jvp (primal + tangent, 2E)
+          and a backward through the tangent (E), each reference image a jvp (2E), and f(x_true) is not
+          needed: 10E (DPO), 6E (CPO), 3E (SFT). encoder.error=fp32 has the difference's FLOPs, in fp32.
   counted the FLOPs of one whole training step of that method, backward included.
 It also times the toy data loader, to show that feeding a step costs a small fraction of the step.
 
     python benchmarks/step_cost.py --model tiny-sd15
     python benchmarks/step_cost.py --model sd15 --latent-size 32 --pairs 1 --steps 1 --warmup 1 --repeats 5
+    python benchmarks/step_cost.py --model sd15 --latent-size 16 --errors difference linearized fp32   # per mode
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from ncp.conditioning import Cond, build_cond  # noqa: E402
 from ncp.config import OptimConfig  # noqa: E402
 from ncp.diffusion import Schedule  # noqa: E402
-from ncp.encoder import PerceptualEncoder  # noqa: E402
+from ncp.encoder import ERRORS, PerceptualEncoder  # noqa: E402
 from ncp.models import add_lora  # noqa: E402
 from ncp.objective import ObjectiveConfig, compute_objective, sample_randomness  # noqa: E402
 
@@ -46,6 +50,15 @@ METHODS = [("latent DPO", "dpo", "latent"), ("NCP-DPO", "dpo", "perceptual"),
 # per pair, in units of one U-Net forward (U) and one encoder forward (E): see the module docstring
 FLOOR = {("dpo", "latent"): (6, 0), ("dpo", "perceptual"): (6, 8), ("cpo", "latent"): (4, 0),
          ("cpo", "perceptual"): (4, 6), ("sft", "latent"): (2, 0), ("sft", "perceptual"): (2, 3)}
+LINEARIZED_FLOOR_E = {"dpo": 10, "cpo": 6, "sft": 3}
+
+
+def methods(errors=("difference",)) -> list[tuple[str, str, str, str]]:
+    """(name, loss, space, encoder.error): METHODS, then each NCP method again per extra error mode."""
+    rows = [(name, loss, space, "difference") for name, loss, space in METHODS]
+    rows += [(f"{name} {error}", loss, space, error) for error in errors if error != "difference"
+             for name, loss, space in METHODS if space == "perceptual"]
+    return rows
 
 # runwayml/stable-diffusion-v1-5, unet/config.json (diffusers defaults for the keys not listed)
 SD15_UNET = dict(
@@ -69,8 +82,9 @@ SDXL_POOLED = 1280  # text_encoder_2 projection_dim: 2816 = 1280 + 6 * 256
 
 
 # ---------------------------------------------------------------- the model, data and randomness
-def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtype: torch.dtype):
-    """(unet with LoRA, LoRA params, encoder, schedule, x0, cond) for `pairs` pairs on `device`."""
+def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtype: torch.dtype,
+          errors=("difference",)):
+    """(unet with LoRA, LoRA params, {error: encoder}, schedule, x0, cond) for `pairs` pairs on `device`."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from ncp.tiny import SCHEDULER_CONFIG
@@ -100,11 +114,11 @@ def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtyp
             cond.text_embeds = torch.randn(pairs, SDXL_POOLED).repeat(2, 1)
             cond.time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32).repeat(n, 1)
         cond = cond.to(device=device, dtype=dtype)
-    encoder = PerceptualEncoder(unet)  # before LoRA: f is the frozen base
+    encoders = {e: PerceptualEncoder(unet, error=e) for e in errors}  # before LoRA: f is the frozen base
     params = add_lora(unet, rank)
     unet.train()
     x0 = torch.randn(n, unet.config.in_channels, latent_size, latent_size, device=device)
-    return unet, params, encoder, Schedule.from_scheduler(scheduler), x0, cond
+    return unet, params, encoders, Schedule.from_scheduler(scheduler), x0, cond
 
 
 def make_optimizer(params):
@@ -178,8 +192,8 @@ def loader_pairs_per_s(latent_size: int, pairs: int, batches: int = 8) -> float:
 
 def run(model: str = "tiny-sd15", latent_size: int = 32, pairs: int = 1, steps: int = 2, warmup: int = 1,
         repeats: int = 5, rank: int | None = None, device: str | None = None, profile: bool = False,
-        threads: int | None = None) -> dict:
-    """Measure every method; returns {"rows": [...], "setup": {...}} (rows in METHODS order).
+        threads: int | None = None, errors=("difference",)) -> dict:
+    """Measure every method; returns {"rows": [...], "setup": {...}} (rows in `methods(errors)` order).
 
     threads: torch CPU threads for the run (restored after). On a CPU shared with other jobs, 1 thread
     is far steadier: with 2 threads on 2 busy cores every op waits at an OpenMP barrier for a descheduled
@@ -189,18 +203,20 @@ def run(model: str = "tiny-sd15", latent_size: int = 32, pairs: int = 1, steps: 
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile)
+        return _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors)
     finally:
         torch.set_num_threads(saved_threads)
 
 
-def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile) -> dict:
+def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") and not model.startswith("tiny-") else torch.float32
     rank = rank or (8 if model.startswith("tiny-") else 64)
-    unet, params, encoder, schedule, x0, cond = build(model, latent_size, pairs, rank, device, dtype)
+    errors = ("difference", *[e for e in errors if e != "difference"])
+    unet, params, encoders, schedule, x0, cond = build(model, latent_size, pairs, rank, device, dtype, errors)
     optimizer, opt_name = make_optimizer(params)
-    cfgs = {name: ObjectiveConfig(loss=loss, space=space, beta=1.0) for name, loss, space in METHODS}
+    spec = methods(errors)
+    cfgs = {name: (ObjectiveConfig(loss=loss, space=space, beta=1.0), encoders[error]) for name, loss, space, error in spec}
 
     def randomness(i: int):
         g = torch.Generator().manual_seed(i)
@@ -210,7 +226,7 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
         optimizer.zero_grad(set_to_none=True)
         # half-precision frozen weights run under autocast, as accelerate's mixed precision does in training
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            loss, _ = compute_objective(unet, encoder, schedule, x0, cond, rnd, cfgs[name])
+            loss, _ = compute_objective(unet, cfgs[name][1], schedule, x0, cond, rnd, cfgs[name][0])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -221,19 +237,19 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
     one = dict(x=x0[:1], t=rnd0.t[:1], c=cond.index(slice(0, 1)))
     with torch.no_grad():
         u_flops = count_flops(lambda: unet(one["x"], one["t"], **one["c"].unet_kwargs()))
-        e_flops = count_flops(lambda: encoder(one["x"], one["t"], one["c"]))
-    counted = {name: count_flops(lambda: step(name, rnd0)) for name, _, _ in METHODS}  # also the first warmup
+        e_flops = count_flops(lambda: encoders["difference"](one["x"], one["t"], one["c"]))
+    counted = {name: count_flops(lambda: step(name, rnd0)) for name, *_ in spec}  # also the first warmup
 
     for i in range(warmup - 1):
-        for name, _, _ in METHODS:
+        for name, *_ in spec:
             step(name, randomness(i + 1))
-    times = {name: [] for name, _, _ in METHODS}
-    peaks = {name: 0.0 for name, _, _ in METHODS}
-    losses = {name: float("nan") for name, _, _ in METHODS}
+    times = {name: [] for name, *_ in spec}
+    peaks = {name: 0.0 for name, *_ in spec}
+    losses = {name: float("nan") for name, *_ in spec}
     for r in range(repeats):
         rnds = [randomness(1000 * r + s) for s in range(steps)]  # same t, eps, z for every method
-        order = METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]
-        for name, _, _ in order:
+        order = spec[r % len(spec):] + spec[:r % len(spec)]
+        for name, *_ in order:
             reset_peak(device)
             sync(device)
             t0 = time.perf_counter()
@@ -246,8 +262,9 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
     step_s = {name: statistics.median(ts) for name, ts in times.items()}
     base = "latent DPO"
     rows = []
-    for name, loss, space in METHODS:
+    for name, loss, space, error in spec:
         nu, ne = FLOOR[(loss, space)]
+        ne = LINEARIZED_FLOOR_E[loss] if error == "linearized" else ne
         floor = (nu * u_flops + ne * e_flops) / (6 * u_flops)
         rows.append(dict(method=name, s_per_step=step_s[name], spread=[min(times[name]), max(times[name])],
                          ratio=step_s[name] / step_s[base], flop_floor=floor,
@@ -258,7 +275,7 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
                  rank=rank, device=device, dtype=str(dtype).removeprefix("torch."), optimizer=opt_name,
                  threads=torch.get_num_threads(), torch=torch.__version__,
                  encoder_share=e_flops / u_flops, unet_gflop_per_image=u_flops / 1e9,
-                 loader_pairs_per_s=loader, step_pairs_per_s=pairs / step_s["NCP-DPO"])
+                 loader_pairs_per_s=loader, step_pairs_per_s=pairs / step_s["NCP-DPO"], errors=list(errors))
     result = dict(setup=setup, rows=rows)
     if profile:
         result["profile"] = {name: profile_step(lambda: step(name, rnd0)) for name in ("latent DPO", "NCP-DPO")}
@@ -307,11 +324,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", help="default: cuda if available")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 is steadier on a shared CPU")
     p.add_argument("--profile", action="store_true", help="also print a torch.profiler table of latent DPO and NCP-DPO")
+    p.add_argument("--errors", nargs="+", choices=list(ERRORS), default=["difference"],
+                   help="encoder.error modes to time: each extra mode adds a row per NCP method")
     p.add_argument("--json", help="write the result here")
     a = p.parse_args(argv)
     if a.warmup < 1 or a.steps < 1 or a.repeats < 1:
         p.error("--warmup, --steps and --repeats must be >= 1")
-    result = run(a.model, a.latent_size, a.pairs, a.steps, a.warmup, a.repeats, a.rank, a.device, a.profile, a.threads)
+    result = run(a.model, a.latent_size, a.pairs, a.steps, a.warmup, a.repeats, a.rank, a.device, a.profile, a.threads,
+                 a.errors)
     print(format_table(result))
     for name, table in result.get("profile", {}).items():
         print(f"\nprofile of one {name} step\n{table}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from .data.config import DataConfig
+from .encoder import ERRORS, FEATURES
 from .errors import NcpError
 from .models import LORA_TARGETS
 from .objective import ObjectiveConfig
@@ -32,7 +33,7 @@ class ModelConfig:
 class EncoderConfig:
     features: str = "last"  # last down block (authors' SDXL); "multiscale" = authors' SD1.5 (down + mid + all states)
     pool: bool = False  # spatial mean-pool the features before the distance
-    fp32: bool = False  # f in fp32 outside autocast: half-precision rounding can exceed the error it measures
+    error: str = "difference"  # difference | linearized | fp32: how f's error is computed (README "Precision of f")
 
 
 @dataclass
@@ -102,8 +103,13 @@ class Config:
         self.data.validate()
         if self.model.arch not in (None, "sd15", "sdxl"):
             raise NcpError(f"model.arch must be sd15, sdxl or null, got {self.model.arch!r}")
-        if self.encoder.features not in ("last", "mid", "multiscale"):
-            raise NcpError(f"encoder.features must be last, mid or multiscale, got {self.encoder.features!r}")
+        if self.encoder.features not in FEATURES:
+            raise NcpError(f"encoder.features must be one of {FEATURES}, got {self.encoder.features!r}")
+        if self.encoder.error not in ERRORS:
+            raise NcpError(f"encoder.error must be one of {ERRORS}, got {self.encoder.error!r}")
+        if self.encoder.error == "linearized" and self.objective.target != "prev":
+            # re-noising at a fresh t' moves f's input by the whole prediction error: no small step to linearize
+            raise NcpError("encoder.error=linearized needs objective.target=prev (the one-step DDPM target)")
         if self.optim.optimizer not in ("adamw8bit", "adamw"):
             raise NcpError(f"optim.optimizer must be adamw8bit or adamw, got {self.optim.optimizer!r}")
         if self.train.mixed_precision not in ("no", "fp16", "bf16"):

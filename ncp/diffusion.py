@@ -51,6 +51,25 @@ class Schedule:
         abar = self.alphas_cumprod
         return (x_t - _gather((1 - abar).sqrt(), t, x_t) * eps) / _gather(abar.sqrt(), t, x_t)
 
+    def ddpm_step_eps_coef(self, t: torch.Tensor) -> torch.Tensor:
+        """d x_{t-1} / d eps_hat of `ddpm_step` (it is linear in eps_hat), per sample (N,), float64:
+
+            -beta_t / (sqrt(alpha_t) sqrt(1 - abar_t)),
+
+        so two reverse steps from the same x_t and z differ by exactly this times the noise difference."""
+        abar = self.alphas_cumprod
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        beta = 1 - abar / abar_prev
+        return (-beta / ((1 - beta).sqrt() * (1 - abar).sqrt())).to(t.device)[t]
+
+    def renoise_eps_coef(self, t: torch.Tensor, t_target: torch.Tensor) -> torch.Tensor:
+        """d/d eps_hat of q_sample(predict_x0(x_t, t, eps_hat), t', eps_hat), per sample (N,), float64:
+
+            sqrt(1 - abar_t') - sqrt(abar_t') sqrt(1 - abar_t) / sqrt(abar_t)."""
+        abar = self.alphas_cumprod.to(t.device)
+        at, att = abar[t], abar[t_target]
+        return (1 - att).sqrt() - att.sqrt() * (1 - at).sqrt() / at.sqrt()
+
     def ddpm_step(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """One reverse step t -> t-1 of the DDPM posterior q(x_{t-1} | x_t, x0_hat), per sample.
 

@@ -18,6 +18,7 @@ from torch import nn
 from .errors import NcpError
 
 FEATURES = ("last", "mid", "multiscale")
+ERRORS = ("difference", "linearized", "fp32")
 
 
 @contextlib.contextmanager
@@ -37,16 +38,19 @@ class PerceptualEncoder(nn.Module):
     average-pooled to the smallest resolution, each scaled so every state weighs the same in the
     mean squared error whatever its channel count (the authors' SD1.5 setting). pool: spatial mean.
 
-    fp32: keep the copy in fp32 and run it outside autocast, with TF32 off. The perceptual error is a
-    small difference of large activations (x_{t-1} of policy and truth differ by ~1e-2 of their size),
-    so half-precision rounding can exceed it: on the tiny SD1.5 U-Net with a policy 10% off in eps,
-    PL in fp16 is off by 1-5x its value and in bf16 by 50-300x (fp32 weights as reference). The
-    authors ran f in half precision (the default here, for parity and speed)."""
+    error: how the objective computes the perceptual error (ERRORS; ncp.objective, README "Precision"):
+      difference  f(x_pol) - f(x_true) in the run's precision (the authors' way);
+      linearized  J_f(x_true) (x_pol - x_true) by forward-mode AD (`jvp`), the step formed in fp32;
+      fp32        difference with this copy kept in fp32 and run outside autocast, with TF32 off.
+    x_{t-1} of policy and truth differ by 1e-4..1e-3 of their size, so half-precision rounding of
+    f(x_pol) and f(x_true) separately can exceed their difference (benchmarks/precision.py)."""
 
-    def __init__(self, unet, features: str = "last", pool: bool = False, fp32: bool = False):
+    def __init__(self, unet, features: str = "last", pool: bool = False, error: str = "difference"):
         super().__init__()
         if features not in FEATURES:
             raise NcpError(f"encoder.features must be one of {FEATURES}, got {features!r}")
+        if error not in ERRORS:
+            raise NcpError(f"encoder.error must be one of {ERRORS}, got {error!r}")
         if any("lora" in name for name, _ in unet.named_parameters()):
             raise NcpError("build the perceptual encoder from the base U-Net before adding LoRA")
         self.features, self.pool = features, pool
@@ -59,11 +63,15 @@ class PerceptualEncoder(nn.Module):
         for name in keep:
             setattr(self, name, copy.deepcopy(getattr(unet, name)))
         self.time_embed_act = copy.deepcopy(unet.time_embed_act)
-        self.fp32 = fp32
-        if fp32:
+        self.error = error
+        if self.fp32:
             self.float()
         self.requires_grad_(False)
         self.eval()
+
+    @property
+    def fp32(self) -> bool:
+        return self.error == "fp32"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -84,6 +92,19 @@ class PerceptualEncoder(nn.Module):
             return self._forward(x, t, cond)
         with torch.autocast(x.device.type, enabled=False), _tf32_off():
             return self._forward(x, t, cond.to(dtype=torch.float32))
+
+    def jvp(self, x: torch.Tensor, t: torch.Tensor, cond, tangent: torch.Tensor) -> torch.Tensor:
+        """J_f(x) tangent, by forward-mode AD (torch.func.jvp), in this copy's precision; differentiable
+        in `tangent` (reverse over forward). The primal x gets no gradient. SDPA runs its math kernel:
+        the fused CPU/GPU attention kernels have no forward-AD formula (PyTorch 2.13). Both inputs are
+        made contiguous: group_norm's forward-AD formula fails on a strided primal (e.g. a VAE mean,
+        which is a channel slice of the posterior's parameters)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            _, out = torch.func.jvp(lambda x_: self(x_, t, cond), (x.detach().contiguous(),),
+                                    (tangent.to(x.dtype).contiguous(),))
+        return out
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         emb = self._embedding(t, cond)

@@ -2,9 +2,10 @@
 
 Randomness is an argument (`Randomness`), so the same latents, conditioning and randomness always
 give the same loss. Cost, per pair: one policy U-Net forward with gradient on winner and loser; for
-DPO one reference forward with the LoRA switched off and no gradient; in perceptual space one
-no-grad encoder call on the true and reference x_{t'} together and one encoder call with gradient
-on the policy's x_{t'}. CPO and SFT skip the reference entirely; SFT uses winners only.
+DPO one reference forward with the LoRA switched off and no gradient; in perceptual space encoder
+calls without gradient on the true and the reference x_{t'} and one with gradient on the policy's,
+all of the same batch size (`perceptual_errors`; `encoder.error=linearized` replaces each difference
+by a forward-mode derivative). CPO and SFT skip the reference entirely; SFT uses winners only.
 """
 
 from __future__ import annotations
@@ -79,6 +80,46 @@ def _x_target(schedule: Schedule, cfg: ObjectiveConfig, x_t, t, eps_j, z, t_targ
     return schedule.q_sample(x0, t_target, eps_j)
 
 
+def eps_coef(schedule: Schedule, cfg: ObjectiveConfig, t, t_target) -> torch.Tensor:
+    """d x_{t'} / d eps_hat (N,): the point f sees is affine in the noise prediction, so a prediction's
+    point and the true one differ by exactly this times (eps_hat - eps)."""
+    return schedule.ddpm_step_eps_coef(t) if cfg.target == "prev" else schedule.renoise_eps_coef(t, t_target)
+
+
+def perceptual_errors(encoder, schedule: Schedule, cfg: ObjectiveConfig, x_t, t, eps, z, t_target, cond, x0,
+                      eps_hats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """mean((f(x_{t'}(eps_hat)) - f(x_{t'}(eps)))^2) (N,) for each noise prediction, computed as
+    `encoder.error` says (ncp.encoder.PerceptualEncoder):
+
+    difference / fp32: f(x_hat) - f(x_true), f(x_true) evaluated once;
+    linearized: J_f(x_true) delta with delta = coef * (eps_hat - eps) formed in fp32 or wider, never as a
+      difference of two rounded points; delta is divided by its per-sample rms (J is linear, the scale
+      comes back in fp32) so a half-precision tangent neither underflows nor loses digits.
+
+    Every prediction gets its own encoder call of the same batch size in the same grad mode: with
+    policy = reference the errors are then bitwise equal (loss log 2, accuracy 1/2 at any batch size).
+    Gradients reach eps_hat (the policy's) only through f's activations, never f's weights."""
+    x_true = _x_target(schedule, cfg, x_t, t, eps, z, t_target, x0=x0).detach()
+    if encoder.error != "linearized":
+        f_true = _wide(encoder(x_true, t_target, cond))
+        return [mean_flat((_wide(encoder(_x_target(schedule, cfg, x_t, t, e, z, t_target), t_target, cond))
+                           - f_true) ** 2) for e in eps_hats]
+    errs = []
+    for e in eps_hats:
+        e = _wide(e)
+        coef = eps_coef(schedule, cfg, t, t_target).to(e.dtype).view(-1, *([1] * (e.dim() - 1)))
+        delta = coef * (e - eps.to(e.dtype))
+        rms = mean_flat(delta.detach() ** 2).sqrt().clamp(min=torch.finfo(e.dtype).tiny)
+        tangent = delta / rms.view_as(coef)
+        errs.append(rms ** 2 * mean_flat(_wide(encoder.jvp(x_true, t_target, cond, tangent)) ** 2))
+    return errs
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """fp32, or float64 where it already is: errors are formed at least in fp32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def compute_objective(unet, encoder, schedule: Schedule, x0: torch.Tensor, cond: Cond, rnd: Randomness,
                       cfg: ObjectiveConfig):
     """Loss (scalar, mean over pairs) and detached metrics for B pairs.
@@ -97,11 +138,11 @@ def compute_objective(unet, encoder, schedule: Schedule, x0: torch.Tensor, cond:
     x_t = schedule.q_sample(x0, t, eps)
 
     kwargs = cond.unet_kwargs()
-    eps_pred = unet(x_t, t, **kwargs).sample.float()
+    eps_pred = _wide(unet(x_t, t, **kwargs).sample)
     eps_ref = None
     if cfg.loss == "dpo":
         with torch.no_grad(), adapters_disabled(unet):
-            eps_ref = unet(x_t, t, **kwargs).sample.float()
+            eps_ref = _wide(unet(x_t, t, **kwargs).sample)
 
     if cfg.space == "latent":
         err = mean_flat((eps_pred - eps) ** 2)
@@ -109,18 +150,9 @@ def compute_objective(unet, encoder, schedule: Schedule, x0: torch.Tensor, cond:
     else:
         if encoder is None:
             raise NcpError("objective.space=perceptual needs a perceptual encoder")
-        x_pol = _x_target(schedule, cfg, x_t, t, eps_pred, z, t_target)
-        with torch.no_grad():
-            x_true = _x_target(schedule, cfg, x_t, t, eps, z, t_target, x0=x0)
-            if eps_ref is None:
-                f_true = encoder(x_true, t_target, cond).float()
-            else:
-                x_ref = _x_target(schedule, cfg, x_t, t, eps_ref, z, t_target)
-                f_both = encoder(torch.cat([x_true, x_ref]), t_target.repeat(2), cond.cat(cond)).float()
-                f_true, f_ref = f_both.chunk(2)
-        f_pol = encoder(x_pol, t_target, cond).float()
-        err = mean_flat((f_pol - f_true) ** 2)
-        ref_err = None if eps_ref is None else mean_flat((f_ref - f_true) ** 2)
+        eps_hats = [eps_pred] if eps_ref is None else [eps_pred, eps_ref]
+        err, *ref = perceptual_errors(encoder, schedule, cfg, x_t, t, eps, z, t_target, cond, x0, eps_hats)
+        ref_err = ref[0] if ref else None
 
     if cfg.loss == "sft":
         losses, metrics = sft_loss(err)

@@ -125,7 +125,7 @@ class Trainer:
         self.schedule = Schedule.from_scheduler(self.models.scheduler)
         self.encoder = None
         if cfg.objective.space == "perceptual":
-            self.encoder = PerceptualEncoder(self.models.unet, cfg.encoder.features, cfg.encoder.pool, cfg.encoder.fp32)
+            self.encoder = PerceptualEncoder(self.models.unet, cfg.encoder.features, cfg.encoder.pool, cfg.encoder.error)
         set_seed(tc.seed)  # the same LoRA init on every process and every run with this seed
         params = add_lora(self.models.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.init, cfg.lora.targets)
         if tc.gradient_checkpointing:

@@ -7,18 +7,18 @@ import torch
 
 from ncp.conditioning import build_cond, encode_prompts
 from ncp.diffusion import Schedule
-from ncp.encoder import PerceptualEncoder
+from ncp.encoder import ERRORS, PerceptualEncoder
 from ncp.errors import NcpError
 from ncp.losses import cpo_loss, dpo_loss, sft_loss
 from ncp.models import add_lora, adapters_disabled, load_models
-from ncp.objective import ObjectiveConfig, compute_objective, sample_randomness
+from ncp.objective import ObjectiveConfig, compute_objective, perceptual_errors, sample_randomness
 
 PROMPTS = ["a red circle on a white background", "a blue square"]
 
 
-def setup(path, features="last", rank=4):
+def setup(path, features="last", rank=4, error="difference"):
     models = load_models(str(path))
-    encoder = PerceptualEncoder(models.unet, features=features)
+    encoder = PerceptualEncoder(models.unet, features=features, error=error)
     params = add_lora(models.unet, rank=rank)
     models.unet.train()
     torch.manual_seed(0)
@@ -27,6 +27,29 @@ def setup(path, features="last", rank=4):
                       crop_top_left=torch.tensor([[0, 0], [4, 8]] * 2), target_size=(32, 32))
     rnd = sample_randomness(2, (4, 16, 16), 1000, torch.Generator().manual_seed(1))
     return models, encoder, params, x0, cond, rnd
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("error", ERRORS)
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_policy_equal_to_reference_is_log2_at_any_batch_size(tiny_paths, arch, error, precision):
+    """Every encoder call of a step has the same batch size and grad mode, so with policy = reference
+    (LoRA B = 0) the policy's and the reference's errors are bitwise equal: exactly log 2 and 1/2."""
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16}[precision]
+    models = load_models(str(tiny_paths[arch]), weight_dtype=dtype)
+    encoder = PerceptualEncoder(models.unet, error=error)
+    add_lora(models.unet, rank=4)
+    models.unet.train()
+    schedule, cfg = Schedule.from_scheduler(models.scheduler), ObjectiveConfig(loss="dpo", beta=2500.0)
+    for pairs in (1, 2, 3):
+        cond = build_cond(models, PROMPTS[:1] * pairs, target_size=(32, 32))
+        x0 = torch.randn(2 * pairs, 4, 16, 16, generator=torch.Generator().manual_seed(pairs))
+        rnd = sample_randomness(pairs, (4, 16, 16), 1000, torch.Generator().manual_seed(pairs))
+        with torch.autocast("cpu", dtype=dtype, enabled=precision != "no"):
+            loss, metrics = compute_objective(models.unet, encoder, schedule, x0, cond, rnd, cfg)
+        assert abs(loss.item() - math.log(2)) < 1e-6, pairs
+        assert torch.equal(metrics["implicit_acc"], torch.full((pairs,), 0.5)), pairs
+        assert torch.equal(metrics["err_w"], metrics["ref_err_w"]) and (metrics["err_w"] > 0).all()
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
@@ -116,9 +139,10 @@ def test_perceptual_error_gradient_flows_through_encoder(tiny_sd15):
     assert x.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("error", ERRORS)
 @pytest.mark.parametrize("loss_name", ["dpo", "cpo", "sft"])
-def test_same_randomness_same_loss_and_checkpointing_same_gradients(tiny_sd15, loss_name):
-    models, encoder, params, x0, cond, rnd = setup(tiny_sd15)
+def test_same_randomness_same_loss_and_checkpointing_same_gradients(tiny_sd15, loss_name, error):
+    models, encoder, params, x0, cond, rnd = setup(tiny_sd15, error=error)
     with torch.no_grad():
         for p in params:
             p.add_(0.01 * torch.randn_like(p))  # move away from B = 0 so all paths matter
@@ -222,7 +246,7 @@ def test_fp32_encoder_removes_half_precision_rounding(tiny_sd15):
     models.unet.to(torch.bfloat16)
     half_cond = cond.to(dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fp32 = err(PerceptualEncoder(models.unet, fp32=True), half_cond)
+        fp32 = err(PerceptualEncoder(models.unet, error="fp32"), half_cond)
         half = err(PerceptualEncoder(models.unet), half_cond)
     assert torch.allclose(fp32, exact, rtol=0.05)  # only the bf16 base weights differ
     assert ((half - exact).abs() / exact).min() > 1.0
@@ -246,3 +270,76 @@ def test_uniform_target_renoises_at_a_fresh_timestep(tiny_sd15):
     assert torch.allclose(truth, schedule.q_sample(x0, tt, eps))
     # with the true noise as the "prediction", the predicted x0 is x0 itself
     assert torch.allclose(_x_target(schedule, cfg, x_t, t, eps, None, tt), truth, atol=1e-4)
+
+
+def float64_policy(path):
+    """A tiny model with its LoRA moved off zero (policy != reference), in float64, and the float64 base
+    U-Net to copy encoders from."""
+    models, _, params, x0, cond, rnd = setup(path)
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    models.unet.double()
+    base = load_models(str(path), weight_dtype=torch.float64).unet
+    return models, base, x0.double(), cond.to(dtype=torch.float64), rnd
+
+
+def predictions(models, schedule, x0, cond, rnd, closeness=1.0):
+    """(x_t, t, eps, z, t_target) for [winners; losers] and the policy's and the reference's noise
+    predictions, each moved to eps + closeness * (prediction - eps): a random tiny U-Net is off by about
+    |eps| itself, a trained one by a fraction of it. The policy's keeps its graph to the LoRA."""
+    t, eps, z, t_target = (x.repeat(2, *([1] * (x.dim() - 1))) for x in (rnd.t, rnd.eps, rnd.z, rnd.t_target))
+    eps, z = eps.to(x0.dtype), z.to(x0.dtype)
+    x_t = schedule.q_sample(x0, t, eps)
+    eps_pol = models.unet(x_t, t, **cond.unet_kwargs()).sample
+    with torch.no_grad(), adapters_disabled(models.unet):
+        eps_ref = models.unet(x_t, t, **cond.unet_kwargs()).sample
+    return (x_t, t, eps, z, t_target), [eps + closeness * (e - eps) for e in (eps_pol, eps_ref)]
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_linearized_is_the_first_order_difference_in_float64(tiny_paths, arch):
+    """J_f(x_true) delta = f(x_pol) - f(x_true) + O(|delta|^2). In float64, for a U-Net 30% off in eps
+    (precision-facts' sigma = 0.3), the per-sample errors, the DPO loss and its LoRA gradient agree to 1%
+    with float64 autograd of the exact difference; at 3% off, to 0.1% (the gap is first order)."""
+    models, base, x0, cond, rnd = float64_policy(tiny_paths[arch])
+    schedule = Schedule.from_scheduler(models.scheduler)
+    params = [p for p in models.unet.parameters() if p.requires_grad]
+    cfg = ObjectiveConfig(loss="dpo", beta=1e6)
+
+    def run(error, closeness):
+        (x_t, t, eps, z, t_target), eps_hats = predictions(models, schedule, x0, cond, rnd, closeness)
+        errs = perceptual_errors(PerceptualEncoder(base, error=error), schedule, cfg, x_t, t, eps, z, t_target,
+                                 cond, x0, eps_hats)
+        loss = dpo_loss(*errs[0].chunk(2), *errs[1].chunk(2), beta=cfg.beta)[0].mean()
+        grad = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+        return torch.stack(errs).detach(), loss.detach(), grad
+
+    for closeness, tol in ((0.3, 1e-2), (0.03, 1e-3)):
+        (err_d, loss_d, g_d), (err_l, loss_l, g_l) = run("difference", closeness), run("linearized", closeness)
+        assert not torch.equal(err_d[0], err_d[1])  # the policy is off the reference
+        assert ((err_l - err_d).abs() / err_d).max() < tol, closeness
+        assert (loss_l - loss_d).abs() / loss_d < tol
+        assert (g_l - g_d).norm() / g_d.norm() < tol, closeness
+
+
+def test_bf16_linearized_error_stays_close_where_the_difference_drowns(tiny_sd15):
+    """Only f's precision varies (the noise predictions are float64 for all): a bf16 copy of f gives
+    linearized errors within 2% of float64 (benchmarks/precision.py measures about 0.1-1% on these
+    models), while its difference of two rounded features is off by more than half its own size."""
+    models, base, x0, cond, rnd = float64_policy(tiny_sd15)
+    schedule, cfg = Schedule.from_scheduler(models.scheduler), ObjectiveConfig(loss="dpo")
+    with torch.no_grad():
+        (x_t, t, eps, z, t_target), (eps_pol, eps_ref) = predictions(models, schedule, x0, cond, rnd)
+        args = (schedule, cfg, x_t, t, eps, z, t_target, cond, x0, [eps_pol, eps_ref])
+        exact = torch.stack(perceptual_errors(PerceptualEncoder(base), *args))
+        half = {}
+        for error in ("difference", "linearized"):
+            encoder = PerceptualEncoder(base, error=error).to(torch.bfloat16)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                half[error] = torch.stack(perceptual_errors(encoder, schedule, cfg, x_t.float(), t, eps.float(), z.float(),
+                                                            t_target, cond.to(dtype=torch.bfloat16), x0.float(),
+                                                            [eps_pol.float(), eps_ref.float()]))
+    rel = {e: (h.double() - exact).abs() / exact for e, h in half.items()}
+    assert rel["linearized"].max() < 2e-2, rel
+    assert rel["difference"].min() > 0.5, rel

@@ -172,6 +172,10 @@ def test_bad_keys_and_types_are_named(tmp_path):
     with pytest.raises(NcpError, match="objective.loss"):
         load_config(None, ["objective.loss=cpo"], **{"objective.loss": "dpo"})
     assert load_config(None, ["optim.lr=1e-6"]).optim.lr == 1e-6  # YAML 1.1 reads 1e-6 as a string
+    with pytest.raises(NcpError, match="encoder.error must be one of"):
+        load_config(None, ["encoder.error=exact"])
+    with pytest.raises(NcpError, match="encoder.error=linearized needs objective.target=prev"):
+        load_config(None, ["encoder.error=linearized", "objective.target=uniform"])
 
 
 def test_two_processes_train_one_lora(tiny_sd15, tmp_path):
@@ -205,14 +209,14 @@ def test_training_from_the_latent_cache_matches_pixels(tiny_paths, tmp_path, arc
         run_script("dpo", args(tiny_paths[other], tmp_path / "wrong", *common, f"data.cache_dir={cache}"))
 
 
-@pytest.mark.parametrize("fp32_encoder", [False, True])
-def test_bf16_mixed_precision_starts_at_log2(tiny_sdxl, tmp_path, fp32_encoder):
+@pytest.mark.parametrize("error", ["difference", "linearized", "fp32"])
+def test_bf16_mixed_precision_starts_at_log2(tiny_sdxl, tmp_path, error):
     """Frozen weights in bf16, LoRA in fp32; policy = reference at step 1 in any precision."""
     out = tmp_path / "bf16"
     trainer = run_script("dpo", args(tiny_sdxl, out, "train.max_steps=2", "train.mixed_precision=bf16",
-                                     f"encoder.fp32={str(fp32_encoder).lower()}", config="configs/tiny_sdxl_ncp_dpo.yaml"))
+                                     f"encoder.error={error}", config="configs/tiny_sdxl_ncp_dpo.yaml"))
     rows = metrics(out)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and math.isfinite(rows[1]["loss"])
     assert trainer.models.unet.conv_in.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in trainer.params)
-    assert trainer.encoder.dtype == (torch.float32 if fp32_encoder else torch.bfloat16)
+    assert trainer.encoder.dtype == (torch.float32 if error == "fp32" else torch.bfloat16)
