@@ -6,6 +6,7 @@ model loads, naming the key.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -185,12 +186,28 @@ def _merge(obj, values: dict, prefix: str, source: str, explicit: set) -> None:
             explicit.add(name)
 
 
+class YamlLoader(yaml.SafeLoader):
+    """YAML with the 1.2 booleans: only true / false. YAML 1.1 (PyYAML's default) also reads no / off /
+    yes / on as booleans, which turned the documented `train.mixed_precision: no` into False."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=YamlLoader)
+
+
 def parse_override(item: str) -> dict:
     """`train.max_steps=5` -> {"train": {"max_steps": 5}}; values are parsed as YAML scalars / lists."""
     if "=" not in item:
         raise NcpError(f"override {item!r} must look like key.sub=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else None
+    value = read_yaml(raw) if raw != "" else None
     for part in reversed(key.strip().split(".")):
         value = {part: value}
     return value
@@ -201,7 +218,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), **forced) ->
     cfg, explicit = Config(), set()
     if path is not None:
         try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
+            values = read_yaml(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
             raise NcpError(f"{path}: cannot read the config ({e})") from e
         if not isinstance(values, dict):

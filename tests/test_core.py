@@ -34,10 +34,11 @@ def setup(path, features="last", rank=4, error="difference"):
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_policy_equal_to_reference_is_log2_at_any_batch_size(tiny_paths, arch, error, precision):
     """Every encoder call of a step has the same batch size and grad mode, so with policy = reference
-    (LoRA B = 0) the policy's and the reference's errors are bitwise equal: exactly log 2 and 1/2."""
+    (LoRA B = 0) the policy's and the reference's errors are bitwise equal: exactly log 2 and 1/2.
+    bf16 runs the authors' SD1.5 features (down + mid + every state), fp32 the last down block."""
     dtype = {"no": torch.float32, "bf16": torch.bfloat16}[precision]
     models = load_models(str(tiny_paths[arch]), weight_dtype=dtype)
-    encoder = PerceptualEncoder(models.unet, error=error)
+    encoder = PerceptualEncoder(models.unet, features="last" if precision == "no" else "multiscale", error=error)
     add_lora(models.unet, rank=4)
     models.unet.train()
     schedule, cfg = Schedule.from_scheduler(models.scheduler), ObjectiveConfig(loss="dpo", beta=2500.0)

@@ -172,6 +172,14 @@ def test_bad_keys_and_types_are_named(tmp_path):
     with pytest.raises(NcpError, match="objective.loss"):
         load_config(None, ["objective.loss=cpo"], **{"objective.loss": "dpo"})
     assert load_config(None, ["optim.lr=1e-6"]).optim.lr == 1e-6  # YAML 1.1 reads 1e-6 as a string
+    # YAML 1.1 reads no / off as false; the documented train.mixed_precision=no must stay a string
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    good = tmp_path / "good.yaml"
+    good.write_text("train:\n  mixed_precision: no\n  gradient_checkpointing: true\n")
+    cfg = load_config(str(good))
+    assert cfg.train.mixed_precision == "no" and cfg.train.gradient_checkpointing is True
+    with pytest.raises(NcpError, match="train.gradient_checkpointing must be of type bool"):
+        load_config(None, ["train.gradient_checkpointing=yes"])
     with pytest.raises(NcpError, match="encoder.error must be one of"):
         load_config(None, ["encoder.error=exact"])
     with pytest.raises(NcpError, match="encoder.error=linearized needs objective.target=prev"):
