@@ -192,7 +192,7 @@ def loader_pairs_per_s(latent_size: int, pairs: int, batches: int = 8) -> float:
 
 def run(model: str = "tiny-sd15", latent_size: int = 32, pairs: int = 1, steps: int = 2, warmup: int = 1,
         repeats: int = 5, rank: int | None = None, device: str | None = None, profile: bool = False,
-        threads: int | None = None, errors=("difference",)) -> dict:
+        threads: int | None = None, errors=("difference",), dtype: str | None = None) -> dict:
     """Measure every method; returns {"rows": [...], "setup": {...}} (rows in `methods(errors)` order).
 
     threads: torch CPU threads for the run (restored after). On a CPU shared with other jobs, 1 thread
@@ -203,14 +203,16 @@ def run(model: str = "tiny-sd15", latent_size: int = 32, pairs: int = 1, steps: 
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors)
+        return _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors, dtype)
     finally:
         torch.set_num_threads(saved_threads)
 
 
-def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors) -> dict:
+def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors, dtype) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.startswith("cuda") and not model.startswith("tiny-") else torch.float32
+    if dtype is None:
+        dtype = "fp16" if device.startswith("cuda") and not model.startswith("tiny-") else "fp32"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     rank = rank or (8 if model.startswith("tiny-") else 64)
     errors = ("difference", *[e for e in errors if e != "difference"])
     unet, params, encoders, schedule, x0, cond = build(model, latent_size, pairs, rank, device, dtype, errors)
@@ -222,10 +224,13 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
         g = torch.Generator().manual_seed(i)
         return sample_randomness(pairs, x0.shape[1:], schedule.num_timesteps, g).to(device)
 
+    def amp():
+        """Half-precision frozen weights run under autocast, as accelerate's mixed precision does in training."""
+        return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+
     def step(name: str, rnd) -> float:
         optimizer.zero_grad(set_to_none=True)
-        # half-precision frozen weights run under autocast, as accelerate's mixed precision does in training
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        with amp():
             loss, _ = compute_objective(unet, cfgs[name][1], schedule, x0, cond, rnd, cfgs[name][0])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -235,7 +240,7 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
     # FLOPs: one image through the U-Net and through f, then one whole step of each method
     rnd0 = randomness(0)
     one = dict(x=x0[:1], t=rnd0.t[:1], c=cond.index(slice(0, 1)))
-    with torch.no_grad():
+    with torch.no_grad(), amp():
         u_flops = count_flops(lambda: unet(one["x"], one["t"], **one["c"].unet_kwargs()))
         e_flops = count_flops(lambda: encoders["difference"](one["x"], one["t"], one["c"]))
     counted = {name: count_flops(lambda: step(name, rnd0)) for name, *_ in spec}  # also the first warmup
@@ -326,12 +331,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile", action="store_true", help="also print a torch.profiler table of latent DPO and NCP-DPO")
     p.add_argument("--errors", nargs="+", choices=list(ERRORS), default=["difference"],
                    help="encoder.error modes to time: each extra mode adds a row per NCP method")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
+                   help="frozen weights + autocast, as train.mixed_precision (default fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--json", help="write the result here")
     a = p.parse_args(argv)
     if a.warmup < 1 or a.steps < 1 or a.repeats < 1:
         p.error("--warmup, --steps and --repeats must be >= 1")
     result = run(a.model, a.latent_size, a.pairs, a.steps, a.warmup, a.repeats, a.rank, a.device, a.profile, a.threads,
-                 a.errors)
+                 a.errors, a.dtype)
     print(format_table(result))
     for name, table in result.get("profile", {}).items():
         print(f"\nprofile of one {name} step\n{table}")
