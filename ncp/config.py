@@ -9,6 +9,7 @@ import dataclasses
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,12 @@ from .encoder import ERRORS, FEATURES
 from .errors import NcpError
 from .models import LORA_TARGETS
 from .objective import ObjectiveConfig
+
+
+# encoder.error=auto: per train.mixed_precision, the cheapest way to compute the perceptual error whose
+# per-sample errors stay within 5% of float64 (median, every t bucket) with a LoRA-gradient cosine >= 0.99,
+# on the toy base and the SD1.5 architecture (benchmarks/precision.py, benchmarks/RESULTS.md section 3).
+AUTO_ERROR = {"no": "difference", "fp16": "linearized", "bf16": "fp32"}
 
 
 @dataclass
@@ -34,7 +41,7 @@ class ModelConfig:
 class EncoderConfig:
     features: str = "last"  # last down block (authors' SDXL); "multiscale" = authors' SD1.5 (down + mid + all states)
     pool: bool = False  # spatial mean-pool the features before the distance
-    error: str = "difference"  # difference | linearized | fp32: how f's error is computed (README "Precision of f")
+    error: str = "auto"  # difference | linearized | fp32 | auto (chosen by train.mixed_precision): README "Precision of f"
 
 
 @dataclass
@@ -106,8 +113,8 @@ class Config:
             raise NcpError(f"model.arch must be sd15, sdxl or null, got {self.model.arch!r}")
         if self.encoder.features not in FEATURES:
             raise NcpError(f"encoder.features must be one of {FEATURES}, got {self.encoder.features!r}")
-        if self.encoder.error not in ERRORS:
-            raise NcpError(f"encoder.error must be one of {ERRORS}, got {self.encoder.error!r}")
+        if self.encoder.error not in ERRORS + ("auto",):
+            raise NcpError(f"encoder.error must be one of {ERRORS + ('auto',)}, got {self.encoder.error!r}")
         if self.encoder.error == "linearized" and self.objective.target != "prev":
             # re-noising at a fresh t' moves f's input by the whole prediction error: no small step to linearize
             raise NcpError("encoder.error=linearized needs objective.target=prev (the one-step DDPM target)")
@@ -132,6 +139,17 @@ class Config:
                            f"got {self.train.validation_reward!r}")
         if self.optim.warmup_steps < 0 or self.train.validate_every < 0:
             raise NcpError("optim.warmup_steps and train.validate_every must be >= 0")
+
+    def resolve(self) -> None:
+        """Settings that follow from others: encoder.error=auto becomes the measured choice for the run's precision."""
+        mp = self.train.mixed_precision
+        if self.encoder.error == "auto" and mp in AUTO_ERROR:
+            mode = AUTO_ERROR[mp]
+            self.encoder.error = "fp32" if mode == "linearized" and self.objective.target != "prev" else mode
+        elif self.encoder.error == "difference" and mp in ("fp16", "bf16") and self.objective.space == "perceptual":
+            warnings.warn(f"encoder.error=difference with train.mixed_precision={mp}: rounding of f's two evaluations "
+                          f"exceeds the error they measure (benchmarks/RESULTS.md, precision); encoder.error=auto "
+                          f"uses {AUTO_ERROR[mp]}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -232,6 +250,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), **forced) ->
         if key in explicit and current != value:
             raise NcpError(f"{key}={current!r} in the config, but this script trains {key}={value!r}")
         setattr(getattr(cfg, section), name, value)
+    cfg.resolve()
     cfg.validate()
     return cfg
 

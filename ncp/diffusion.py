@@ -51,24 +51,20 @@ class Schedule:
         abar = self.alphas_cumprod
         return (x_t - _gather((1 - abar).sqrt(), t, x_t) * eps) / _gather(abar.sqrt(), t, x_t)
 
+    def _step_tables(self):
+        """abar_t, abar_{t-1} (abar_{-1} = 1) and beta_t = 1 - abar_t / abar_{t-1}, each (T,)."""
+        abar = self.alphas_cumprod
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        return abar, abar_prev, 1 - abar / abar_prev
+
     def ddpm_step_eps_coef(self, t: torch.Tensor) -> torch.Tensor:
         """d x_{t-1} / d eps_hat of `ddpm_step` (it is linear in eps_hat), per sample (N,), float64:
 
             -beta_t / (sqrt(alpha_t) sqrt(1 - abar_t)),
 
         so two reverse steps from the same x_t and z differ by exactly this times the noise difference."""
-        abar = self.alphas_cumprod
-        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
-        beta = 1 - abar / abar_prev
+        abar, _, beta = self._step_tables()
         return (-beta / ((1 - beta).sqrt() * (1 - abar).sqrt())).to(t.device)[t]
-
-    def renoise_eps_coef(self, t: torch.Tensor, t_target: torch.Tensor) -> torch.Tensor:
-        """d/d eps_hat of q_sample(predict_x0(x_t, t, eps_hat), t', eps_hat), per sample (N,), float64:
-
-            sqrt(1 - abar_t') - sqrt(abar_t') sqrt(1 - abar_t) / sqrt(abar_t)."""
-        abar = self.alphas_cumprod.to(t.device)
-        at, att = abar[t], abar[t_target]
-        return (1 - att).sqrt() - att.sqrt() * (1 - at).sqrt() / at.sqrt()
 
     def ddpm_step(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """One reverse step t -> t-1 of the DDPM posterior q(x_{t-1} | x_t, x0_hat), per sample.
@@ -77,9 +73,7 @@ class Schedule:
         variance "fixed_small" = (1 - abar_{t-1}) / (1 - abar_t) beta_t, and no noise where t = 0 (abar_{-1} = 1).
         Matches `DDPMScheduler.step` with clip_sample=False (no x0 clipping: latents are not in [-1, 1]).
         """
-        abar = self.alphas_cumprod
-        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
-        beta = 1 - abar / abar_prev
+        abar, abar_prev, beta = self._step_tables()
         x0_coef = abar_prev.sqrt() * beta / (1 - abar)
         xt_coef = (1 - beta).sqrt() * (1 - abar_prev) / (1 - abar)
         std = ((1 - abar_prev) / (1 - abar) * beta).clamp(min=1e-20).sqrt() * (torch.arange(len(abar)) > 0)

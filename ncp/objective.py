@@ -80,21 +80,17 @@ def _x_target(schedule: Schedule, cfg: ObjectiveConfig, x_t, t, eps_j, z, t_targ
     return schedule.q_sample(x0, t_target, eps_j)
 
 
-def eps_coef(schedule: Schedule, cfg: ObjectiveConfig, t, t_target) -> torch.Tensor:
-    """d x_{t'} / d eps_hat (N,): the point f sees is affine in the noise prediction, so a prediction's
-    point and the true one differ by exactly this times (eps_hat - eps)."""
-    return schedule.ddpm_step_eps_coef(t) if cfg.target == "prev" else schedule.renoise_eps_coef(t, t_target)
-
-
 def perceptual_errors(encoder, schedule: Schedule, cfg: ObjectiveConfig, x_t, t, eps, z, t_target, cond, x0,
                       eps_hats: list[torch.Tensor]) -> list[torch.Tensor]:
     """mean((f(x_{t'}(eps_hat)) - f(x_{t'}(eps)))^2) (N,) for each noise prediction, computed as
     `encoder.error` says (ncp.encoder.PerceptualEncoder):
 
     difference / fp32: f(x_hat) - f(x_true), f(x_true) evaluated once;
-    linearized: J_f(x_true) delta with delta = coef * (eps_hat - eps) formed in fp32 or wider, never as a
-      difference of two rounded points; delta is divided by its per-sample rms (J is linear, the scale
-      comes back in fp32) so a half-precision tangent neither underflows nor loses digits.
+    linearized: J_f(x_true) delta with delta = x_{t-1}(eps_hat) - x_{t-1}(eps) = coef_t * (eps_hat - eps)
+      (the DDPM step is affine in the noise) formed in fp32 or wider, never as a difference of two rounded
+      points; delta is divided by its per-sample rms (J is linear, the scale comes back in fp32) so a
+      half-precision tangent neither underflows nor loses digits. Only for target "prev": re-noising at a
+      fresh t' moves the point by the whole prediction error, no small step to linearize.
 
     Every prediction gets its own encoder call of the same batch size in the same grad mode: with
     policy = reference the errors are then bitwise equal (loss log 2, accuracy 1/2 at any batch size).
@@ -104,10 +100,12 @@ def perceptual_errors(encoder, schedule: Schedule, cfg: ObjectiveConfig, x_t, t,
         f_true = _wide(encoder(x_true, t_target, cond))
         return [mean_flat((_wide(encoder(_x_target(schedule, cfg, x_t, t, e, z, t_target), t_target, cond))
                            - f_true) ** 2) for e in eps_hats]
+    if cfg.target != "prev":
+        raise NcpError("encoder.error=linearized needs objective.target=prev (the one-step DDPM target)")
     errs = []
     for e in eps_hats:
         e = _wide(e)
-        coef = eps_coef(schedule, cfg, t, t_target).to(e.dtype).view(-1, *([1] * (e.dim() - 1)))
+        coef = schedule.ddpm_step_eps_coef(t).to(e.dtype).view(-1, *([1] * (e.dim() - 1)))
         delta = coef * (e - eps.to(e.dtype))
         rms = mean_flat(delta.detach() ** 2).sqrt().clamp(min=torch.finfo(e.dtype).tiny)
         tangent = delta / rms.view_as(coef)

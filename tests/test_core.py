@@ -106,6 +106,16 @@ def test_ddpm_step_matches_scheduler_per_sample(tiny_sd15):
         assert torch.allclose(ours[i : i + 1], ref, atol=1e-5), int(t[i])
     # no noise at t = 0: z does not matter there
     assert torch.equal(schedule.ddpm_step(x_t, t, eps, torch.zeros_like(z))[0], ours[0])
+    # the step is affine in the noise: two predictions' points differ by -beta_t / (sqrt(alpha_t) sqrt(1 - abar_t))
+    # times the noise difference (what encoder.error=linearized differentiates along)
+    other = torch.randn(4, 4, 8, 8, generator=g).double()
+    gap = schedule.ddpm_step(x_t.double(), t, other, z.double()) - schedule.ddpm_step(x_t.double(), t, eps.double(), z.double())
+    abar, beta = schedule.alphas_cumprod[t], schedule.betas[t]
+    coef = -beta / ((1 - beta).sqrt() * (1 - abar).sqrt())
+    # the scheduler keeps betas and their cumprod in fp32: 1 - abar_t / abar_{t-1} is beta_t to 3e-5
+    assert torch.allclose(schedule.ddpm_step_eps_coef(t), coef, rtol=1e-4)
+    exact = schedule.ddpm_step_eps_coef(t).view(-1, 1, 1, 1) * (other - eps.double())
+    assert torch.allclose(gap, exact, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("space", ["perceptual", "latent"])

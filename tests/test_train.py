@@ -160,6 +160,22 @@ def test_every_config_validates(path):
     assert cfg.objective.loss == loss
 
 
+def test_encoder_error_auto_is_the_measured_choice_for_the_precision():
+    """benchmarks/RESULTS.md section 3: fp32 -> difference, fp16 -> linearized, bf16 -> f in fp32; a
+    re-noised target has no small step to linearize, so fp16 falls back to fp32 there."""
+    from ncp.config import AUTO_ERROR
+
+    assert AUTO_ERROR == {"no": "difference", "fp16": "linearized", "bf16": "fp32"}
+    for mp, mode in AUTO_ERROR.items():
+        assert load_config(None, [f"train.mixed_precision={mp}"]).encoder.error == mode
+    assert load_config(None, ["train.mixed_precision=fp16", "objective.target=uniform"]).encoder.error == "fp32"
+    assert load_config(None, ["train.mixed_precision=fp16", "encoder.error=fp32"]).encoder.error == "fp32"
+    with pytest.warns(UserWarning, match="encoder.error=difference with train.mixed_precision=bf16"):
+        load_config(None, ["train.mixed_precision=bf16", "encoder.error=difference"])
+    for path in sorted((ROOT / "configs").glob("s*_ncp_*.yaml")):  # the paper configs take the measured choice
+        assert load_config(str(path)).encoder.error == "linearized", path.name
+
+
 def test_bad_keys_and_types_are_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  max_stpes: 3\n")
