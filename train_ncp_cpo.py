@@ -10,12 +10,13 @@ objective.space=latent trains the latent-space baseline of the same loss (mean((
 """
 
 from ncp.train import main as train_main
+from ncp.train import run_cli
 
 
 def main(argv=None):
-    """Parse --config FILE [key.sub=value ...] (argv or the command line), train, return the Trainer."""
+    """Parse --config FILE [key.sub=value ...] (argv or the command line), train, return the finished Run."""
     return train_main(argv, loss="cpo", description=__doc__)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error is one `error: ...` line and exit code 2

@@ -51,14 +51,14 @@ def test_script_trains_lora_only(tiny_paths, tmp_path, arch, loss):
     from ncp.models import add_lora, load_models
 
     out = tmp_path / "run"
-    trainer = run_script(loss, args(tiny_paths[arch], out, "train.max_steps=3", "optim.optimizer=adamw"))
+    run = run_script(loss, args(tiny_paths[arch], out, "train.max_steps=3", "optim.optimizer=adamw"))
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
     fresh = load_models(str(tiny_paths[arch]))
     set_seed(0)
     add_lora(fresh.unet, rank=4)  # the same seeded initialisation the trainer started from
     before = dict(fresh.unet.named_parameters())
-    after = dict(trainer.models.unet.named_parameters())
+    after = dict(run.parts.models.unet.named_parameters())
     lora = [n for n in after if "lora" in n]
     assert lora and all(not torch.equal(before[n], after[n]) for n in lora)
     assert all(torch.equal(before[n], p) for n, p in after.items() if "lora" not in n)
@@ -122,7 +122,7 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(tiny_sd15, tmp
     monkeypatch.setattr(ncp.train, "compute_objective", nan_on({2, 3, 4}))
     with pytest.raises(NcpError, match="3 non-finite steps in a row"):
         run_script("dpo", args(tiny_sd15, out, "train.max_steps=10", "train.max_bad_steps=3"))
-    assert (out / "checkpoints" / "checkpoint-00000004" / "training_state.pt").exists()
+    assert (out / "checkpoints" / "checkpoint-00000004" / "ncp_state.json").exists()
 
 
 def test_lora_loads_into_pipeline_and_unloads(tiny_sd15, tmp_path, monkeypatch):
@@ -221,10 +221,10 @@ def test_training_from_the_latent_cache_matches_pixels(tiny_paths, tmp_path, arc
 def test_bf16_mixed_precision_starts_at_log2(tiny_sdxl, tmp_path, error):
     """Frozen weights in bf16, LoRA in fp32; policy = reference at step 1 in any precision."""
     out = tmp_path / "bf16"
-    trainer = run_script("dpo", args(tiny_sdxl, out, "train.max_steps=2", "train.mixed_precision=bf16",
+    run = run_script("dpo", args(tiny_sdxl, out, "train.max_steps=2", "train.mixed_precision=bf16",
                                      f"encoder.error={error}", config="configs/tiny_sdxl_ncp_dpo.yaml"))
     rows = metrics(out)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and math.isfinite(rows[1]["loss"])
-    assert trainer.models.unet.conv_in.weight.dtype == torch.bfloat16
-    assert all(p.dtype == torch.float32 for p in trainer.params)
-    assert trainer.encoder.dtype == (torch.float32 if error == "fp32" else torch.bfloat16)
+    assert run.parts.models.unet.conv_in.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in run.parts.params)
+    assert run.parts.encoder.dtype == (torch.float32 if error == "fp32" else torch.bfloat16)
