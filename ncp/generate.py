@@ -98,7 +98,7 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: torch.d
     """Any diffusers text-to-image pipeline (SD1.5, SDXL, ...). No safety checker: it blanks images and biases scores."""
     from diffusers import DiffusionPipeline
 
-    kwargs = {"torch_dtype": dtype}
+    kwargs = {"dtype": dtype}  # diffusers 0.42 deprecates torch_dtype for pipelines
     if (Path(model) / "safety_checker").is_dir() or not Path(model).exists():
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     pipe = DiffusionPipeline.from_pretrained(model, **kwargs).to(device)

@@ -9,7 +9,6 @@ optimizer step with a checkpoint and the command that resumes it.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import shutil
@@ -25,26 +24,11 @@ from .checkpoint import checkpoint_dirs, find_checkpoint, read_state, register_s
 from .config import Config, changed_keys, save_config
 from .data.loader import endless_batches
 from .errors import NcpError
+from .metrics import METRICS_FILE, read_metrics, write_metrics
 from .models import LORA_FILE, save_lora
 
 log = logging.getLogger("ncp")
-METRICS_FILE = "metrics.jsonl"
 RUN_FILES = ("config.yaml", METRICS_FILE, LORA_FILE, "checkpoints")  # any of these: the folder holds a run
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl (one per logged optimizer step); [] when there is none."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise NcpError(f"{path}, line {n}: not JSON ({e})") from e
-    return rows
 
 
 class Run:
@@ -123,10 +107,8 @@ class Run:
 
     def _truncate_metrics(self) -> None:
         """Drop lines logged after the resume point: they will be logged again (all of them on a fresh start)."""
-        path = self.out / METRICS_FILE
-        if path.exists():
-            rows = [r for r in read_metrics(self.out) if r["step"] <= self.step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if (self.out / METRICS_FILE).exists():
+            write_metrics(self.out, [r for r in read_metrics(self.out) if r["step"] <= self.step])
 
     # -- the loop ----------------------------------------------------------------------------------------
     @property
@@ -205,8 +187,7 @@ class Run:
             return
         self.acc.log({f"train/{k}": v for k, v in r.items() if k != "step"}, step=self.step)
         if self.acc.is_main_process:
-            with open(self.out / METRICS_FILE, "a") as f:
-                f.write(json.dumps(r) + "\n")
+            write_metrics(self.out, [r], append=True)
 
     def checkpoint(self) -> Path:
         state = {"step": self.step, "batches_seen": self.batches_seen, "bad_steps": self.bad_steps,

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from ncp.config import load_config
 from ncp.errors import NcpError
+from ncp.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -30,7 +31,7 @@ def run_script(loss, argv):
 
 
 def metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(out)
 
 
 @pytest.fixture(autouse=True)
