@@ -78,12 +78,12 @@ class Run:
             self.max_steps = math.ceil(tc.max_epochs * batches_per_epoch / tc.grad_accum)
         return self.max_steps
 
-    def start(self, unet, params, optimizer, lr_scheduler, generator, arch: str) -> None:
-        """Restore the checkpoint's accelerate state and counters, or write the resolved config; open the logs."""
-        self.unet, self.params, self.optimizer, self.lr_scheduler = unet, params, optimizer, lr_scheduler
-        self.generator, self.arch = generator, arch
+    def start(self, parts, optimizer, lr_scheduler, generator: torch.Generator) -> None:
+        """Restore the checkpoint's accelerate state and counters, or write the resolved config; open the logs.
+        `parts` is ncp.train.Parts with the prepared U-Net."""
+        self.parts, self.optimizer, self.lr_scheduler, self.generator = parts, optimizer, lr_scheduler, generator
         tc, acc = self.cfg.train, self.acc
-        register_state_hooks(acc, arch, generator)
+        register_state_hooks(acc, parts.arch, generator)
         if self.resume_path is not None:
             acc.load_state(str(self.resume_path))
             state = read_state(self.resume_path)
@@ -138,7 +138,7 @@ class Run:
         run takes the next batch); logged with the new scale. Skips at a scale below 1 are real overflows: bad.
         """
         acc, scaler = self.acc, self.acc.scaler
-        grad_norm = float(acc.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm))  # unscales fp16 grads first
+        grad_norm = float(acc.clip_grad_norm_(self.parts.params, self.cfg.optim.max_grad_norm))  # unscales fp16 grads first
         means = {k: torch.stack([m[k] for m in self._micro]).mean() for k in self._micro[0]}
         means = {k: v.mean().item() for k, v in acc.gather_for_metrics(means).items()}
         self._micro = []
@@ -239,7 +239,7 @@ class Run:
         if self.last_checkpoint_step != self.step:
             self.checkpoint()  # the last step's state, so resume_from=latest with a larger max_steps extends the run
         if acc.is_main_process:
-            save_lora(acc.unwrap_model(self.unet), self.out, self.arch)
+            save_lora(acc.unwrap_model(self.parts.unet), self.out, self.parts.arch)
         acc.wait_for_everyone()
         acc.end_training()
         if self.stop_signal is not None:

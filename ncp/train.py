@@ -43,7 +43,7 @@ def train(cfg: Config, resume_command: str | None = None) -> Run:
     optimizer, lr_scheduler = build_optimizer(cfg, parts, acc, max_steps)
     parts.unet, optimizer, lr_scheduler = acc.prepare(parts.models.unet, optimizer, lr_scheduler)
     generator = torch.Generator().manual_seed(tc.seed * 1_000_003 + 7919 * acc.process_index + 1)  # t, eps, z per process
-    run.start(parts.unet, parts.params, optimizer, lr_scheduler, generator, parts.arch)  # restores a checkpoint
+    run.start(parts, optimizer, lr_scheduler, generator)  # restores a checkpoint, or writes the resolved config
     with run.stop_on_signals():
         for batch in run.batches(loader):             # 3-4: repeat; (x0_w, x0_l, c) ~ D
             x0, cond = encode(parts, batch, cfg.data.resolution)
@@ -65,7 +65,6 @@ def train(cfg: Config, resume_command: str | None = None) -> Run:
             if run.due(tc.validate_every) or run.step == run.max_steps:
                 render_validation_grid(cfg, acc, parts, run.step)
     run.finish()                                      # final checkpoint and LoRA; resume hint after a stop signal
-    run.parts = parts
     return run
 
 

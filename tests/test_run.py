@@ -101,6 +101,11 @@ def test_sigterm_saves_a_checkpoint_and_resuming_equals_a_straight_run(tiny_sd15
     assert_same_run(straight, out)
 
 
+def test_fp16_on_cpu_is_refused(tiny_sd15, tmp_path):
+    with pytest.raises(NcpError, match="fp16 needs a GPU"):  # accelerate has no fp16 autocast / GradScaler on CPU
+        run_script("dpo", args(tiny_sd15, tmp_path / "fp16", "train.mixed_precision=fp16"))
+
+
 class InfGrad(torch.autograd.Function):
     """Identity whose gradient is inf: a finite loss whose (scaled) gradients overflow."""
 

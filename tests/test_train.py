@@ -187,17 +187,30 @@ def test_bad_keys_and_types_are_named(tmp_path):
         load_config(None, ["encoder.error=linearized", "objective.target=uniform"])
 
 
-def test_two_processes_train_one_lora(tiny_sd15, tmp_path):
+def test_two_processes_train_one_lora_and_resume_exactly(tiny_sd15, tmp_path):
+    """Two gloo processes: one LoRA, and a run stopped at step 2 and resumed to 3 equals a straight 3-step run
+    (each process restores its own RNG and noise generator)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_ncp_dpo.py"),
-           *args(tiny_sd15, out, "train.max_steps=2")]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "effective batch 4" in proc.stderr  # 2 processes x 2 pairs
-    assert [r["step"] for r in metrics(out)] == [1, 2]
-    assert len(list(out.glob("*.safetensors"))) == 1
+
+    def launch(out, *extra):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(ROOT / "train_ncp_dpo.py"), *args(tiny_sd15, out, "objective.beta=50000", *extra)]
+        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr
+
+    assert "effective batch 4" in launch(tmp_path / "straight", "train.max_steps=3")  # 2 processes x 2 pairs
+    launch(tmp_path / "ddp", "train.max_steps=2")
+    assert [r["step"] for r in metrics(tmp_path / "ddp")] == [1, 2]
+    assert len(list((tmp_path / "ddp").glob("*.safetensors"))) == 1
+    ckpt = tmp_path / "ddp" / "checkpoints" / "checkpoint-00000002"
+    assert {p.name for p in ckpt.glob("generator_*")} == {"generator_0.safetensors", "generator_1.safetensors"}
+    assert "resumed from" in launch(tmp_path / "ddp", "train.max_steps=3", "train.resume_from=latest")
+    a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "ddp")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and len({r["loss"] for r in a}) > 1
+    la, lb = (load_file(str(d / "pytorch_lora_weights.safetensors")) for d in (tmp_path / "straight", tmp_path / "ddp"))
+    assert all(torch.equal(la[k], lb[k]) for k in la)
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
