@@ -83,6 +83,9 @@ def make_accelerator(tc):
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s")  # libraries' loggers stay at WARNING
     log.setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
+    if tc.report_to not in ("all", "none") and tc.report_to not in [str(t) for t in acc.log_with]:
+        raise NcpError(f"train.report_to={tc.report_to}: the {tc.report_to} package is not installed "
+                       f"(pip install {tc.report_to}, or train.report_to=none)")
     if tc.mixed_precision == "fp16" and acc.scaler is None:
         raise NcpError("train.mixed_precision=fp16 needs a GPU (accelerate has no fp16 autocast or GradScaler on "
                        f"{acc.device.type}); use bf16 there")

@@ -64,6 +64,7 @@ def test_rerun_into_a_used_folder_is_refused_unless_overwrite(tiny_sd15, straigh
         run_script("dpo", args(tiny_sd15, straight, "train.overwrite=true", "train.resume_from=latest"))
     out = tmp_path / "run"
     run_script("dpo", args(tiny_sd15, out, "train.max_steps=2"))
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # train.report_to=tensorboard, the default
     (out / "stale.txt").write_text("from the first run")
     run_script("dpo", args(tiny_sd15, out, "train.max_steps=1", "train.overwrite=true", "train.report_to=none"))
     assert not (out / "stale.txt").exists() and not (out / "logs").exists()
@@ -101,9 +102,37 @@ def test_sigterm_saves_a_checkpoint_and_resuming_equals_a_straight_run(tiny_sd15
     assert_same_run(straight, out)
 
 
-def test_fp16_on_cpu_is_refused(tiny_sd15, tmp_path):
+def test_fp16_on_cpu_and_a_missing_tracker_are_refused(tiny_sd15, tmp_path):
+    from accelerate.state import AcceleratorState
+
     with pytest.raises(NcpError, match="fp16 needs a GPU"):  # accelerate has no fp16 autocast / GradScaler on CPU
         run_script("dpo", args(tiny_sd15, tmp_path / "fp16", "train.mixed_precision=fp16"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    from accelerate.tracking import get_available_trackers
+
+    if "wandb" not in [str(t) for t in get_available_trackers()]:  # accelerate would drop the tracker silently
+        with pytest.raises(NcpError, match="train.report_to=wandb: the wandb package is not installed"):
+            run_script("dpo", args(tiny_sd15, tmp_path / "wandb", "train.report_to=wandb"))
+
+
+def test_sigterm_to_a_training_process(tiny_sd15, tmp_path):
+    """A real signal to a real process: the step finishes, a checkpoint is saved, exit code 143."""
+    import time
+
+    out, log = tmp_path / "run", tmp_path / "stderr.txt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "train_ncp_dpo.py"), *args(tiny_sd15, out, "train.max_steps=100000")]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=err, stdout=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 2) and time.time() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+    step = metrics(out)[-1]["step"]
+    assert (out / "checkpoints" / f"checkpoint-{step:08d}" / "ncp_state.json").exists()
+    lines = log.read_text().strip().splitlines()
+    assert lines[-2].startswith(f"stopped by SIGTERM at step {step}") and lines[-1].endswith("train.resume_from=latest")
 
 
 class InfGrad(torch.autograd.Function):
@@ -198,6 +227,24 @@ def test_help_lists_every_key_and_print_config(capsys):
 
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["max_steps"] == 7 and printed["objective"]["loss"] == "dpo"
+
+
+def test_run_cli_keeps_tracebacks_for_the_unexpected(capsys):
+    from ncp.train import run_cli
+
+    def fail(error):
+        def main():
+            raise error
+        return main
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(fail(NcpError("data.path: no such file")))
+    assert e.value.code == 2 and capsys.readouterr().err == "error: data.path: no such file\n"
+    with pytest.raises(SystemExit) as e:
+        run_cli(fail(KeyboardInterrupt()))
+    assert e.value.code == 130
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli(fail(RuntimeError("a bug")))
 
 
 def test_user_errors_are_one_line_through_the_launcher(tmp_path):

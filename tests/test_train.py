@@ -63,7 +63,8 @@ def test_script_trains_lora_only(tiny_paths, tmp_path, arch, loss):
     lora = [n for n in after if "lora" in n]
     assert lora and all(not torch.equal(before[n], after[n]) for n in lora)
     assert all(torch.equal(before[n], p) for n, p in after.items() if "lora" not in n)
-    assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "config.yaml").exists()
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+    assert load_config(str(out / "config.yaml")).model.arch == arch  # resolved: written after detection
     assert list((out / "validation").glob("step-*.png"))
 
 
