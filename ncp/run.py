@@ -203,18 +203,19 @@ class Run:
     @contextlib.contextmanager
     def stop_on_signals(self):
         """SIGINT / SIGTERM: finish the current optimizer step, then stop (the loop checkpoints and `finish`
-        exits with 128 + the signal). A second signal acts as usual."""
+        exits with 128 + the signal). A second Ctrl-C quits at once; a repeated SIGTERM is ignored, because
+        launchers forward the one a cluster sends to the whole job (torchrun then allows 30 s before SIGKILL)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
         def handler(signum, frame):
-            self.signal_seen = signum
-            for s, h in previous.items():
-                signal.signal(s, h)
-            log.warning("%s: stopping after this step with a checkpoint (send it again to quit now)",
-                        signal.Signals(signum).name)
+            if self.signal_seen is None:
+                log.warning("%s: stopping after this step with a checkpoint%s", signal.Signals(signum).name,
+                            " (Ctrl-C again to quit now)" if signum == signal.SIGINT else "")
+            self.signal_seen = self.signal_seen or signum
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])
 
         for s in previous:
             signal.signal(s, handler)

@@ -136,6 +136,32 @@ def test_sigterm_to_a_training_process(tiny_sd15, tmp_path):
     assert lines[-2].startswith(f"stopped by SIGTERM at step {step}") and lines[-1].endswith("train.resume_from=latest")
 
 
+def test_sigterm_to_a_two_process_job(tiny_sd15, tmp_path):
+    """A cluster's SIGTERM reaches the launcher and both processes (torchrun forwards it once more): they
+    agree to stop after the same step and write one checkpoint with both processes' generators."""
+    import time
+
+    out, log = tmp_path / "run", tmp_path / "stderr.txt"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "train_ncp_dpo.py"), *args(tiny_sd15, out, "train.max_steps=100000")]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=err, stdout=subprocess.DEVNULL,
+                                start_new_session=True)
+        deadline = time.time() + 180
+        while not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 2) and time.time() < deadline:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    text = log.read_text()
+    step = metrics(out)[-1]["step"]
+    ckpt = out / "checkpoints" / f"checkpoint-{step:08d}"
+    assert (ckpt / "ncp_state.json").exists(), text[-3000:]
+    assert {p.name for p in ckpt.glob("generator_*")} == {"generator_0.safetensors", "generator_1.safetensors"}
+    assert f"stopped by SIGTERM at step {step}" in text and "--num_processes 2" in text
+
+
 class InfGrad(torch.autograd.Function):
     """Identity whose gradient is inf: a finite loss whose (scaled) gradients overflow."""
 
