@@ -10,7 +10,7 @@ objective.space=latent trains the latent-space baseline of the same loss (mean((
 """
 
 from ncp.train import main as train_main
-from ncp.train import run_cli
+from ncp.errors import run_cli
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ncp.errors import NcpError
+from ncp.errors import NcpError, run_cli
 from ncp.evaluate import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, REWARDS, make_scorer
 from ncp.generate import add_render_args, default_device, dtype_of, load_pipeline, load_prompts, render
 from ncp.metrics import read_metrics
@@ -153,4 +153,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error is one `error: ...` line and exit code 2

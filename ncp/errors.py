@@ -1,2 +1,20 @@
+import os
+import sys
+
+
 class NcpError(ValueError):
     """Bad input or configuration; the message names the file, row or key at fault."""
+
+
+def run_cli(main) -> None:
+    """Run a command's main(): a user error (NcpError) ends in one `error: ...` line and exit code 2, Ctrl-C
+    outside the training loop in exit code 130; anything unexpected keeps its traceback."""
+    try:
+        main()
+    except NcpError as e:
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+            print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ncp.errors import NcpError
+from ncp.errors import NcpError, run_cli
 from ncp.models import LORA_FILE
 
 PROMPT_SETS = {  # name -> (default hub id, split, caption column); method-notes.md "Evaluation prompts"
@@ -208,4 +208,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error is one `error: ...` line and exit code 2

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ncp.errors import NcpError
+from ncp.errors import NcpError, run_cli
 from ncp.metrics import read_metrics
 from ncp.models import LORA_FILE
 
@@ -214,4 +214,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error is one `error: ...` line and exit code 2

@@ -11,7 +11,7 @@ import csv
 import json
 from pathlib import Path
 
-from .errors import NcpError
+from .errors import NcpError, run_cli
 from .metrics import METRICS_FILE, read_metrics
 from .models import LORA_FILE
 
@@ -67,4 +67,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error is one `error: ...` line and exit code 2

@@ -278,17 +278,3 @@ def resume_command(loss: str, argv: list[str]) -> str:
     else:
         launcher = ["python"]
     return shlex.join([*launcher, script, *keep, "train.resume_from=latest"])
-
-
-def run_cli(main_fn) -> None:
-    """Run a script's main: user errors (NcpError) end in one `error: ...` line and exit code 2, Ctrl-C outside
-    the training loop in exit code 130; anything unexpected keeps its traceback."""
-    try:
-        main_fn()
-    except NcpError as e:
-        if os.environ.get("RANK", "0") == "0":  # one line, not one per process
-            print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None

@@ -257,7 +257,7 @@ def test_help_lists_every_key_and_print_config(capsys):
 
 
 def test_run_cli_keeps_tracebacks_for_the_unexpected(capsys):
-    from ncp.train import run_cli
+    from ncp.errors import run_cli
 
     def fail(error):
         def main():
