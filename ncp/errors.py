@@ -12,8 +12,11 @@ def run_cli(main) -> None:
     try:
         main()
     except NcpError as e:
+        message = str(e)
+        if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: torch wraps it in the worker's traceback
+            message = message.strip().splitlines()[-1].removeprefix(f"{NcpError.__module__}.NcpError: ")
         if os.environ.get("RANK", "0") == "0":  # one line, not one per process
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -267,6 +267,11 @@ def test_run_cli_keeps_tracebacks_for_the_unexpected(capsys):
     with pytest.raises(SystemExit) as e:
         run_cli(fail(NcpError("data.path: no such file")))
     assert e.value.code == 2 and capsys.readouterr().err == "error: data.path: no such file\n"
+    from_worker = NcpError('Caught NcpError in DataLoader worker process 0.\nOriginal Traceback (most recent call '
+                           'last):\n  File "worker.py", line 1, in f\nncp.errors.NcpError: data: pair 3: bad image\n')
+    with pytest.raises(SystemExit):
+        run_cli(fail(from_worker))
+    assert capsys.readouterr().err == "error: data: pair 3: bad image\n"
     with pytest.raises(SystemExit) as e:
         run_cli(fail(KeyboardInterrupt()))
     assert e.value.code == 130
