@@ -78,7 +78,8 @@ image = pipe("{{ example_prompt }}", num_inference_steps=25, guidance_scale=7.5)
 
 HYPERPARAMETER_SECTIONS = ("objective", "encoder", "lora", "optim", "train")
 HYPERPARAMETER_SKIP = {"train.output_dir", "train.resume_from", "train.validation_prompts", "train.validation_reward",
-                       "train.log_every", "train.max_bad_steps", "train.keep_checkpoints"}
+                       "train.log_every", "train.max_bad_steps", "train.keep_checkpoints", "train.overwrite",
+                       "train.report_to"}
 
 
 def _read_run(run: Path) -> tuple[dict, list[dict]]:
