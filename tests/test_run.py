@@ -179,18 +179,19 @@ def cpu_grad_scaler(monkeypatch):
     """accelerate makes a GradScaler only off CPU; give the run a CPU one so its policy and state can be tested."""
     import ncp.train
 
-    real = ncp.train.make_accelerator
+    real, settings = ncp.train.make_accelerator, {"init_scale": 2.0**10}
 
     def make(tc):
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)  # forget the previous run's patched precision
         acc = real(tc)
-        acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=settings["init_scale"], growth_interval=2)
         acc.native_amp, acc.state._mixed_precision = True, "fp16"  # accelerate's fp16 path: unscale before clipping
         return acc
 
     monkeypatch.setattr(ncp.train, "make_accelerator", make)
+    return settings
 
 
 def test_gradscaler_skips_are_not_bad_steps_and_a_nan_loss_is(tiny_sd15, tmp_path, monkeypatch, cpu_grad_scaler):
@@ -218,6 +219,13 @@ def test_gradscaler_skips_are_not_bad_steps_and_a_nan_loss_is(tiny_sd15, tmp_pat
     assert [r["loss_scale"] for r in rows] == [1024, 512, 256, 256]
     state = json.loads((out / "checkpoints" / "checkpoint-00000004" / "ncp_state.json").read_text())
     assert (state["batches_seen"], state["scaler_skips"], state["bad_steps"]) == (5, 1, 1)
+
+    # an overflow the GradScaler cannot calibrate away (it skips at a scale below 1) is a bad step
+    calls.clear()
+    cpu_grad_scaler["init_scale"] = 0.5
+    run_script("dpo", args(tiny_sd15, tmp_path / "low", "train.max_steps=2"))
+    rows = metrics(tmp_path / "low")
+    assert len(calls) == 2 and [(r["skipped_steps"], r["scaler_skips"]) for r in rows] == [(0, 0), (1, 1)]
 
 
 def test_gradscaler_state_survives_a_resume(tiny_sd15, tmp_path, cpu_grad_scaler):
