@@ -15,6 +15,7 @@ def run_cli(main) -> None:
         message = str(e)
         if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: torch wraps it in the worker's traceback
             message = message.strip().splitlines()[-1].removeprefix(f"{NcpError.__module__}.NcpError: ")
+        message = " ".join(line.strip() for line in message.splitlines())  # libraries' messages may span lines
         if os.environ.get("RANK", "0") == "0":  # one line, not one per process
             print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -280,6 +280,9 @@ def test_run_cli_keeps_tracebacks_for_the_unexpected(capsys):
     with pytest.raises(SystemExit):
         run_cli(fail(from_worker))
     assert capsys.readouterr().err == "error: data: pair 3: bad image\n"
+    with pytest.raises(SystemExit):
+        run_cli(fail(NcpError("model.pretrained='x': cannot load (first line.\nsecond line.)")))
+    assert capsys.readouterr().err == "error: model.pretrained='x': cannot load (first line. second line.)\n"
     with pytest.raises(SystemExit) as e:
         run_cli(fail(KeyboardInterrupt()))
     assert e.value.code == 130
