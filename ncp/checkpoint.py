@@ -25,6 +25,7 @@ from .errors import NcpError
 from .models import load_lora, save_lora
 
 STATE_FILE = "ncp_state.json"  # written last: its presence marks a complete checkpoint
+OLD_STATE_FILE = "training_state.pt"  # the pickled state of checkpoints before accelerate's save_state
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -39,10 +40,14 @@ def find_checkpoint(output_dir: str, resume_from: str | None) -> Path | None:
         return None
     if resume_from == "latest":
         found = checkpoint_dirs(output_dir)
+        if not found and list(Path(output_dir).glob(f"checkpoints/checkpoint-*/{OLD_STATE_FILE}")):
+            raise NcpError(f"{output_dir}: its checkpoints were written by an earlier ncp ({OLD_STATE_FILE}) and "
+                           "cannot be resumed; start over with train.overwrite=true")
         return found[-1] if found else None
     path = Path(resume_from)
     if not (path / STATE_FILE).exists():
-        raise NcpError(f"train.resume_from={resume_from!r}: no {STATE_FILE} there, not a complete checkpoint")
+        old = f" (an earlier ncp's checkpoint, {OLD_STATE_FILE}, cannot be resumed)" if (path / OLD_STATE_FILE).exists() else ""
+        raise NcpError(f"train.resume_from={resume_from!r}: no {STATE_FILE} there, not a complete checkpoint{old}")
     return path
 
 

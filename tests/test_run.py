@@ -60,6 +60,13 @@ def test_finished_run_extends_and_changed_settings_are_refused(tiny_sd15, straig
 def test_rerun_into_a_used_folder_is_refused_unless_overwrite(tiny_sd15, straight, tmp_path):
     with pytest.raises(NcpError, match=r"already holds a run.*train\.resume_from=latest.*train\.overwrite=true"):
         run_script("dpo", args(tiny_sd15, straight, "train.max_steps=1"))
+    old = tmp_path / "old" / "checkpoints" / "checkpoint-00000002"  # written before save_state checkpoints
+    old.mkdir(parents=True)
+    (old / "training_state.pt").write_bytes(b"")
+    with pytest.raises(NcpError, match="written by an earlier ncp.*train.overwrite=true"):
+        run_script("dpo", args(tiny_sd15, old.parents[1], "train.resume_from=latest"))
+    with pytest.raises(NcpError, match="no ncp_state.json there.*an earlier ncp's checkpoint"):
+        run_script("dpo", args(tiny_sd15, tmp_path / "new", f"train.resume_from={old}"))
     with pytest.raises(NcpError, match="set one of them"):
         run_script("dpo", args(tiny_sd15, straight, "train.overwrite=true", "train.resume_from=latest"))
     out = tmp_path / "run"
