@@ -1,23 +1,31 @@
-"""Atomic checkpoints: LoRA (diffusers format), optimizer, LR schedule, step, and every process's RNG states.
+"""Atomic checkpoints on accelerate's `save_state` / `load_state`.
 
-A checkpoint is written to a hidden temporary folder and renamed into place, so a crash mid-write never
-leaves a `checkpoint-*` folder that looks complete. Only the newest `keep` are kept.
+`checkpoints/checkpoint-<step:08d>/` holds what accelerate saves (optimizer, LR schedule, fp16 GradScaler, every
+process's Python / NumPy / torch / CUDA RNG), the LoRA in diffusers format (`pipe.load_lora_weights` loads a
+checkpoint folder), each process's t / eps / z generator, and `ncp_state.json` (step, data position, counters,
+the run's fingerprint). A checkpoint is written into a hidden temporary folder and renamed into place, so a crash
+mid-write never leaves a `checkpoint-*` folder that looks complete. Only the newest `keep` are kept.
+
+Nothing is unpickled: accelerate loads its files with `weights_only=True`; the LoRA and generators are
+safetensors, our state is JSON. (The generators are saved by our own hook rather than
+`register_for_checkpointing`, because accelerate 1.15 loads registered objects with `weights_only=False`.)
 """
 
 from __future__ import annotations
 
+import json
 import os
-import random
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from .errors import NcpError
 from .models import load_lora, save_lora
 
-STATE_FILE = "training_state.pt"
+STATE_FILE = "ncp_state.json"  # written last: its presence marks a complete checkpoint
+OLD_STATE_FILE = "training_state.pt"  # the pickled state of checkpoints before accelerate's save_state
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -26,39 +34,57 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.glob("checkpoint-*") if (p / STATE_FILE).exists()) if root.exists() else []
 
 
-def resolve_resume(output_dir: str, resume_from: str | None) -> Path | None:
+def find_checkpoint(output_dir: str, resume_from: str | None) -> Path | None:
+    """The checkpoint `train.resume_from` names: None (start fresh), "latest" or a folder."""
     if resume_from is None:
         return None
     if resume_from == "latest":
         found = checkpoint_dirs(output_dir)
-        return found[-1] if found else None  # nothing yet: start fresh (lets a relaunch script always pass latest)
+        if not found and list(Path(output_dir).glob(f"checkpoints/checkpoint-*/{OLD_STATE_FILE}")):
+            raise NcpError(f"{output_dir}: its checkpoints were written by an earlier ncp ({OLD_STATE_FILE}) and "
+                           "cannot be resumed; start over with train.overwrite=true")
+        return found[-1] if found else None
     path = Path(resume_from)
     if not (path / STATE_FILE).exists():
-        raise NcpError(f"train.resume_from={resume_from!r}: no {STATE_FILE} there, not a complete checkpoint")
+        old = f" (an earlier ncp's checkpoint, {OLD_STATE_FILE}, cannot be resumed)" if (path / OLD_STATE_FILE).exists() else ""
+        raise NcpError(f"train.resume_from={resume_from!r}: no {STATE_FILE} there, not a complete checkpoint{old}")
     return path
 
 
-def _rng_state(generator: torch.Generator) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "generator": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def read_state(path: Path) -> dict:
+    return json.loads((path / STATE_FILE).read_text())
 
 
-def save_checkpoint(accelerator, output_dir, step: int, unet, arch: str, optimizer, lr_scheduler,
-                    generator: torch.Generator, state: dict, keep: int) -> Path:
+def register_state_hooks(accelerator, arch: str, generator: torch.Generator) -> None:
+    """Make `save_state` / `load_state` write and read the LoRA (not the frozen U-Net) and our noise generator."""
+    rank = accelerator.process_index
+
+    def save(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_lora(accelerator.unwrap_model(models[0]), output_dir, arch)
+        weights.clear()  # the frozen base weights are not saved: the LoRA above is everything that trains
+        save_file({"state": generator.get_state()}, os.path.join(output_dir, f"generator_{rank}.safetensors"))
+
+    def load(models, input_dir):
+        load_lora(accelerator.unwrap_model(models[0]), input_dir)
+        models.clear()  # loaded above; accelerate would look for full model weights
+        generator.set_state(load_file(os.path.join(input_dir, f"generator_{rank}.safetensors"))["state"])
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, state: dict, keep: int) -> Path:
+    """accelerate state + LoRA + generators + `state` (JSON) as checkpoint-<state["step"]>, atomically."""
     root = Path(output_dir) / "checkpoints"
-    final, tmp = root / f"checkpoint-{step:08d}", root / f".tmp-checkpoint-{step:08d}"
+    final, tmp = root / f"checkpoint-{state['step']:08d}", root / f".tmp-checkpoint-{state['step']:08d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(generator), tmp / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        save_lora(accelerator.unwrap_model(unet), tmp, arch)
-        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "step": step,
-                    "num_processes": accelerator.num_processes, **state}, tmp / STATE_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -68,22 +94,3 @@ def save_checkpoint(accelerator, output_dir, step: int, unet, arch: str, optimiz
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
-
-
-def load_checkpoint(accelerator, path: Path, unet, optimizer, lr_scheduler, generator: torch.Generator) -> dict:
-    """Restore everything save_checkpoint wrote; return the training state dict (step, counters)."""
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    if state["num_processes"] != accelerator.num_processes:
-        raise NcpError(f"{path}: written by {state['num_processes']} processes, resumed with "
-                       f"{accelerator.num_processes}; the data order and RNG streams would differ")
-    load_lora(accelerator.unwrap_model(unet), path)
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    rng = torch.load(path / f"rng_state_{accelerator.process_index}.pt", map_location="cpu", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    generator.set_state(rng["generator"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state

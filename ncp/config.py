@@ -77,15 +77,29 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # trade compute for memory on the policy U-Net
     checkpoint_every: int = 500  # optimizer steps between checkpoints
     keep_checkpoints: int = 3  # oldest are deleted beyond this many
-    resume_from: str | None = None  # "latest" or a checkpoint folder
+    resume_from: str | None = None  # "latest" (the newest checkpoint; fresh start if none) or a checkpoint folder
+    overwrite: bool = False  # a new run into a folder holding a run is refused unless this clears the folder first
     log_every: int = 1  # optimizer steps between metrics.jsonl / tensorboard lines
     validate_every: int = 0  # optimizer steps between validation grids; 0 = only at the end
-    validation_prompts: list[str] = field(default_factory=lambda: [
+    validation_prompts: list[str] = field(default_factory=lambda: [  # rendered at fixed seeds into validation/step-*.png
         "a red circle on a white background", "a blue square on a black background"])
     validation_steps: int = 25  # sampler steps for validation images
     validation_guidance: float = 7.5  # classifier-free guidance scale for validation images
     validation_reward: str | None = None  # score validation images each time: toy | pickscore (ncp.evaluate)
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops (after a checkpoint)
+    report_to: str = "tensorboard"  # tensorboard | wandb | all | none: accelerate trackers (logs/ for tensorboard)
+
+
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
+
+# Keys a resumed run may change: its length, logging, checkpoints, validation, output and upload. Every other
+# key (model, objective, encoder, LoRA, optimizer, batch, accumulation, precision, seed, data) defines the run
+# and goes into the fingerprint that a resume must match. model.arch is derived from the model, so it is left out.
+RESUMABLE_CHANGES = ("model.arch", "train.output_dir", "train.max_steps", "train.max_epochs", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.resume_from", "train.overwrite", "train.log_every",
+                     "train.validate_every", "train.validation_prompts", "train.validation_steps",
+                     "train.validation_guidance", "train.validation_reward", "train.max_bad_steps", "train.report_to",
+                     "train.gradient_checkpointing", "data.num_workers", "hub.")
 
 
 @dataclass
@@ -137,6 +151,10 @@ class Config:
         if self.train.validation_reward not in (None, "toy", "pickscore", "hpsv2", "imagereward"):
             raise NcpError(f"train.validation_reward must be toy, pickscore, hpsv2, imagereward or null, "
                            f"got {self.train.validation_reward!r}")
+        if self.train.report_to not in REPORT_TO:
+            raise NcpError(f"train.report_to must be one of {', '.join(REPORT_TO)}, got {self.train.report_to!r}")
+        if self.train.overwrite and self.train.resume_from is not None:
+            raise NcpError("train.overwrite=true clears the run folder, train.resume_from continues it: set one of them")
         if self.optim.warmup_steps < 0 or self.train.validate_every < 0:
             raise NcpError("optim.warmup_steps and train.validate_every must be >= 0")
 
@@ -153,6 +171,54 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def flat(self) -> dict:
+        """{"train.max_steps": 1500, ...}: every key with its value."""
+        return {f"{section}.{key}": value for section, values in self.to_dict().items() for key, value in values.items()}
+
+    def fingerprint(self, num_processes: int) -> dict:
+        """The settings that define the run (see RESUMABLE_CHANGES), and the number of processes."""
+        keep = {k: v for k, v in self.flat().items() if not k.startswith(RESUMABLE_CHANGES)}
+        return {**keep, "processes": num_processes}
+
+
+def changed_keys(saved: dict, now: dict) -> list[str]:
+    """`key: saved -> now` for every fingerprint entry that differs."""
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+
+
+def describe_keys() -> str:
+    """Every key with its default and the reason from the trailing `# comment` of its field (for --help)."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        reasons = _field_comments(cls)
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(cls):
+            default = getattr(cls(), f.name)
+            shown = default if isinstance(default, str) else yaml.safe_dump(default, default_flow_style=True).split("\n")[0]
+            lines.append(f"  {section.name}.{f.name}={shown}" + (f"  # {reasons[f.name]}" if f.name in reasons else ""))
+    return "\n".join(lines)
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """{field: its trailing comment} read from the dataclass's source (the comments are the documentation)."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {tok.start[0]: tok.string.lstrip("# ").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    out = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            found = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+            if found:
+                out[node.target.id] = found[0]
+    return out
 
 
 def _check_type(value, tp, key: str):

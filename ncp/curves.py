@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ncp.errors import NcpError
+from ncp.errors import NcpError, run_cli
 from ncp.evaluate import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, REWARDS, make_scorer
 from ncp.generate import add_render_args, default_device, dtype_of, load_pipeline, load_prompts, render
+from ncp.metrics import read_metrics
 from ncp.models import LORA_FILE
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -50,12 +51,10 @@ def score_lora(pipe, prompts: list[str], seeds: list[int], scorer, batch_size: i
 
 def _final_step(run: Path, ckpt_steps: list[int]) -> int:
     """Step of the final LoRA: last step in metrics.jsonl, else train.max_steps in config.yaml, else last checkpoint + 1."""
-    metrics = run / "metrics.jsonl"
-    if metrics.is_file():
-        steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines() if line.strip()]
-        steps = [s for s in steps if isinstance(s, int)]
-        if steps:
-            return max(steps)
+    steps = [r.get("step") for r in read_metrics(run)]
+    steps = [s for s in steps if isinstance(s, int)]
+    if steps:
+        return max(steps)
     config = run / "config.yaml"
     if config.is_file():
         import yaml
@@ -154,4 +153,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error is one `error: ...` line and exit code 2

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ncp.errors import NcpError
+from ncp.errors import NcpError, run_cli
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"  # method-notes.md: PickScore model and CLIP-H processor
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -267,4 +267,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error is one `error: ...` line and exit code 2

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ncp.errors import NcpError
+from ncp.errors import NcpError, run_cli
 from ncp.models import LORA_FILE
 
 PROMPT_SETS = {  # name -> (default hub id, split, caption column); method-notes.md "Evaluation prompts"
@@ -98,7 +98,7 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: torch.d
     """Any diffusers text-to-image pipeline (SD1.5, SDXL, ...). No safety checker: it blanks images and biases scores."""
     from diffusers import DiffusionPipeline
 
-    kwargs = {"torch_dtype": dtype}
+    kwargs = {"dtype": dtype}  # diffusers 0.42 deprecates torch_dtype for pipelines
     if (Path(model) / "safety_checker").is_dir() or not Path(model).exists():
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     pipe = DiffusionPipeline.from_pretrained(model, **kwargs).to(device)
@@ -208,4 +208,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error is one `error: ...` line and exit code 2

@@ -13,13 +13,13 @@ resolves the last two itself); it is passed to HfApi only, never printed or writ
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
-from ncp.errors import NcpError
+from ncp.errors import NcpError, run_cli
+from ncp.metrics import read_metrics
 from ncp.models import LORA_FILE
 
 GRID_FILE = "sample_grid.png"
@@ -47,7 +47,7 @@ Validation prompts at step {{ grid_step }}{% if prompts %}: {{ prompts }}{% endi
 import torch
 from diffusers import {{ pipeline_class }}
 
-pipe = {{ pipeline_class }}.from_pretrained("{{ base_model }}", torch_dtype=torch.float16).to("cuda")
+pipe = {{ pipeline_class }}.from_pretrained("{{ base_model }}", dtype=torch.float16).to("cuda")
 pipe.load_lora_weights("{{ repo_id }}")
 image = pipe("{{ example_prompt }}", num_inference_steps=25, guidance_scale=7.5).images[0]
 ```
@@ -78,7 +78,8 @@ image = pipe("{{ example_prompt }}", num_inference_steps=25, guidance_scale=7.5)
 
 HYPERPARAMETER_SECTIONS = ("objective", "encoder", "lora", "optim", "train")
 HYPERPARAMETER_SKIP = {"train.output_dir", "train.resume_from", "train.validation_prompts", "train.validation_reward",
-                       "train.log_every", "train.max_bad_steps", "train.keep_checkpoints"}
+                       "train.log_every", "train.max_bad_steps", "train.keep_checkpoints", "train.overwrite",
+                       "train.report_to"}
 
 
 def _read_run(run: Path) -> tuple[dict, list[dict]]:
@@ -96,16 +97,7 @@ def _read_run(run: Path) -> tuple[dict, list[dict]]:
         raise NcpError(f"{config_path}: not valid YAML ({e})") from e
     if not isinstance(config, dict):
         raise NcpError(f"{config_path}: expected a mapping at the top level")
-    metrics = []
-    metrics_path = run / "metrics.jsonl"
-    if metrics_path.is_file():
-        for n, line in enumerate(metrics_path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    metrics.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise NcpError(f"{metrics_path}, line {n}: not JSON ({e})") from e
-    return config, metrics
+    return config, read_metrics(run)
 
 
 def latest_grid(run: str | Path) -> tuple[Path | None, int | None]:
@@ -223,4 +215,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error is one `error: ...` line and exit code 2

@@ -67,17 +67,17 @@ def load_models(
         text_encoders.append(
             CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", variant=variant, **kw)
         )
-    if vae is None:
-        vae_model = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, revision=revision)
-    else:
-        vae_model = AutoencoderKL.from_pretrained(vae)
+    # dtypes are set at load time: diffusers warns about casting a loaded model with `.to(dtype)`
+    vae_path, vae_kw = (path, dict(subfolder="vae", variant=variant, revision=revision)) if vae is None else (vae, {})
+    vae_config = AutoencoderKL.load_config(vae_path, **{k: v for k, v in vae_kw.items() if k != "variant"})
+    vae_dtype = torch.float32 if vae_config.get("force_upcast", False) else weight_dtype
+    vae_model = AutoencoderKL.from_pretrained(vae_path, torch_dtype=vae_dtype, **vae_kw)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
 
-    vae_dtype = torch.float32 if vae_model.config.get("force_upcast", False) else weight_dtype
-    for m, dtype in [(unet, weight_dtype), (vae_model, vae_dtype)] + [(te, weight_dtype) for te in text_encoders]:
+    for m in [unet, vae_model, *text_encoders]:
         m.requires_grad_(False)
         m.eval()
-        m.to(device=device, dtype=dtype)
+        m.to(device)
     return Models(found, unet, vae_model, tokenizers, text_encoders, scheduler, str(path))
 
 

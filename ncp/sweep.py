@@ -11,16 +11,17 @@ import csv
 import json
 from pathlib import Path
 
-from .errors import NcpError
+from .errors import NcpError, run_cli
+from .metrics import METRICS_FILE, read_metrics
 from .models import LORA_FILE
 
 TAIL = 10  # final metrics are means over the last TAIL logged steps: single steps are noisy
 
 
 def point_row(point: Path) -> dict:
-    rows = [json.loads(line) for line in (point / "metrics.jsonl").read_text().splitlines() if line]
+    rows = read_metrics(point)
     if not rows:
-        raise NcpError(f"{point / 'metrics.jsonl'} is empty")
+        raise NcpError(f"{point / METRICS_FILE} is empty")
     tail = rows[-TAIL:]
     row = {"point": point.name, "steps": rows[-1]["step"], "done": (point / LORA_FILE).exists()}
     for key in ("loss", "implicit_acc", "reward_w", "reward_l", "err_w"):
@@ -41,7 +42,7 @@ def point_row(point: Path) -> dict:
 
 def summarize(root: str | Path) -> list[dict]:
     root = Path(root)
-    points = sorted(p for p in root.iterdir() if (p / "metrics.jsonl").exists()) if root.is_dir() else []
+    points = sorted(p for p in root.iterdir() if (p / METRICS_FILE).exists()) if root.is_dir() else []
     if not points:
         raise NcpError(f"{root}: no sweep points (folders with metrics.jsonl) found")
     rows = [point_row(p) for p in points]
@@ -66,4 +67,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error is one `error: ...` line and exit code 2

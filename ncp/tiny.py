@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import run_cli
+
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 
@@ -141,4 +143,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error is one `error: ...` line and exit code 2

@@ -9,9 +9,10 @@
 # stopped sweep is continued by running the same command again (each point resumes from its latest
 # checkpoint). With EVAL_PROMPTS=<file, one prompt per line> each point is rendered at fixed seeds and
 # scored with EVAL_REWARD (default pickscore; "toy" for the built-in toy data) against the base model.
-# Env: LAUNCH (default "accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no").
+# Env: LAUNCH (default "accelerate launch -q --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no";
+# the precision is train.mixed_precision, -q keeps a failing run to its one `error:` line).
 set -euo pipefail
-[ $# -ge 4 ] || { sed -n 2,13p "$0"; exit 2; }
+[ $# -ge 4 ] || { sed -n 2,14p "$0"; exit 2; }
 out_root=$1 script=$2 config=$3
 shift 3
 grids=() fixed=()
@@ -20,7 +21,7 @@ while [ $# -gt 0 ]; do
   case "$1" in *=*) grids+=("$1");; *) echo "sweep: grid entry '$1' must look like key=v1,v2" >&2; exit 2;; esac
   shift
 done
-LAUNCH=${LAUNCH:-"accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no"}
+LAUNCH=${LAUNCH:-"accelerate launch -q --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"}
 
 # cartesian product of the grids: each combination is a space-separated list of key=value
 points=("")

@@ -189,6 +189,17 @@ def test_user_pairs_paths_relative_to_file(tmp_path, fmt):
     batch = next(iter(build_dataloader(cfg, batch_size=3, seed=0)))
     winner_colour_ok(batch, {pid: (w, l) for pid, (_, w, l) in zip(pairs.pair_ids, WINNERS)})
 
+    # pairs are named by the 1-based line of the file (the CSV header is line 1); a missing file is counted
+    # as missing in the summary and reported, with that line, when the loader skips it
+    os.remove(tmp_path / "images" / "b.jpg")
+    first = 1 if fmt == "jsonl" else 2
+    pairs = load_pairs(cfg)
+    assert pairs.pair_ids == [f"pairs.{fmt}:{first + i}" for i in range(3)]
+    assert pairs.stats == {"rows": 3, "empty_paths": 0, "missing_files": 1, "pairs": 3}
+    out = tmp_path / "run"
+    list(build_dataloader(cfg, batch_size=1, seed=0, output_dir=str(out)))
+    assert (out / "bad_images.txt").read_text().startswith(f"pairs.{fmt}:{first}\t")
+
 
 # ---------------------------------------------------------------- transforms
 def test_pair_gets_identical_crop_and_flip():

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from ncp.config import load_config
 from ncp.errors import NcpError
+from ncp.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -30,7 +31,7 @@ def run_script(loss, argv):
 
 
 def metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(out)
 
 
 @pytest.fixture(autouse=True)
@@ -51,18 +52,19 @@ def test_script_trains_lora_only(tiny_paths, tmp_path, arch, loss):
     from ncp.models import add_lora, load_models
 
     out = tmp_path / "run"
-    trainer = run_script(loss, args(tiny_paths[arch], out, "train.max_steps=3", "optim.optimizer=adamw"))
+    run = run_script(loss, args(tiny_paths[arch], out, "train.max_steps=3", "optim.optimizer=adamw"))
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
     fresh = load_models(str(tiny_paths[arch]))
     set_seed(0)
     add_lora(fresh.unet, rank=4)  # the same seeded initialisation the trainer started from
     before = dict(fresh.unet.named_parameters())
-    after = dict(trainer.models.unet.named_parameters())
+    after = dict(run.parts.models.unet.named_parameters())
     lora = [n for n in after if "lora" in n]
     assert lora and all(not torch.equal(before[n], after[n]) for n in lora)
     assert all(torch.equal(before[n], p) for n, p in after.items() if "lora" not in n)
-    assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "config.yaml").exists()
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+    assert load_config(str(out / "config.yaml")).model.arch == arch  # resolved: written after detection
     assert list((out / "validation").glob("step-*.png"))
 
 
@@ -122,7 +124,7 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(tiny_sd15, tmp
     monkeypatch.setattr(ncp.train, "compute_objective", nan_on({2, 3, 4}))
     with pytest.raises(NcpError, match="3 non-finite steps in a row"):
         run_script("dpo", args(tiny_sd15, out, "train.max_steps=10", "train.max_bad_steps=3"))
-    assert (out / "checkpoints" / "checkpoint-00000004" / "training_state.pt").exists()
+    assert (out / "checkpoints" / "checkpoint-00000004" / "ncp_state.json").exists()
 
 
 def test_lora_loads_into_pipeline_and_unloads(tiny_sd15, tmp_path, monkeypatch):
@@ -202,17 +204,30 @@ def test_bad_keys_and_types_are_named(tmp_path):
         load_config(None, ["encoder.error=linearized", "objective.target=uniform"])
 
 
-def test_two_processes_train_one_lora(tiny_sd15, tmp_path):
+def test_two_processes_train_one_lora_and_resume_exactly(tiny_sd15, tmp_path):
+    """Two gloo processes: one LoRA, and a run stopped at step 2 and resumed to 3 equals a straight 3-step run
+    (each process restores its own RNG and noise generator)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_ncp_dpo.py"),
-           *args(tiny_sd15, out, "train.max_steps=2")]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "effective batch 4" in proc.stderr  # 2 processes x 2 pairs
-    assert [r["step"] for r in metrics(out)] == [1, 2]
-    assert len(list(out.glob("*.safetensors"))) == 1
+
+    def launch(out, *extra):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(ROOT / "train_ncp_dpo.py"), *args(tiny_sd15, out, "objective.beta=50000", *extra)]
+        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr
+
+    assert "effective batch 4" in launch(tmp_path / "straight", "train.max_steps=3")  # 2 processes x 2 pairs
+    launch(tmp_path / "ddp", "train.max_steps=2")
+    assert [r["step"] for r in metrics(tmp_path / "ddp")] == [1, 2]
+    assert len(list((tmp_path / "ddp").glob("*.safetensors"))) == 1
+    ckpt = tmp_path / "ddp" / "checkpoints" / "checkpoint-00000002"
+    assert {p.name for p in ckpt.glob("generator_*")} == {"generator_0.safetensors", "generator_1.safetensors"}
+    assert "resumed from" in launch(tmp_path / "ddp", "train.max_steps=3", "train.resume_from=latest")
+    a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "ddp")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and len({r["loss"] for r in a}) > 1
+    la, lb = (load_file(str(d / "pytorch_lora_weights.safetensors")) for d in (tmp_path / "straight", tmp_path / "ddp"))
+    assert all(torch.equal(la[k], lb[k]) for k in la)
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
@@ -237,10 +252,10 @@ def test_training_from_the_latent_cache_matches_pixels(tiny_paths, tmp_path, arc
 def test_bf16_mixed_precision_starts_at_log2(tiny_sdxl, tmp_path, error):
     """Frozen weights in bf16, LoRA in fp32; policy = reference at step 1 in any precision."""
     out = tmp_path / "bf16"
-    trainer = run_script("dpo", args(tiny_sdxl, out, "train.max_steps=2", "train.mixed_precision=bf16",
+    run = run_script("dpo", args(tiny_sdxl, out, "train.max_steps=2", "train.mixed_precision=bf16",
                                      f"encoder.error={error}", config="configs/tiny_sdxl_ncp_dpo.yaml"))
     rows = metrics(out)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and math.isfinite(rows[1]["loss"])
-    assert trainer.models.unet.conv_in.weight.dtype == torch.bfloat16
-    assert all(p.dtype == torch.float32 for p in trainer.params)
-    assert trainer.encoder.dtype == (torch.float32 if error == "fp32" else torch.bfloat16)
+    assert run.parts.models.unet.conv_in.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in run.parts.params)
+    assert run.parts.encoder.dtype == (torch.float32 if error == "fp32" else torch.bfloat16)

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from ncp.data.config import DataConfig
 from ncp.data.loader import BadImage, PairDataset, open_image, pair_transform
 from ncp.data.sources import Pairs, load_pairs
-from ncp.errors import NcpError
+from ncp.errors import NcpError, run_cli
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -257,4 +257,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error is one `error: ...` line and exit code 2

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ncp.data.sources import IMAGE_COLUMNS, read_table, resolve_files
-from ncp.errors import NcpError
+from ncp.errors import NcpError, run_cli
 
 MINI_SETS = ("x>y", "x>y,x>z", "x>y,y>z")
 NEEDED = ["caption", "image_0_uid", "image_1_uid", "label_0"]
@@ -115,4 +115,4 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error is one `error: ...` line and exit code 2

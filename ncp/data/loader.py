@@ -3,7 +3,8 @@
 Randomness: every per-item draw (crop, flip, empty prompt) comes from `random.Random(f"{seed}-{epoch}-{idx}")`,
 and the shuffle order from a `torch.Generator` seeded by (seed, epoch). Nothing reads global RNG, so a batch
 is the same with 0 or 8 workers and after a resume. Call `loader.dataset.set_epoch(epoch)` before each
-epoch (the sampler reads the epoch from the dataset; workers are not persistent, so they see it too).
+epoch (the sampler reads the epoch from the dataset; workers are not persistent, so they see it too);
+`endless_batches(loader, start)` does that and resumes at any batch.
 
 Bad images (corrupt or missing): with `on_bad_image="skip"` the pair is reported once per process (a
 warning, `bad_pair_ids`, and a line `<pair_id>\\t<file>\\t<error>` appended to `<output_dir>/bad_images.txt`)
@@ -18,6 +19,7 @@ import io
 import logging
 import os
 import random
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -160,18 +162,44 @@ def read_bad_pair_ids(output_dir: str) -> set[str]:
         return {line.split("\t", 1)[0] for line in f if line.strip()}
 
 
-class EpochSampler(Sampler):
-    """A fresh permutation per epoch from a generator seeded by (seed, epoch): resume-safe shuffling."""
+class ShardSampler(Sampler):
+    """This process's share of one epoch's permutation, from batch `start` on.
 
-    def __init__(self, dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
+    The permutation is seeded by (seed, epoch) and the epoch is read from the dataset (`set_epoch`), so every
+    process draws the same one and takes every world-th index, and a resumed run starts mid-epoch without
+    decoding the skipped images. Only whole batches are kept when there is at least one."""
+
+    def __init__(self, dataset, seed: int, batch_size: int, rank: int = 0, world: int = 1):
+        self.dataset, self.seed, self.batch_size, self.rank, self.world = dataset, seed, batch_size, rank, world
+        self.start = 0
+        per_rank = len(dataset) // world
+        self.batches_per_epoch = per_rank // batch_size
+        self.size = self.batches_per_epoch * batch_size or per_rank
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return max(self.size - self.start * self.batch_size, 0)
 
     def __iter__(self):
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.dataset.epoch) % 2**63)
-        return iter(torch.randperm(len(self.dataset), generator=g).tolist())
+        order = torch.randperm(len(self.dataset), generator=g)[self.rank :: self.world][: self.size]
+        return iter(order[self.start * self.batch_size :].tolist())
+
+
+def endless_batches(loader: DataLoader, start: int = 0):
+    """Batches epoch after epoch, from batch number `start` (counted from the first batch of epoch 0) on."""
+    sampler = loader.sampler
+    epoch, batch = divmod(start, sampler.batches_per_epoch)
+    while True:
+        loader.dataset.set_epoch(epoch)
+        sampler.start = batch
+        yield from loader
+        epoch, batch = epoch + 1, 0
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave Ctrl-C / SIGTERM to the main process, which finishes its step and saves a checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def collate_pairs(items: list[dict]) -> dict:
@@ -189,9 +217,9 @@ PER_IMAGE = ("pixel_values", "latents", "original_size", "crop_top_left")
 
 
 def build_dataloader(cfg: DataConfig, batch_size: int, seed: int, output_dir: str | None = None,
-                     model: str | None = None, vae: str | None = None) -> DataLoader:
-    """Loader of `[winners; losers]` batches (see ARCHITECTURE.md, "Batch format"). The last partial batch is
-    dropped when there is at least one full batch, so every step sees B pairs.
+                     model: str | None = None, vae: str | None = None, rank: int = 0, world: int = 1) -> DataLoader:
+    """Loader of `[winners; losers]` batches (see ARCHITECTURE.md, "Batch format") for process `rank` of `world`.
+    The last partial batch is dropped when there is at least one full batch, so every step sees B pairs.
 
     With `cfg.cache_dir`, batches carry `latents` and `prompt_embeds` (+ `pooled_prompt_embeds`) instead of
     `pixel_values`; pass the run's `model` (and `vae` override) so a cache built for another model is refused.
@@ -208,9 +236,9 @@ def build_dataloader(cfg: DataConfig, batch_size: int, seed: int, output_dir: st
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(dataset, seed),
+        sampler=ShardSampler(dataset, seed, batch_size, rank, world),
         num_workers=cfg.num_workers,
         collate_fn=collate_pairs,
         pin_memory=torch.cuda.is_available(),
-        drop_last=len(dataset) >= batch_size,
+        worker_init_fn=_ignore_stop_signals,
     )

@@ -257,15 +257,21 @@ def load_pairs(cfg: DataConfig) -> Pairs:
 
 
 def _load_user_pairs(cfg: DataConfig) -> Pairs:
-    """JSONL/CSV of `prompt, chosen, rejected` (chosen = winner). Relative paths are relative to the file."""
+    """JSONL/CSV of `prompt, chosen, rejected` (chosen = winner). Relative paths are relative to the file.
+    Pairs are named `<file>:<line>` (1-based line of the file, the CSV header being line 1) unless an `id`
+    column names them; the summary counts empty path cells and paths whose file does not exist."""
     df = read_table([cfg.path], ["prompt", "chosen", "rejected"])
     base = os.path.dirname(os.path.abspath(cfg.path))
     stats = {"rows": len(df)}
     ok = df["chosen"].notna() & df["rejected"].notna()
-    stats["missing_paths"] = int((~ok).sum())
+    stats["empty_paths"] = int((~ok).sum())
+    first_line = 1 if cfg.path.endswith((".jsonl", ".json")) else 2  # CSV: line 1 is the header
+    lines = [first_line + i for i in range(len(df))]
     df = df[ok]
     full = lambda p: os.path.normpath(os.path.join(base, str(p)))  # noqa: E731  (absolute p wins in join)
     win, lose = [full(p) for p in df["chosen"]], [full(p) for p in df["rejected"]]
-    ids = df["id"].astype(str).tolist() if "id" in df.columns else [f"{Path(cfg.path).name}:{i}" for i in df.index]
+    stats["missing_files"] = sum(not os.path.exists(w) or not os.path.exists(l) for w, l in zip(win, lose))
+    name = Path(cfg.path).name
+    ids = df["id"].astype(str).tolist() if "id" in df.columns else [f"{name}:{lines[i]}" for i in df.index]
     prompts = df["prompt"].fillna("").astype(str).tolist()
     return _finish(prompts, ids, win, lose, FileImages(win, lose), stats, cfg.path, cfg.max_pairs)
