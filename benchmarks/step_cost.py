@@ -122,7 +122,7 @@ def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtyp
 
 
 def make_optimizer(params):
-    """8-bit AdamW with the training defaults (ncp.config.OptimConfig), as ncp.train.Trainer builds it."""
+    """8-bit AdamW with the training defaults (ncp.config.OptimConfig), as ncp.train.build_optimizer builds it."""
     o = OptimConfig()
     kw = dict(lr=1e-6, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
     try:

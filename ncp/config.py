@@ -25,7 +25,7 @@ from .objective import ObjectiveConfig
 # encoder.error=auto: per train.mixed_precision, the cheapest way to compute the perceptual error whose
 # per-sample errors stay within 5% of float64 (median, every t bucket) with a LoRA-gradient cosine >= 0.99,
 # on the toy base and the SD1.5 architecture (benchmarks/precision.py, benchmarks/RESULTS.md section 3).
-AUTO_ERROR = {"no": "difference", "fp16": "linearized", "bf16": "fp32"}
+AUTO_ERROR = {"no": "difference", "fp16": "linearized", "bf16": "linearized"}
 
 
 @dataclass

@@ -152,9 +152,10 @@ def build_optimizer(cfg: Config, parts: Parts, acc, max_steps: int):
             warnings.warn(f"bitsandbytes AdamW8bit unavailable ({e}); falling back to torch.optim.AdamW")
     optimizer = optimizer or torch.optim.AdamW(parts.params, **kw)
     lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=max_steps)
-    log.info("%s %s-space %s on %s: lr %.3g (effective batch %d), %d trainable LoRA parameters", parts.arch,
+    log.info("%s %s-space %s on %s: lr %.3g (effective batch %d), %d trainable LoRA parameters%s", parts.arch,
              cfg.objective.space, cfg.objective.loss, cfg.model.pretrained, lr, effective_batch,
-             sum(p.numel() for p in parts.params))
+             sum(p.numel() for p in parts.params),
+             f", perceptual error: {cfg.encoder.error}" if parts.encoder is not None else "")
     return optimizer, lr_scheduler
 
 
