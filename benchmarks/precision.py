@@ -75,6 +75,7 @@ def toy_model(base: str, out: Path, pairs_per_bucket: int, train_steps: int, smo
             path = pretrain_toy_base(path.parent, log)
     models = load_models(str(path))
     base_unet = copy.deepcopy(models.unet)
+    torch.manual_seed(0)  # the LoRA's random A matrices: the same policy on every run
     params = add_lora(models.unet, rank=8)
     models.unet.train()
     schedule = Schedule.from_scheduler(models.scheduler)
