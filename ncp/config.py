@@ -99,7 +99,7 @@ RESUMABLE_CHANGES = ("model.arch", "train.output_dir", "train.max_steps", "train
                      "train.keep_checkpoints", "train.resume_from", "train.overwrite", "train.log_every",
                      "train.validate_every", "train.validation_prompts", "train.validation_steps",
                      "train.validation_guidance", "train.validation_reward", "train.max_bad_steps", "train.report_to",
-                     "train.gradient_checkpointing", "data.num_workers", "hub.")
+                     "train.gradient_checkpointing", "data.num_workers", "data.prepared_dir", "hub.")
 
 
 @dataclass
