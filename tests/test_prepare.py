@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from ncp.data import DataConfig, build_dataloader, load_pairs
@@ -47,17 +48,15 @@ def ranked_with_images() -> pd.DataFrame:
 
 @pytest.fixture
 def streaming_only(monkeypatch):
-    """Every datasets.load_dataset call streams (the split is never materialised), except the map-style read
-    of a prepared folder's local `pairs/` shards, which is what training uses."""
+    """Every datasets.load_dataset call streams: the split is never materialised, and the prepared parquet is
+    read in place (no Arrow copy either)."""
     import datasets
 
     calls, real = [], datasets.load_dataset
 
     def spy(*args, **kwargs):
-        prepared = args[:1] == ("parquet",) and all("/pairs/" in f for f in kwargs.get("data_files", [""]))
-        if not prepared:
-            calls.append(args)
-            assert kwargs.get("streaming") is True, f"load_dataset without streaming: {args} {kwargs}"
+        calls.append(args)
+        assert kwargs.get("streaming") is True, f"load_dataset without streaming: {args} {kwargs}"
         return real(*args, **kwargs)
 
     monkeypatch.setattr(datasets, "load_dataset", spy)
@@ -69,7 +68,7 @@ def triples(df: pd.DataFrame) -> list[tuple]:
 
 
 @pytest.mark.parametrize("filter", ["absolute_winners", "x>y,y>z", "x>y,x>z"])
-def test_streaming_filter_keeps_the_pairs_of_the_filter_command(tmp_path, streaming_only, monkeypatch, filter):
+def test_streaming_filter_keeps_the_pairs_of_the_filter_command(tmp_path, streaming_only, filter):
     from ncp.data.filter import main as filter_main
     from ncp.data.prepare import prepare
 
@@ -90,7 +89,6 @@ def test_streaming_filter_keeps_the_pairs_of_the_filter_command(tmp_path, stream
     assert stats["dropped_by_filter"] == 8
 
     # the same filter on the fly over the map-style parquet source keeps the same pairs, in the same order
-    monkeypatch.undo()  # (local parquet is read map-style, by design)
     pairs = load_pairs(DataConfig(source="parquet", path=str(tmp_path / "mirror" / "data"), filter=filter))
     assert list(zip(pairs.prompts, pairs.win_uids, pairs.lose_uids)) == triples(want)
     assert pairs.stats["dropped_by_filter"] == 8
@@ -108,6 +106,8 @@ def test_hub_source_streams_into_prepared_dir_and_trains_from_it(tmp_path, strea
     assert pairs.stats["ties"] == 1 and pairs.stats["pairs"] == 3
     batch = next(iter(build_dataloader(cfg, batch_size=3, seed=0)))
     winner_colour_ok(batch, {i: (w, l) for i, w, l in zip(pairs.pair_ids, pairs.win_uids, pairs.lose_uids)})
+    in_worker = next(iter(build_dataloader(replace(cfg, num_workers=1), batch_size=3, seed=0)))  # pickled reader
+    assert in_worker["pair_id"] == batch["pair_id"] and torch.equal(in_worker["pixel_values"], batch["pixel_values"])
     n = len(streaming_only)
     load_pairs(cfg)  # prepared once: the second load does not stream again
     assert len(streaming_only) == n
@@ -217,3 +217,21 @@ def test_paper_configs_train_on_absolute_winners():
     for path in paper:
         data = load_config(str(path)).data
         assert (data.source, data.filter) == ("hub", "absolute_winners"), path.name
+
+
+def test_parquet_with_large_row_groups_is_read_through_datasets(tmp_path):
+    """Shards whose row groups are big (raw Pick-a-Pic) go through datasets' Arrow cache; small ones are read in
+    place (ParquetRows); both give the same pairs and bytes."""
+    from ncp.data.sources import ParquetRows, _load_arrow
+
+    df = pd.concat([ranked_with_images()] * 5, ignore_index=True)  # 70 rows in one row group
+    df["image_0_uid"] = [f"{u}{i // 14}" for i, u in enumerate(df["image_0_uid"])]
+    df["image_1_uid"] = [f"{u}{i // 14}" for i, u in enumerate(df["image_1_uid"])]
+    df.to_parquet(tmp_path / "big.parquet")
+    df.to_parquet(tmp_path / "small.parquet", row_group_size=8)
+    big = DataConfig(source="parquet", path=str(tmp_path / "big.parquet"), filter="absolute_winners")
+    small = replace(big, path=str(tmp_path / "small.parquet"))
+    assert not isinstance(_load_arrow(big)[0], ParquetRows) and isinstance(_load_arrow(small)[0], ParquetRows)
+    a, b = load_pairs(big), load_pairs(small)
+    assert a.pair_ids == b.pair_ids and len(a) == 20
+    assert all([src for src, _ in a.images.get(i)] == [src for src, _ in b.images.get(i)] for i in range(len(a)))

@@ -14,7 +14,8 @@ The source (`--source hub`: a hub id or local dataset folder; `--source parquet`
 2. It prints the pair count and a disk estimate (image size measured on the first rows), then
 3. pass 2 streams the rows again, keeps the bytes of the planned images only, decodes each once (a bad image
    drops its pair, counted and listed in `bad_images.txt`; `--on-bad-image error` stops naming the row) and
-   writes `pairs/pairs-<k>.parquet` shards (Pick-a-Pic schema, winner = image 0, label_0 = 1) in plan order.
+   writes `pairs/pairs-<k>.parquet` shards (Pick-a-Pic schema, winner = image 0, label_0 = 1) in plan order,
+   in row groups of 8 pairs, so training reads a pair in place (no Arrow copy of the data).
 4. Optionally the latent + text cache (`ncp.data.cache`) of those pairs for one model and resolution: `cache/`.
 `prepare.json` records the settings and counts. Resumable: a shard exists only when complete (atomic rename),
 a rerun streams only from the first row an unfinished shard needs (datasets' stream still reads up to it), and
@@ -45,6 +46,7 @@ from ncp.errors import NcpError, run_cli
 
 MANIFEST = "prepare.json"
 RANKING_COLUMNS = ["caption", "image_0_uid", "image_1_uid", "label_0", "label_1"]
+ROW_GROUP = 8  # pairs per parquet row group of the output (see sources.ParquetRows)
 SAMPLE_ROWS = 16  # rows read to measure the mean image size for the disk estimate
 
 
@@ -299,7 +301,7 @@ def _write_shard(plan, k, shard_size, got, path: Path, source_path, on_bad_image
                         ("jpg_1", pa.binary())], metadata={"bad": json.dumps(bad)})
     table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
     tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP)  # small groups: training reads a pair without an Arrow copy
     os.replace(tmp, path)  # a shard exists only when complete: that is what makes resuming safe
 
 

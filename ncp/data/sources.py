@@ -5,7 +5,8 @@ Supported (`data.source`):
   schema (`caption, jpg_0, jpg_1, label_0, label_1, image_0_uid, image_1_uid, ...`), streamed
   (`streaming=True`, never materialised) and filtered on the fly by `ncp.data.prepare` into a local
   parquet of the kept pairs (`data.prepared_dir`), which training then reads like `parquet`;
-- parquet: local Pick-a-Pic parquet shards (file, folder or glob);
+- parquet: local Pick-a-Pic parquet shards (file, folder or glob): read in place when their row groups are
+  small (`ncp.data.prepare` output), else through datasets' memory-mapped Arrow cache (a converted copy);
 - pickapic_meta: Pick-a-Pic metadata without images (e.g. `pickapic_v2_no_images`) + `image_dir/<uid>.jpg`;
 - authors_csv: the NCP authors' CSV (`image_0_uid, image_1_uid, label_0, caption`) + `image_dir/<uid>.jpg`;
 - pairs: the user's JSONL/CSV of `prompt, chosen, rejected` image paths (relative to the file).
@@ -17,6 +18,8 @@ source with rankings: hub, parquet, pickapic_meta, authors_csv.
 
 from __future__ import annotations
 
+import bisect
+import copy
 import glob
 import json
 import os
@@ -48,6 +51,47 @@ class ArrowImages:
 
     def get(self, i: int):
         return tuple((self.ds[row][col], f"{self.origin} row {row} column {col}") for row, col in self.refs[i])
+
+
+class ParquetRows:
+    """Random access to the rows of parquet files with small row groups (`ncp.data.prepare` writes 8 rows each):
+    a cell is read by decoding one row group's column, so no Arrow copy of the data is made (datasets'
+    map-style `load_dataset("parquet")` converts it all into its cache first). Same calls as a `datasets.Dataset`
+    where the loader uses them: `column_names`, `select_columns`, `to_pandas`, `ds[row]`."""
+
+    def __init__(self, files: list[str]):
+        self.files, self.column_names = files, pq.read_schema(files[0]).names
+        self.columns, self.starts, self.groups, n = self.column_names, [], [], 0
+        for fi, f in enumerate(files):
+            meta = pq.read_metadata(f)
+            for g in range(meta.num_row_groups):
+                self.starts.append(n)
+                self.groups.append((fi, g))
+                n += meta.row_group(g).num_rows
+        self.num_rows, self._open = n, {}
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getstate__(self):  # open file handles stay in their process (DataLoader workers)
+        return {**self.__dict__, "_open": {}}
+
+    def select_columns(self, columns: list[str]) -> "ParquetRows":
+        view = copy.copy(self)
+        view.columns, view._open = list(columns), {}
+        return view
+
+    def to_pandas(self) -> pd.DataFrame:
+        frames = [pd.read_parquet(f, columns=self.columns) for f in self.files]
+        return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+    def __getitem__(self, row: int) -> dict:
+        k = bisect.bisect_right(self.starts, row) - 1
+        fi, g = self.groups[k]
+        if fi not in self._open:
+            self._open[fi] = pq.ParquetFile(self.files[fi])
+        table = self._open[fi].read_row_group(g, columns=self.columns)
+        return {c: table.column(c)[row - self.starts[k]].as_py() for c in self.columns}
 
 
 class FileImages:
@@ -204,13 +248,20 @@ def _labelled(df: pd.DataFrame, where: str, max_pairs, filter: str = "none"):
 
 
 # ---------------------------------------------------------------- sources
+SMALL_ROW_GROUP = 64  # rows; up to this, reading one image straight from the parquet is cheap
+
+
 def _load_arrow(cfg: DataConfig):
-    """A memory-mapped `datasets.Dataset` of local parquet shards, plus a name for messages."""
+    """Local parquet shards as rows with random access, plus a name for messages: read in place when their row
+    groups are small (prepared data), else a memory-mapped `datasets.Dataset` (an Arrow copy in its cache)."""
     import datasets
 
     files = resolve_files(cfg.path, cfg.split, (".parquet",))
     for f in files:  # fail on a bad shard or column here, naming the file, not deep in datasets
         _check_parquet(f)
+    metas = [pq.read_metadata(f) for f in files]
+    if all(m.row_group(g).num_rows <= SMALL_ROW_GROUP for m in metas for g in range(m.num_row_groups)):
+        return ParquetRows(files), cfg.path
     try:
         return datasets.load_dataset("parquet", data_files=files, split="train"), cfg.path
     except Exception as e:
