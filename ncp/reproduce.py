@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -65,7 +64,7 @@ def load_settings(path: str | Path) -> dict:
 def run_overrides(s: dict, out: Path, name: str) -> list[str]:
     """What every run shares (model, data, user overrides) plus its own output folder."""
     data = out / "data"
-    o = [f"model.pretrained={s['model']}", f"data.source=parquet", f"data.path={data / 'pairs'}", "data.filter=none",
+    o = [f"model.pretrained={s['model']}", "data.source=parquet", f"data.path={data / 'pairs'}", "data.filter=none",
          f"data.resolution={s['resolution']}"]
     if s["vae"]:
         o.append(f"model.vae={s['vae']}")

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -73,7 +74,7 @@ def test_reproduce_end_to_end_equals_the_stages_by_hand(tiny_sd15, tmp_path):
     from ncp.generate import main as generate_main
 
     path, out = settings(tmp_path, str(tiny_sd15)), tmp_path / "out"
-    env = {**os.environ, "SETTINGS": str(path), "OMP_NUM_THREADS": "1", "PYTHON": os.sys.executable}
+    env = {**os.environ, "SETTINGS": str(path), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce.sh"), "sd15", str(out)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -98,7 +99,7 @@ def test_reproduce_end_to_end_equals_the_stages_by_hand(tiny_sd15, tmp_path):
     # by hand: training NCP-DPO on the prepared data with the README's command gives the same LoRA ...
     hand = tmp_path / "hand"
     s = yaml.safe_load(path.read_text())
-    cmd = [os.sys.executable, str(ROOT / "train_ncp_dpo.py"), "--config", str(ROOT / "configs/tiny_sd15_ncp_dpo.yaml"),
+    cmd = [sys.executable, str(ROOT / "train_ncp_dpo.py"), "--config", str(ROOT / "configs/tiny_sd15_ncp_dpo.yaml"),
            f"model.pretrained={tiny_sd15}", "data.source=parquet", f"data.path={out / 'data' / 'pairs'}",
            f"data.cache_dir={out / 'data' / 'cache'}", "data.resolution=32", *s["train"]["overrides"],
            f"train.output_dir={hand / 'run'}"]

@@ -40,7 +40,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tqdm.auto import tqdm
+
 from ncp.data.config import FILTERS, DataConfig
+from ncp.data.filter import plan_pairs
+from ncp.data.loader import BadImage, open_image
 from ncp.data.sources import IMAGE_COLUMNS, orient, resolve_files
 from ncp.errors import NcpError, run_cli
 
@@ -95,8 +99,6 @@ def image_bytes(value, where: str) -> bytes:
 
 def read_rankings(source: str, path: str, split: str) -> pd.DataFrame:
     """Pass 1: the ranking columns of every row, in stream order (no image bytes)."""
-    from tqdm.auto import tqdm
-
     first = next(iter(open_stream(source, path, split)), None)  # one row: which columns exist
     if first is None:
         raise NcpError(f"{path} (split {split}): no rows")
@@ -165,11 +167,6 @@ def prepare(source: str, path: str, out: str | Path, split: str = "train", filte
             cache_model: str | None = None, resolution: int = 512, vae: str | None = None,
             device: str = "cpu", _after_shard=None) -> Path:
     """Write `out/pairs/` (and `out/cache/` with `cache_model`); returns `out`. See the module docstring."""
-    from tqdm.auto import tqdm
-
-    from ncp.data.filter import plan_pairs
-    from ncp.data.loader import BadImage, open_image
-
     if source not in ("hub", "parquet"):
         raise NcpError(f"--source must be hub or parquet; got {source!r}")
     if filter not in FILTERS:
@@ -186,8 +183,7 @@ def prepare(source: str, path: str, out: str | Path, split: str = "train", filte
         print(f"{out}: already prepared ({manifest['stats']['pairs']} pairs); nothing to do")
     else:
         manifest = _write_pairs(source, path, split, filter, max_pairs, shard_size, on_bad_image, out, key,
-                                resolution if cache_model else None, plan_pairs, open_image, BadImage, tqdm,
-                                _after_shard)
+                                resolution if cache_model else None, _after_shard)
     if cache_model:
         from ncp.data.cache import build_cache
 
@@ -198,7 +194,8 @@ def prepare(source: str, path: str, out: str | Path, split: str = "train", filte
 
 
 def _write_pairs(source, path, split, filter, max_pairs, shard_size, on_bad_image, out: Path, key, resolution,
-                 plan_pairs, open_image, BadImage, tqdm, after_shard) -> dict:
+                 after_shard) -> dict:
+    """Passes 1 and 2 (module docstring): plan.parquet, then the missing shards, then the manifest."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "pairs").mkdir(exist_ok=True)
     plan_path = out / "plan.parquet"
@@ -216,9 +213,9 @@ def _write_pairs(source, path, split, filter, max_pairs, shard_size, on_bad_imag
         if plan.empty:
             raise NcpError(f"{path} (split {split}): no pairs left after filtering ({stats}; data.filter={filter})")
         stats["planned"] = len(plan)
+        _write_json(out / MANIFEST, {"key": key, "complete": False, "stats": stats})  # before the plan it describes
         plan.to_parquet(plan_path.with_suffix(".tmp"), index=False)
         os.replace(plan_path.with_suffix(".tmp"), plan_path)
-        _write_json(out / MANIFEST, {"key": key, "complete": False, "stats": stats})
 
     n_shards = (len(plan) + shard_size - 1) // shard_size
     shard_path = lambda k: out / "pairs" / f"pairs-{k:05d}.parquet"  # noqa: E731
@@ -253,7 +250,7 @@ def _write_pairs(source, path, split, filter, max_pairs, shard_size, on_bad_imag
                     missing[k] -= 1
                     bar.update(1)
                     if missing[k] == 0:
-                        _write_shard(plan, k, shard_size, got, shard_path(k), path, on_bad_image, open_image, BadImage)
+                        _write_shard(plan, k, shard_size, got, shard_path(k), path, on_bad_image)
                         if after_shard is not None:
                             after_shard(k)
             if row >= last_row:
@@ -278,7 +275,7 @@ def _write_pairs(source, path, split, filter, max_pairs, shard_size, on_bad_imag
     return manifest
 
 
-def _write_shard(plan, k, shard_size, got, path: Path, source_path, on_bad_image, open_image, BadImage) -> None:
+def _write_shard(plan, k, shard_size, got, path: Path, source_path, on_bad_image) -> None:
     """Pairs k*shard_size.. of the plan, each image decoded once; a bad one drops its pair (or stops)."""
     rows, bad = [], []
     for i in range(k * shard_size, min((k + 1) * shard_size, len(plan))):

@@ -224,7 +224,7 @@ def _labelled(df: pd.DataFrame, where: str, max_pairs, filter: str = "none"):
         if missing:
             raise NcpError(f"{where}: data.filter={filter} needs column {missing[0]!r} (has {list(df.columns)})")
         plan = plan_pairs(df, filter)
-        stats[f"dropped_by_filter"] = len(keep) - len(plan)
+        stats["dropped_by_filter"] = len(keep) - len(plan)
         if max_pairs is not None:
             stats["dropped_by_max_pairs"] = max(0, len(plan) - max_pairs)
             plan = plan.iloc[:max_pairs]
