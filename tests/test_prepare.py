@@ -235,3 +235,41 @@ def test_parquet_with_large_row_groups_is_read_through_datasets(tmp_path):
     a, b = load_pairs(big), load_pairs(small)
     assert a.pair_ids == b.pair_ids and len(a) == 20
     assert all([src for src, _ in a.images.get(i)] == [src for src, _ in b.images.get(i)] for i in range(len(a)))
+
+
+def test_processes_of_one_node_prepare_once(tmp_path, monkeypatch):
+    """data.source=hub in every process of a launch: one streams and writes, the others wait on the lock."""
+    import multiprocessing as mp
+
+    from ncp.data import prepare as prep
+
+    mirror = hub_folder(tmp_path, pickapic_frame())
+    real = prep.read_rankings
+
+    def counted(*args):
+        with open(tmp_path / "passes.txt", "a") as f:
+            f.write("pass 1\n")
+        return real(*args)
+
+    monkeypatch.setattr(prep, "read_rankings", counted)
+    cfg = DataConfig(source="hub", path=mirror, prepared_dir=str(tmp_path / "prep"))
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=load_pairs, args=(cfg,)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert (tmp_path / "passes.txt").read_text() == "pass 1\n"
+    assert len(load_pairs(cfg)) == 3
+
+
+def test_prepare_command_errors_are_one_line(tmp_path, capsys):
+    from ncp.data.prepare import main
+    from ncp.errors import run_cli
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: main(["--source", "parquet", "--path", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data.path: no such file or folder:") and "\n" not in err
