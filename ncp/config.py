@@ -183,7 +183,10 @@ class Config:
 
 
 def changed_keys(saved: dict, now: dict) -> list[str]:
-    """`key: saved -> now` for every fingerprint entry that differs."""
+    """`key: saved -> now` for every fingerprint entry that differs. A key the saved run predates (added to the
+    config since, e.g. data.filter) counts as unchanged while it is at its default."""
+    default = Config().flat()
+    saved = {**{k: default[k] for k in now if k not in saved and k in default}, **saved}
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
 
 

@@ -273,3 +273,14 @@ def test_prepare_command_errors_are_one_line(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: data.path: no such file or folder:") and "\n" not in err
+
+
+def test_runs_saved_before_data_filter_existed_still_resume():
+    from ncp.config import Config, changed_keys
+
+    now = Config().fingerprint(1)
+    saved = {k: v for k, v in now.items() if k != "data.filter"}  # a checkpoint from before the key existed
+    assert changed_keys(saved, now) == []
+    later = Config()
+    later.data.filter = "absolute_winners"
+    assert changed_keys(saved, later.fingerprint(1)) == ["data.filter: 'none' -> 'absolute_winners'"]
