@@ -99,7 +99,7 @@ RESUMABLE_CHANGES = ("model.arch", "train.output_dir", "train.max_steps", "train
                      "train.keep_checkpoints", "train.resume_from", "train.overwrite", "train.log_every",
                      "train.validate_every", "train.validation_prompts", "train.validation_steps",
                      "train.validation_guidance", "train.validation_reward", "train.max_bad_steps", "train.report_to",
-                     "train.gradient_checkpointing", "data.num_workers", "hub.")
+                     "train.gradient_checkpointing", "data.num_workers", "data.prepared_dir", "hub.")
 
 
 @dataclass
@@ -183,7 +183,10 @@ class Config:
 
 
 def changed_keys(saved: dict, now: dict) -> list[str]:
-    """`key: saved -> now` for every fingerprint entry that differs."""
+    """`key: saved -> now` for every fingerprint entry that differs. A key the saved run predates (added to the
+    config since, e.g. data.filter) counts as unchanged while it is at its default."""
+    default = Config().flat()
+    saved = {**{k: default[k] for k in now if k not in saved and k in default}, **saved}
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
 
 

@@ -158,9 +158,13 @@ def test_hub_source_from_save_to_disk_folder(tmp_path):
 
     dsd = datasets.DatasetDict({"train": datasets.Dataset.from_pandas(pickapic_frame())})
     dsd.save_to_disk(str(tmp_path / "pick"))
-    check_source(DataConfig(source="hub", path=str(tmp_path / "pick"), resolution=16))
+    # streamed into a local parquet (ncp.data.prepare), then read map-style from there
+    check_source(DataConfig(source="hub", path=str(tmp_path / "pick"), resolution=16,
+                            prepared_dir=str(tmp_path / "prepared")))
+    assert (tmp_path / "prepared" / "pairs" / "pairs-00000.parquet").exists()
     with pytest.raises(NcpError, match="no such split"):
-        load_pairs(DataConfig(source="hub", path=str(tmp_path / "pick"), split="test"))
+        load_pairs(DataConfig(source="hub", path=str(tmp_path / "pick"), split="test",
+                              prepared_dir=str(tmp_path / "prepared-test")))
 
 
 def test_pickapic_meta_and_authors_csv_with_image_dir(tmp_path):

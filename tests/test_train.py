@@ -210,8 +210,9 @@ def test_two_processes_train_one_lora_and_resume_exactly(tiny_sd15, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
 
     def launch(out, *extra):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        # the shipped 8-GPU DDP file, adapted to 2 CPU processes (ACCELERATE_USE_CPU=1: gloo)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "8gpu.yaml"), "--num_processes", "2", "--mixed_precision", "no",
                str(ROOT / "train_ncp_dpo.py"), *args(tiny_sd15, out, "objective.beta=50000", *extra)]
         proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]

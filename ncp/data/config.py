@@ -9,6 +9,9 @@ from ncp.errors import NcpError
 SOURCES = ("toy", "hub", "parquet", "pickapic_meta", "authors_csv", "pairs")
 CROPS = ("center", "random")
 ON_BAD_IMAGE = ("skip", "error")
+MINI_SETS = ("x>y", "x>y,x>z", "x>y,y>z")  # Table 2 of the paper (ncp/data/filter.py)
+FILTERS = ("none", "absolute_winners", *MINI_SETS)
+FILTERABLE = ("hub", "parquet", "pickapic_meta", "authors_csv")  # sources with rankings (caption, uids, labels)
 
 
 @dataclass
@@ -18,6 +21,8 @@ class DataConfig:
     source: str = "toy"  # built-in toy pairs need no files, so the quickstart and tests run offline
     path: str | None = None  # hub id / save_to_disk dir / parquet file,dir,glob / metadata parquet / CSV / pairs file
     image_dir: str | None = None  # folder of <uid>.jpg for pickapic_meta and authors_csv
+    filter: str = "none"  # absolute_winners = the paper's 87,687 pairs; none = every decided pair; or a Table 2 mini-set
+    prepared_dir: str | None = None  # data.source=hub streams into this local parquet once (None: ~/.cache/ncp/prepared/<id>)
     split: str = "train"  # Pick-a-Pic splits: train, validation, test, validation_unique, test_unique
     max_pairs: int | None = None  # cap after tie dropping, for quick runs on a slice of a big set
     resolution: int = 32  # tiny default for the toy data; the paper uses 512 (SD1.5) and 1024 (SDXL)
@@ -32,12 +37,15 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise NcpError naming the first bad `data.*` key."""
-        choices = {"source": SOURCES, "crop": CROPS, "on_bad_image": ON_BAD_IMAGE}
+        choices = {"source": SOURCES, "crop": CROPS, "on_bad_image": ON_BAD_IMAGE, "filter": FILTERS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise NcpError(f"data.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
         if self.source != "toy" and not self.path:
             raise NcpError(f"data.path is required when data.source={self.source!r}")
+        if self.filter != "none" and self.source not in FILTERABLE:
+            raise NcpError(f"data.filter={self.filter!r} needs Pick-a-Pic rankings ({', '.join(FILTERABLE)}); "
+                           f"data.source={self.source!r} has none: use data.filter=none")
         if self.source in ("pickapic_meta", "authors_csv") and not self.image_dir:
             raise NcpError(f"data.image_dir is required when data.source={self.source!r} (folder of <uid>.jpg)")
         if self.resolution < 8 or self.resolution % 8:

@@ -22,10 +22,10 @@ import argparse
 import numpy as np
 import pandas as pd
 
+from ncp.data.config import FILTERS, MINI_SETS
 from ncp.data.sources import IMAGE_COLUMNS, read_table, resolve_files
 from ncp.errors import NcpError, run_cli
 
-MINI_SETS = ("x>y", "x>y,x>z", "x>y,y>z")
 NEEDED = ["caption", "image_0_uid", "image_1_uid", "label_0"]
 
 
@@ -81,6 +81,41 @@ def filter_pairs(df: pd.DataFrame, mini_set: str | None = None) -> pd.DataFrame:
         for col, ucol in zip(IMAGE_COLUMNS, ("image_0_uid", "image_1_uid")):
             res[col] = [df[where[u][1]].iloc[where[u][0]] for u in res[ucol]]
     return res
+
+
+def plan_pairs(df: pd.DataFrame, filter: str) -> pd.DataFrame:
+    """The pairs `data.filter` keeps, winner first, and where each image's bytes are in `df`.
+
+    Columns: caption, w, l (uids), w_row, w_col, l_row, l_col (row of `df` and "jpg_0"/"jpg_1"). A pair that
+    is a row of `df` takes both images from that row; a derived pair (mini-set x>z) from the first row
+    showing each uid. `none` keeps every decided pair; the others are `filter_pairs` (same pairs, same order)."""
+    if filter not in FILTERS:
+        raise NcpError(f"data.filter must be one of {', '.join(FILTERS)}; got {filter!r}")
+    pairs, _ = _oriented(df)
+    swapped = pairs["w"].to_numpy() != df["image_0_uid"].astype(str).to_numpy()[pairs["row"].to_numpy()]
+    if filter == "none":
+        rows = pairs["row"].to_numpy()
+        return pd.DataFrame({"caption": pairs["caption"].to_numpy(), "w": pairs["w"].to_numpy(), "l": pairs["l"].to_numpy(),
+                             "w_row": rows, "w_col": np.where(swapped, "jpg_1", "jpg_0"),
+                             "l_row": rows, "l_col": np.where(swapped, "jpg_0", "jpg_1")})
+    kept = filter_pairs(df[NEEDED + [c for c in ("label_1", "ranking_id") if c in df]],
+                        None if filter == "absolute_winners" else filter)
+    own = {}  # (caption, w, l) -> first row showing that pair, and whether the winner is image 1 there
+    for key, row, sw in zip(zip(pairs["caption"], pairs["w"], pairs["l"]), pairs["row"], swapped):
+        own.setdefault(key, (int(row), bool(sw)))
+    first = {}  # uid -> first (row, column) showing it
+    for col, ucol in (("jpg_0", "image_0_uid"), ("jpg_1", "image_1_uid")):
+        for row, u in enumerate(df[ucol].astype(str)):
+            if u not in first or row < first[u][0]:
+                first[u] = (row, col)
+    out = []
+    for c, w, l in kept[["caption", "image_0_uid", "image_1_uid"]].itertuples(index=False):
+        if (c, w, l) in own:
+            row, sw = own[(c, w, l)]
+            out.append((c, w, l, row, "jpg_1" if sw else "jpg_0", row, "jpg_0" if sw else "jpg_1"))
+        else:
+            out.append((c, w, l, *first[w], *first[l]))
+    return pd.DataFrame(out, columns=["caption", "w", "l", "w_row", "w_col", "l_row", "l_col"])
 
 
 def summary(df: pd.DataFrame) -> dict:

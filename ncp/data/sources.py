@@ -2,21 +2,29 @@
 
 Supported (`data.source`):
 - hub: a hub dataset id or a local folder (`save_to_disk` output or data files) in the Pick-a-Pic
-  schema (`caption, jpg_0, jpg_1, label_0, label_1, image_0_uid, image_1_uid, ...`);
-- parquet: local Pick-a-Pic parquet shards (file, folder or glob);
+  schema (`caption, jpg_0, jpg_1, label_0, label_1, image_0_uid, image_1_uid, ...`), streamed
+  (`streaming=True`, never materialised) and filtered on the fly by `ncp.data.prepare` into a local
+  parquet of the kept pairs (`data.prepared_dir`), which training then reads like `parquet`;
+- parquet: local Pick-a-Pic parquet shards (file, folder or glob): read in place when their row groups are
+  small (`ncp.data.prepare` output), else through datasets' memory-mapped Arrow cache (a converted copy);
 - pickapic_meta: Pick-a-Pic metadata without images (e.g. `pickapic_v2_no_images`) + `image_dir/<uid>.jpg`;
 - authors_csv: the NCP authors' CSV (`image_0_uid, image_1_uid, label_0, caption`) + `image_dir/<uid>.jpg`;
 - pairs: the user's JSONL/CSV of `prompt, chosen, rejected` image paths (relative to the file).
 - toy: built-in coloured shapes (ncp.data.toy), no files.
 Ties (label_0 == label_1, i.e. 0.5/0.5) are dropped and counted; pairs are turned so the winner is first.
+`data.filter` (absolute_winners = the paper, or a Table 2 mini-set; ncp/data/filter.py) applies to every
+source with rankings: hub, parquet, pickapic_meta, authors_csv.
 """
 
 from __future__ import annotations
 
+import bisect
+import copy
 import glob
+import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +43,55 @@ KNOWN_SPLITS = ("train", "validation", "test", "validation_unique", "test_unique
 
 # ---------------------------------------------------------------- image stores (picklable, for workers)
 class ArrowImages:
-    """Image bytes in a `datasets.Dataset` (memory-mapped Arrow), read one row at a time."""
+    """Image bytes in a `datasets.Dataset` (memory-mapped Arrow), read one row at a time.
+    `refs[i]` = ((row, column) of the winner, (row, column) of the loser)."""
 
-    def __init__(self, ds, rows: list[int], swap: list[bool], origin: str):
-        self.ds, self.rows, self.swap, self.origin = ds.select_columns(IMAGE_COLUMNS), rows, swap, origin
+    def __init__(self, ds, refs: list[tuple[tuple[int, str], tuple[int, str]]], origin: str):
+        self.ds, self.refs, self.origin = ds.select_columns(IMAGE_COLUMNS), refs, origin
 
     def get(self, i: int):
-        row = self.ds[self.rows[i]]
-        a = (row["jpg_0"], f"{self.origin} row {self.rows[i]} column jpg_0")
-        b = (row["jpg_1"], f"{self.origin} row {self.rows[i]} column jpg_1")
-        return (b, a) if self.swap[i] else (a, b)
+        return tuple((self.ds[row][col], f"{self.origin} row {row} column {col}") for row, col in self.refs[i])
+
+
+class ParquetRows:
+    """Random access to the rows of parquet files with small row groups (`ncp.data.prepare` writes 8 rows each):
+    a cell is read by decoding one row group's column, so no Arrow copy of the data is made (datasets'
+    map-style `load_dataset("parquet")` converts it all into its cache first). Same calls as a `datasets.Dataset`
+    where the loader uses them: `column_names`, `select_columns`, `to_pandas`, `ds[row]`."""
+
+    def __init__(self, files: list[str]):
+        self.files, self.column_names = files, pq.read_schema(files[0]).names
+        self.columns, self.starts, self.groups, n = self.column_names, [], [], 0
+        for fi, f in enumerate(files):
+            meta = pq.read_metadata(f)
+            for g in range(meta.num_row_groups):
+                self.starts.append(n)
+                self.groups.append((fi, g))
+                n += meta.row_group(g).num_rows
+        self.num_rows, self._open = n, {}
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getstate__(self):  # open file handles stay in their process (DataLoader workers)
+        return {**self.__dict__, "_open": {}}
+
+    def select_columns(self, columns: list[str]) -> "ParquetRows":
+        view = copy.copy(self)
+        view.columns, view._open = list(columns), {}
+        return view
+
+    def to_pandas(self) -> pd.DataFrame:
+        frames = [pd.read_parquet(f, columns=self.columns) for f in self.files]
+        return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+    def __getitem__(self, row: int) -> dict:
+        k = bisect.bisect_right(self.starts, row) - 1
+        fi, g = self.groups[k]
+        if fi not in self._open:
+            self._open[fi] = pq.ParquetFile(self.files[fi])
+        table = self._open[fi].read_row_group(g, columns=self.columns)
+        return {c: table.column(c)[row - self.starts[k]].as_py() for c in self.columns}
 
 
 class FileImages:
@@ -165,10 +212,25 @@ def _finish(prompts, ids, wu, lu, images, stats, where: str, max_pairs: int | No
     return Pairs(list(prompts), list(ids), list(wu), list(lu), images, stats)
 
 
-def _labelled(df: pd.DataFrame, where: str, max_pairs):
-    """Keep/orient rows of a Pick-a-Pic-like frame; returns rows, swap flags, prompts, ids, uids, stats."""
+def _labelled(df: pd.DataFrame, where: str, max_pairs, filter: str = "none"):
+    """Keep/orient rows of a Pick-a-Pic-like frame (and apply `data.filter`); returns prompts, ids, uids,
+    image refs ((row, column) of winner and loser in `df`) and stats."""
     keep, swap, stats = orient(df["label_0"], df["label_1"])
     stats = {"rows": len(df), **stats}
+    if filter != "none":
+        from ncp.data.filter import NEEDED, plan_pairs
+
+        missing = [c for c in NEEDED if c not in df.columns]
+        if missing:
+            raise NcpError(f"{where}: data.filter={filter} needs column {missing[0]!r} (has {list(df.columns)})")
+        plan = plan_pairs(df, filter)
+        stats["dropped_by_filter"] = len(keep) - len(plan)
+        if max_pairs is not None:
+            stats["dropped_by_max_pairs"] = max(0, len(plan) - max_pairs)
+            plan = plan.iloc[:max_pairs]
+        wu, lu = plan["w"].tolist(), plan["l"].tolist()
+        refs = list(zip(zip(plan["w_row"].tolist(), plan["w_col"]), zip(plan["l_row"].tolist(), plan["l_col"])))
+        return plan["caption"].tolist(), [f"{w}>{l}" for w, l in zip(wu, lu)], wu, lu, refs, stats
     if max_pairs is not None:  # cut before building per-pair lists: cheap on 1M rows
         stats["dropped_by_max_pairs"] = max(0, len(keep) - max_pairs)
         keep, swap = keep[:max_pairs], swap[:max_pairs]
@@ -181,34 +243,29 @@ def _labelled(df: pd.DataFrame, where: str, max_pairs):
         u1 = np.array([f"row{r}_1" for r in keep])
     wu, lu = np.where(swap, u1, u0).tolist(), np.where(swap, u0, u1).tolist()
     ids = [f"{w}>{l}" for w, l in zip(wu, lu)]
-    return keep.tolist(), swap.tolist(), caps.tolist(), ids, wu, lu, stats
+    refs = [((r, "jpg_1"), (r, "jpg_0")) if s else ((r, "jpg_0"), (r, "jpg_1")) for r, s in zip(keep.tolist(), swap.tolist())]
+    return caps.tolist(), ids, wu, lu, refs, stats
 
 
 # ---------------------------------------------------------------- sources
+SMALL_ROW_GROUP = 64  # rows; up to this, reading one image straight from the parquet is cheap
+
+
 def _load_arrow(cfg: DataConfig):
-    """A `datasets.Dataset` for hub / parquet sources, plus a name for messages."""
+    """Local parquet shards as rows with random access, plus a name for messages: read in place when their row
+    groups are small (prepared data), else a memory-mapped `datasets.Dataset` (an Arrow copy in its cache)."""
     import datasets
 
-    path = cfg.path
+    files = resolve_files(cfg.path, cfg.split, (".parquet",))
+    for f in files:  # fail on a bad shard or column here, naming the file, not deep in datasets
+        _check_parquet(f)
+    metas = [pq.read_metadata(f) for f in files]
+    if all(m.row_group(g).num_rows <= SMALL_ROW_GROUP for m in metas for g in range(m.num_row_groups)):
+        return ParquetRows(files), cfg.path
     try:
-        if cfg.source == "parquet":
-            files = resolve_files(path, cfg.split, (".parquet",))
-            for f in files:  # fail on a bad shard or column here, naming the file, not deep in datasets
-                _check_parquet(f)
-            return datasets.load_dataset("parquet", data_files=files, split="train"), path
-        if os.path.isdir(path) and (os.path.exists(os.path.join(path, "dataset_dict.json"))
-                                    or os.path.exists(os.path.join(path, "state.json"))):
-            ds = datasets.load_from_disk(path)
-            if isinstance(ds, datasets.DatasetDict):
-                if cfg.split not in ds:
-                    raise NcpError(f"data.split={cfg.split!r}: no such split in {path} (found {list(ds)})")
-                ds = ds[cfg.split]
-            return ds, path
-        return datasets.load_dataset(path, split=cfg.split), path
-    except NcpError:
-        raise
+        return datasets.load_dataset("parquet", data_files=files, split="train"), cfg.path
     except Exception as e:
-        raise NcpError(f"{path}: cannot load dataset split {cfg.split!r} ({type(e).__name__}: {e})") from e
+        raise NcpError(f"{cfg.path}: cannot load parquet split {cfg.split!r} ({type(e).__name__}: {e})") from e
 
 
 def _check_parquet(f: str) -> None:
@@ -231,26 +288,35 @@ def load_pairs(cfg: DataConfig) -> Pairs:
         return Pairs(caps[:n], ids, [f"{p}w" for p in ids], [f"{p}l" for p in ids],
                      ToyImages(cfg.toy_seed, cfg.resolution), {"rows": cfg.toy_num_pairs, "pairs": n})
 
-    if cfg.source in ("hub", "parquet"):
+    if cfg.source == "hub":  # streamed (filtered on the fly) into a local parquet once, then read from there
+        from ncp.data.prepare import ensure_prepared
+
+        local = ensure_prepared(cfg)
+        pairs = load_pairs(replace(cfg, source="parquet", path=str(local / "pairs"), split="train", filter="none"))
+        pairs.stats = {**json.loads((local / "prepare.json").read_text())["stats"], "pairs": len(pairs)}
+        return pairs
+
+    if cfg.source == "parquet":
         ds, where = _load_arrow(cfg)
         missing = [c for c in PICKAPIC_COLUMNS + IMAGE_COLUMNS if c not in ds.column_names]
         if missing:
             raise NcpError(f"{where} (split {cfg.split}): missing column {missing[0]!r} (has {ds.column_names})")
-        meta = ds.select_columns(PICKAPIC_COLUMNS + [c for c in UID_COLUMNS if c in ds.column_names]).to_pandas()
-        rows, swap, caps, ids, wu, lu, stats = _labelled(meta, where, cfg.max_pairs)
-        return _finish(caps, ids, wu, lu, ArrowImages(ds, rows, swap, where), stats, where, None)
+        meta = ds.select_columns(PICKAPIC_COLUMNS + [c for c in UID_COLUMNS + ["ranking_id"]
+                                                     if c in ds.column_names]).to_pandas()
+        caps, ids, wu, lu, refs, stats = _labelled(meta, where, cfg.max_pairs, cfg.filter)
+        return _finish(caps, ids, wu, lu, ArrowImages(ds, refs, where), stats, where, None)
 
     if cfg.source == "pickapic_meta":
         files = resolve_files(cfg.path, cfg.split, (".parquet",))
-        df = read_table(files, PICKAPIC_COLUMNS + UID_COLUMNS)
+        df = read_table(files, PICKAPIC_COLUMNS + UID_COLUMNS, optional=["ranking_id"])
     elif cfg.source == "authors_csv":
         files = [cfg.path]
-        df = read_table(files, ["image_0_uid", "image_1_uid", "label_0", "caption"])
+        df = read_table(files, ["image_0_uid", "image_1_uid", "label_0", "caption"], optional=["ranking_id"])
         df["label_1"] = 1.0 - pd.to_numeric(df["label_0"], errors="coerce")  # the CSV stores label_0 only
     else:  # pairs
         return _load_user_pairs(cfg)
 
-    rows, swap, caps, ids, wu, lu, stats = _labelled(df, cfg.path, cfg.max_pairs)
+    caps, ids, wu, lu, _, stats = _labelled(df, cfg.path, cfg.max_pairs, cfg.filter)
     to_path = lambda uid: os.path.join(cfg.image_dir, f"{uid}.jpg")  # noqa: E731  (Pick-a-Pic names files by uid)
     images = FileImages([to_path(u) for u in wu], [to_path(u) for u in lu])
     return _finish(caps, ids, wu, lu, images, stats, cfg.path, None)
