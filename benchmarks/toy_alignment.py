@@ -42,6 +42,7 @@ import importlib
 import json
 import random
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -76,10 +77,10 @@ BOOT = 2000  # bootstrap resamples
 GUIDANCE = 1.0  # no classifier-free guidance: the base follows captions only partly, which leaves room to align
 
 # Sizes. img_seeds x 18 test captions >= 256 test images per point (full, quick).
-FULL = dict(vae_steps=200, base_max=3000, base_check=150, base_batch=16, base_lr=2e-3, ema=0.995,
-            steps=150, eval_every=50, pairs=8, num_pairs=512, rank=8, seeds=3, img_seeds=15, val_seeds=8,
-            lrs=[1e-4, 3e-4, 1e-3], beta_mults=[1.0, 4.0], sample_steps=10)
-QUICK = dict(FULL, base_max=900, base_check=150, steps=60, eval_every=30, lrs=[3e-4, 1e-3], beta_mults=[1.0])
+FULL = dict(vae_steps=200, base_max=2400, base_check=150, base_batch=16, base_lr=2e-3, ema=0.995,
+            steps=100, eval_every=50, pairs=8, num_pairs=512, rank=8, seeds=3, img_seeds=15, val_seeds=8,
+            lrs=[3e-4, 1e-3], beta_mults=[1.0, 4.0], sample_steps=8)
+QUICK = dict(FULL, base_max=600, steps=40, eval_every=40, beta_mults=[1.0])
 SMOKE = dict(vae_steps=3, base_max=4, base_check=2, base_batch=4, base_lr=2e-3, ema=0.9, steps=2, eval_every=1,
              pairs=2, num_pairs=8, rank=4, seeds=2, img_seeds=1, val_seeds=1, lrs=[5e-4], beta_mults=[1.0, 2.0],
              sample_steps=2)
@@ -261,8 +262,8 @@ def beta_scale(base: Path, pairs_path: Path) -> dict:
     return {space: 1.0 / max(statistics.median(v), 1e-12) for space, v in gaps.items()}
 
 
-def run_name(method: str, lr: float, beta_mult: float | None, seed: int) -> str:
-    return f"{slug(method)}_lr{lr:g}" + (f"_b{beta_mult:g}" if beta_mult is not None else "") + f"_s{seed}"
+def run_name(method: str, steps: int, lr: float, beta_mult: float | None, seed: int) -> str:
+    return f"{slug(method)}_{steps}steps_lr{lr:g}" + (f"_b{beta_mult:g}" if beta_mult is not None else "") + f"_s{seed}"
 
 
 def train_and_score(job: dict) -> dict:
@@ -496,7 +497,16 @@ def main(argv: list[str] | None = None) -> dict:
     val_seeds = list(range(1000, 1000 + cfg["val_seeds"]))  # grid selection
     check_seeds = list(range(2000, 2000 + cfg["val_seeds"]))  # base stopping checks: other images than the grid's
     test_seeds = list(range(cfg["img_seeds"]))
-    base = pretrain_base(out, cfg, split["val"], check_seeds)
+    base_key = {k: cfg[k] for k in ("vae_steps", "base_max", "base_check", "base_batch", "base_lr", "ema",
+                                    "num_pairs", "val_seeds", "sample_steps")}
+    saved = out / "base.json"
+    if saved.is_file() and json.loads(saved.read_text())["settings"] == base_key:  # the same rule gives the same base
+        base = json.loads(saved.read_text())["base"]
+        print(f"base: reusing {out / 'base'} (U-Net step {base['unet_steps']}, same settings)")
+    else:
+        shutil.rmtree(out / "runs", ignore_errors=True)  # runs of another base must not be reused below
+        base = pretrain_base(out, cfg, split["val"], check_seeds)
+        saved.write_text(json.dumps(dict(settings=base_key, base=base), indent=2))
     base_dir = str(out / "base")
     betas = beta_scale(out / "base", pairs_path)
     print(f"beta scale per space (1 / median |err_w - err_l| of the base): "
@@ -508,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict:
         space, loss = METHODS[method][1], METHODS[method][0]
         beta = betas[space] * mult if loss != "sft" else 1.0
         return dict(common, method=method, lr=lr, beta_mult=mult if loss != "sft" else None, beta=beta, seed=seed,
-                    run_dir=str(out / "runs" / run_name(method, lr, mult if loss != "sft" else None, seed)),
+                    run_dir=str(out / "runs" / run_name(method, cfg["steps"], lr, mult if loss != "sft" else None, seed)),
                     prompts=prompts, img_seeds=img_seeds, score_steps=score_steps)
 
     # 2. grid on the validation captions
