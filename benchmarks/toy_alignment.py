@@ -82,9 +82,9 @@ GUIDANCE = 1.0  # no classifier-free guidance: the base follows captions only pa
 
 # Sizes. img_seeds x 18 test captions >= 256 test images per point (full, quick).
 FULL = dict(vae_steps=200, base_max=1800, base_check=150, base_batch=16, base_lr=2e-3, ema=0.995,
-            steps=100, eval_every=50, pairs=8, num_pairs=512, rank=8, seeds=3, img_seeds=15, val_seeds=8,
-            lrs=[1e-4, 3e-4, 1e-3], beta_mults=[1.0, 4.0], sample_steps=8)
-QUICK = dict(FULL, base_max=600, steps=40, eval_every=40, lrs=[3e-4, 1e-3], beta_mults=[1.0])
+            steps=80, eval_every=40, pairs=4, num_pairs=512, rank=8, seeds=3, img_seeds=15, val_seeds=8,
+            lrs=[3e-4, 1e-3], beta_mults=[1.0, 4.0], sample_steps=8)
+QUICK = dict(FULL, base_max=600, steps=40, eval_every=40, beta_mults=[1.0])
 SMOKE = dict(vae_steps=3, base_max=4, base_check=2, base_batch=4, base_lr=2e-3, ema=0.9, steps=2, eval_every=1,
              pairs=2, num_pairs=8, rank=4, seeds=2, img_seeds=1, val_seeds=1, lrs=[5e-4], beta_mults=[1.0, 2.0],
              sample_steps=2)
