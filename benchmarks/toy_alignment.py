@@ -449,7 +449,10 @@ def verdict(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:
-    """Reward vs step and vs measured training time, one line per method with its 95% band."""
+    """Gain over the base vs step and vs measured training time, one line per method with its 95% band.
+
+    Gains, not rewards: the band of a mean reward is mostly the spread between prompts, which every
+    checkpoint shares; the gain is paired with the base image by image, as the table's intervals are."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
@@ -460,13 +463,14 @@ def plot(summary: dict, path: Path) -> None:
         style = "-" if name.startswith("NCP") else "--"
         for ax, x in zip(axes, ("step", "seconds")):
             xs = [p[x] for p in m["points"]]
-            line, = ax.plot(xs, [p["reward"] for p in m["points"]], style, marker="o", ms=3, label=name)
-            ax.fill_between(xs, [p["low"] for p in m["points"]], [p["high"] for p in m["points"]],
+            line, = ax.plot(xs, [p["gain"] for p in m["points"]], style, marker="o", ms=3, label=name)
+            ax.fill_between(xs, [p["gain_low"] for p in m["points"]], [p["gain_high"] for p in m["points"]],
                             color=line.get_color(), alpha=0.12)
     axes[0].set_xlabel("optimizer step (equal steps)")
     axes[1].set_xlabel("measured training time, s (equal compute)")
-    axes[0].set_ylabel("mean toy reward on test captions, 95% band")
+    axes[0].set_ylabel("toy reward gain over the base, test captions (95% band)")
     for ax in axes:
+        ax.axhline(0, color="black", lw=0.8)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
