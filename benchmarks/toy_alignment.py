@@ -30,7 +30,7 @@ Every selection rule below is fixed in code and printed (`rules()`) before any t
 Outputs in --out: toy_alignment.json (every number), curves.png (reward vs step and vs training time,
 95% bands), table.md (the tables printed at the end), runs/ and base/.
 
-    python benchmarks/toy_alignment.py --out outputs/toy-v2               # full: about 90 minutes, 2 workers
+    python benchmarks/toy_alignment.py --out outputs/toy-v2               # full: about 40 minutes, 2 workers
     python benchmarks/toy_alignment.py --quick --out outputs/toy-v2-quick # under 15 minutes, 2 workers
     python benchmarks/toy_alignment.py --smoke --out /tmp/toy-smoke       # seconds: the code runs
 """
