@@ -24,7 +24,8 @@ Every selection rule below is fixed in code and printed (`rules()`) before any t
 4. Statistics. 95% intervals: percentile bootstrap over test prompts (2000 resamples), one prompt's images
    (all image seeds, all training seeds) one cluster. Differences (NCP - latent) are paired by prompt.
    Equal steps: at the last step. Equal compute: at the training time of the cheaper method of a pair
-   (measured per step in metrics.jsonl, mean over seeds), the costlier one's scores interpolated
+   (wall time per step from metrics.jsonl, mean over seeds; runs in parallel workers share the CPU, so
+   RESULTS.md also gives the comparison by counted FLOPs), the costlier one's scores interpolated
    linearly between its checkpoints.
 
 Outputs in --out: toy_alignment.json (every number), curves.png (reward vs step and vs training time,
@@ -272,8 +273,8 @@ def run_name(method: str, steps: int, lr: float, beta_mult: float | None, seed: 
 
 
 def train_and_score(job: dict) -> dict:
-    """One run: train it through the real script (unless its final LoRA exists), then score the base-relative
-    checkpoints in job["score_steps"] on job["prompts"] x job["img_seeds"]. Runs in a worker process."""
+    """One run: train it through the real script (unless its final LoRA exists), then score its checkpoints
+    at job["score_steps"] on job["prompts"] x job["img_seeds"]. Runs in a worker process."""
     from accelerate.state import AcceleratorState
 
     from ncp.curves import run_loras
@@ -298,7 +299,7 @@ def train_and_score(job: dict) -> dict:
         importlib.import_module(f"train_ncp_{loss}").main(argv)
     rows = read_metrics(run_dir)
     seconds, total = {0: 0.0}, 0.0
-    for r in rows:  # measured training time per optimizer step (objective, backward, optimizer; no I/O)
+    for r in rows:  # measured wall time between optimizer steps: loading, VAE encoding, objective, backward, update
         total += job["pairs"] / r["samples_per_s"]
         seconds[r["step"]] = total
     pipe = load_pipeline(job["base"], "cpu")
