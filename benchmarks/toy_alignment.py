@@ -1,39 +1,57 @@
-"""Toy alignment benchmark: reward vs step of NCP and latent DPO/CPO/SFT (the paper's Figure 3 in miniature).
+"""Toy alignment benchmark v2: does preference training raise a toy reward, and does NCP beat latent training
+at equal optimizer steps and at equal compute? (the paper's Figure 3 and Table 1, in miniature, on a CPU)
 
-1. Base model. The tiny SD1.5 pipeline (ncp.tiny) is trained on the built-in toy shapes: its VAE as an
-   autoencoder on winner and loser images, then its U-Net with plain epsilon-MSE on the winners'
-   latents with their captions (10% empty captions, so classifier-free guidance works; text encoder
-   frozen). U-Net training stops as soon as the sampled images' toy reward passes a point between
-   chance and the winners' 1.0 (--base-target), so the base follows captions only partly. That check
-   uses other prompts and seeds than step 3, so the base's score in the table is not selected for luck.
-2. From that base, each method trains for the same steps on the same pairs through the real
-   scripts (`train_ncp_{dpo,cpo,sft}.main`), with a checkpoint every K steps.
-   beta, per space, once: beta = 1 / median |err_w - err_l| over the base model's errors on the
-   training pairs, so beta * (error gap) is O(1) in both spaces (perceptual errors of the tiny
-   U-Net are ~1e-5, latent ~1e-1); the authors' settings are the same rule at SD scale.
-   lr is one value for all runs: with Adam the step size does not depend on the loss scale, once
-   Adam's eps is far below the gradients (optim.eps=1e-12: NCP-SFT's gradients are ~1e-8).
-3. Every checkpoint (and the base, step 0) samples the same prompts with the same seeds and is
-   scored with `ncp.data.toy.toy_reward` (ncp.curves). Prints a reward-vs-step table; writes
-   curves.png, curves.json/csv and toy_alignment.json.
+Every selection rule below is fixed in code and printed (`rules()`) before any test prompt is scored.
 
-    python benchmarks/toy_alignment.py --out outputs/toy-alignment          # about 20 minutes on 2 CPU cores
-    python benchmarks/toy_alignment.py --smoke --out /tmp/toy-smoke         # seconds: the code runs
+0. Prompts. The toy captions ("a <colour> <shape> on a <background> background", 54 of them) are split once,
+   by a seeded shuffle, into three disjoint sets: train captions (the preference pairs), validation captions
+   (the base's stopping rule and the lr / beta choice) and test captions (every reported number).
+1. Base. The tiny SD1.5 pipeline (ncp.tiny): its VAE trained as an autoencoder on toy images, then its U-Net
+   with epsilon-MSE on winners' latents of every caption (a pretraining stream separate from the pairs; 10%
+   empty captions; CAPTION_NOISE of the images show the loser instead, as web captions are noisy), with an EMA
+   of the weights (diffusers' EMAModel). The EMA U-Net is scored on the
+   validation captions every `base_check` steps; training stops at the first check where the reward gained
+   less than BASE_TOL over the last two checks (it has stopped moving), or at `base_max` steps. The EMA
+   weights at that check are the base.
+2. Grid. Each of the six objectives (NCP / latent x DPO / CPO / SFT) trains with training seed 0 from the
+   base for every lr in the grid (x every beta multiplier for DPO / CPO; beta = multiplier / median
+   |err_w - err_l| of the base on the training pairs, per space). The setting with the highest mean
+   validation reward at the last step wins (ties: the first in grid order). NCP-DPO under bf16 (difference
+   and linearized error) takes NCP-DPO's chosen setting, so the precision rows differ in precision alone.
+3. Test. Every method with its chosen setting trains with `seeds` training seeds (seed 0 is the grid's run)
+   through the real scripts (`train_ncp_{dpo,cpo,sft}.main`), a checkpoint every `eval_every` steps. Each
+   checkpoint and the base render every test caption x `img_seeds` image seeds, scored with `toy_reward`.
+4. Statistics. 95% intervals: percentile bootstrap over test prompts (2000 resamples), one prompt's images
+   (all image seeds, all training seeds) one cluster. Differences (NCP - latent) are paired by prompt.
+   Equal steps: at the last step. Equal compute: at the training time of the cheaper method of a pair
+   (wall time per step from metrics.jsonl, mean over seeds; runs in parallel workers share the CPU, so
+   RESULTS.md also gives the comparison by counted FLOPs), the costlier one's scores interpolated
+   linearly between its checkpoints.
+
+Outputs in --out: toy_alignment.json (every number), curves.png (reward vs step and vs training time,
+95% bands), table.md (the tables printed at the end), runs/ and base/.
+
+    python benchmarks/toy_alignment.py --out outputs/toy-v2               # full: about 40 minutes, 2 workers
+    python benchmarks/toy_alignment.py --quick --out outputs/toy-v2-quick # under 15 minutes, 2 workers
+    python benchmarks/toy_alignment.py --smoke --out /tmp/toy-smoke       # seconds: the code runs
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
-import math
 import random
+import shlex
 import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -41,27 +59,71 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the training scripts and ncp, from a clean checkout
 
 from ncp.data.loader import to_tensor  # noqa: E402
-from ncp.data.toy import (BACKGROUNDS, COLOURS, SHAPES, parse_caption, render, toy_pair, toy_prompts,  # noqa: E402
+from ncp.data.toy import (BACKGROUNDS, COLOURS, SHAPES, parse_caption, render, toy_caption, toy_pair,  # noqa: E402
                           toy_reward)
 
-METHODS = [("NCP-DPO", "dpo", "perceptual"), ("latent DPO", "dpo", "latent"),
-           ("NCP-SFT", "sft", "perceptual"), ("latent SFT", "sft", "latent"),
-           ("NCP-CPO", "cpo", "perceptual"), ("latent CPO", "cpo", "latent")]
-FULL = dict(vae_steps=200, unet_max_steps=1500, unet_eval_every=150, unet_batch=16, unet_lr=2e-3, steps=120,
-            eval_every=30, pairs=8, num_pairs=512, prompts=16, seeds=2, sample_steps=10, lr=1e-3, rank=8)
-SMOKE = dict(vae_steps=3, unet_max_steps=4, unet_eval_every=2, unet_batch=4, unet_lr=2e-3, steps=2, eval_every=1,
-             pairs=2, num_pairs=8, prompts=2, seeds=1, sample_steps=2, lr=5e-4, rank=4)
-PRETRAIN_SEED = 1  # pretraining images come from another toy stream than the preference pairs (data.toy_seed=0)
+# name -> (loss, space, train.mixed_precision, encoder.error); the first six are the objectives
+METHODS = {"NCP-DPO": ("dpo", "perceptual", "no", "difference"), "latent DPO": ("dpo", "latent", "no", "difference"),
+           "NCP-CPO": ("cpo", "perceptual", "no", "difference"), "latent CPO": ("cpo", "latent", "no", "difference"),
+           "NCP-SFT": ("sft", "perceptual", "no", "difference"), "latent SFT": ("sft", "latent", "no", "difference"),
+           "NCP-DPO bf16 difference": ("dpo", "perceptual", "bf16", "difference"),
+           "NCP-DPO bf16 linearized": ("dpo", "perceptual", "bf16", "linearized")}
+OBJECTIVES = list(METHODS)[:6]
+PAIRS = [("DPO", "NCP-DPO", "latent DPO"), ("CPO", "NCP-CPO", "latent CPO"), ("SFT", "NCP-SFT", "latent SFT")]
+BASE_TOL = 0.005  # base stopping rule: the EMA reward gained less than this over the last two checks
+SPLIT = (27, 9, 18)  # train / validation / test captions out of the 54
+SPLIT_SEED = 10
+PRETRAIN_SEED = 1  # pretraining images come from another toy stream than the preference pairs (PAIRS_SEED)
+# Share of pretraining images that show the pair's loser (one attribute wrong) under the caption: web-like
+# caption noise. A base fitted to clean winners left no room for preference training at all (RESULTS.md, 2).
+CAPTION_NOISE = 0.4
+PAIRS_SEED = 0
+BOOT = 2000  # bootstrap resamples
+GUIDANCE = 1.0  # no classifier-free guidance: the base follows captions only partly, which leaves room to align
+
+# Sizes. img_seeds x 18 test captions >= 256 test images per point (full, quick).
+FULL = dict(vae_steps=200, base_max=1800, base_check=150, base_batch=16, base_lr=2e-3, ema=0.995,
+            steps=80, eval_every=40, pairs=4, num_pairs=512, rank=8, seeds=3, img_seeds=15, val_seeds=8,
+            lrs=[3e-4, 1e-3], beta_mults=[1.0, 4.0], sample_steps=8)
+QUICK = dict(FULL, base_max=600, steps=40, eval_every=40, beta_mults=[1.0])
+SMOKE = dict(vae_steps=3, base_max=4, base_check=2, base_batch=4, base_lr=2e-3, ema=0.9, steps=2, eval_every=1,
+             pairs=2, num_pairs=8, rank=4, seeds=2, img_seeds=1, val_seeds=1, lrs=[5e-4], beta_mults=[1.0, 2.0],
+             sample_steps=2)
 
 
 def slug(name: str) -> str:
     return name.lower().replace(" ", "-")
 
 
-# ---------------------------------------------------------------- reference levels of the toy reward
+# ---------------------------------------------------------------- 0. prompts and data
+def split_captions() -> dict[str, list[str]]:
+    """The 54 toy captions, shuffled once with SPLIT_SEED, cut into disjoint train / val / test sets."""
+    captions = [toy_caption(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
+    random.Random(SPLIT_SEED).shuffle(captions)
+    n_train, n_val, _ = SPLIT
+    return dict(train=captions[:n_train], val=captions[n_train:n_train + n_val], test=captions[n_train + n_val:])
+
+
+def write_train_pairs(out: Path, captions: list[str], n: int) -> Path:
+    """The first n toy pairs (stream PAIRS_SEED) whose caption is a train caption, as a `pairs` JSONL."""
+    folder = out / "pairs"
+    folder.mkdir(parents=True, exist_ok=True)
+    keep, rows, i = set(captions), [], 0
+    while len(rows) < n:
+        caption, win, lose = toy_pair(PAIRS_SEED, i, 32)
+        if caption in keep:
+            win.save(folder / f"{i}-w.png")
+            lose.save(folder / f"{i}-l.png")
+            rows.append(dict(prompt=caption, chosen=f"{i}-w.png", rejected=f"{i}-l.png"))
+        i += 1
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def reference_levels(prompts: list[str], size: int = 32) -> dict:
-    """Toy reward of: the exact image (1.0), a loser (one attribute wrong, as in the pairs) and chance
-    (a rendered image of a uniformly random caption); means over the eval prompts."""
+    """Toy reward of the exact image (1.0), a loser (one attribute wrong, as in the pairs) and chance
+    (a random caption's image); means over `prompts`."""
     rng = random.Random(0)
     loser, chance = [], []
     for caption in prompts:
@@ -76,16 +138,28 @@ def reference_levels(prompts: list[str], size: int = 32) -> dict:
     return dict(winner=1.0, loser=statistics.mean(loser), chance=statistics.mean(chance))
 
 
+# ---------------------------------------------------------------- scoring
+def score_images(pipe, prompts: list[str], seeds: list[int], steps: int, batch_size: int = 128) -> np.ndarray:
+    """toy_reward of every prompt x seed image, shape (prompts, seeds), sampled at GUIDANCE."""
+    from ncp.generate import render as render_images
+
+    jobs = [(p, s) for p in prompts for s in seeds]
+    scores = []
+    for i in range(0, len(jobs), batch_size):
+        batch = jobs[i:i + batch_size]
+        images = render_images(pipe, [p for p, _ in batch], [s for _, s in batch], steps, GUIDANCE, 32)
+        scores += [toy_reward(img, p) for img, (p, _) in zip(images, batch)]
+    return np.array(scores).reshape(len(prompts), len(seeds))
+
+
 # ---------------------------------------------------------------- 1. the base model
-def pretrain_base(out: Path, cfg: dict, base_target: float, check_prompts, seeds, guidance: float,
-                  time_cap_s: float, log=print) -> dict:
-    """Train the tiny pipeline's VAE, then U-Net, on toy images; save it to out/base. Returns stats."""
+def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], log=print) -> dict:
+    """VAE, then U-Net with an EMA, on toy images; saves the EMA pipeline to out/base (rule: module docstring)."""
     from diffusers import StableDiffusionPipeline
+    from diffusers.training_utils import EMAModel
 
     from ncp.conditioning import encode_prompts
-    from ncp.curves import score_lora
     from ncp.diffusion import Schedule
-    from ncp.evaluate import make_scorer
     from ncp.models import Models
     from ncp.tiny import build_tiny_pipeline
 
@@ -93,8 +167,7 @@ def pretrain_base(out: Path, cfg: dict, base_target: float, check_prompts, seeds
     build_tiny_pipeline(out / "init", "sd15", seed=0)
     pipe = StableDiffusionPipeline.from_pretrained(out / "init", safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    n = max(64, cfg["num_pairs"])
-    pairs = [toy_pair(PRETRAIN_SEED, i, 32) for i in range(n)]
+    pairs = [toy_pair(PRETRAIN_SEED, i, 32) for i in range(max(64, cfg["num_pairs"]))]
     captions = [c for c, _, _ in pairs]
     winners = torch.stack([to_tensor(w) for _, w, _ in pairs])
     images = torch.cat([winners, torch.stack([to_tensor(l) for _, _, l in pairs])])
@@ -104,45 +177,48 @@ def pretrain_base(out: Path, cfg: dict, base_target: float, check_prompts, seeds
     vae = pipe.vae
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    for step in range(cfg["vae_steps"]):
+    for _ in range(cfg["vae_steps"]):
         x = images[torch.randint(0, len(images), (32,), generator=g)]
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample(generator=g)).sample
-        loss = F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        loss = F.mse_loss(vae.decode(post.sample(generator=g)).sample, x) + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     vae.eval().requires_grad_(False)
-    log(f"VAE trained in {time.perf_counter() - t_start:.0f} s")
     with torch.no_grad():
-        mean = vae.encode(winners).latent_dist.mean
-        recon = vae.decode(mean).sample
+        mean = vae.encode(images).latent_dist.mean  # [winners; losers]
+        recon = vae.decode(mean[:len(winners)]).sample
     vae.register_to_config(scaling_factor=float(1 / mean.std()))  # unit-variance latents, as SD's 0.18215
-    latents = mean * vae.config.scaling_factor
+    noisy = torch.rand(len(winners), generator=torch.Generator().manual_seed(PRETRAIN_SEED)) < CAPTION_NOISE
+    latents = torch.where(noisy.view(-1, 1, 1, 1), mean[len(winners):], mean[:len(winners)]) * vae.config.scaling_factor
     vae_reward = statistics.mean(toy_reward(r, c) for r, c in zip(recon, captions))
-    log(f"VAE: {cfg['vae_steps']} steps, recon MSE {F.mse_loss(recon, winners).item():.4f}, "
-        f"toy reward of reconstructed winners {vae_reward:.3f} (ceiling), scaling factor {vae.config.scaling_factor:.3f}")
+    log(f"VAE: {cfg['vae_steps']} steps, recon MSE {F.mse_loss(recon, winners).item():.4f}, toy reward of "
+        f"reconstructed winners {vae_reward:.4f} (the ceiling), {time.perf_counter() - t_start:.0f} s")
 
-    # U-Net: epsilon-MSE on the winners' latents; captions dropped 10% of the time (classifier-free guidance)
+    # U-Net: epsilon-MSE on the (noisy-caption) latents, 10% empty captions; the EMA copy is checked and saved
     unet = pipe.unet
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    ema = EMAModel(unet.parameters(), decay=cfg["ema"])
     schedule = Schedule.from_scheduler(pipe.scheduler)
     models = Models("sd15", unet, vae, [pipe.tokenizer], [pipe.text_encoder], pipe.scheduler)
     ehs = encode_prompts(models, captions).encoder_hidden_states
     empty = encode_prompts(models, [""]).encoder_hidden_states
-    scorer = make_scorer("toy")
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["unet_lr"])
-    target, bs = base_target, cfg["unet_batch"]
-    history, step = [], 0
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["base_lr"])
+    bs, history, step = cfg["base_batch"], [], 0
     while True:
-        if step % cfg["unet_eval_every"] == 0 or step == cfg["unet_max_steps"]:
+        if step % cfg["base_check"] == 0:
+            ema.copy_to(ema_unet.parameters())
+            pipe.unet = ema_unet
             with torch.no_grad():
-                reward = score_lora(pipe, check_prompts, seeds, scorer, batch_size=64, steps=cfg["sample_steps"],
-                                    guidance=guidance, resolution=32)
+                reward = float(score_images(pipe, val, check_seeds, cfg["sample_steps"]).mean())
+            pipe.unet = unet
             history.append(dict(step=step, reward=reward))
-            log(f"U-Net step {step}: toy reward {reward:.4f} (target {target:.4f}), {time.perf_counter() - t_start:.0f} s")
-            if reward >= target or step >= cfg["unet_max_steps"] or time.perf_counter() - t_start > time_cap_s:
+            gained = reward - history[-3]["reward"] if len(history) >= 3 else float("inf")
+            log(f"base U-Net step {step}: EMA toy reward on validation captions {reward:.4f}, gain over the "
+                f"last two checks {gained:+.4f}, {time.perf_counter() - t_start:.0f} s")
+            if gained < BASE_TOL or step >= cfg["base_max"]:
                 break
-        unet.train().requires_grad_(True)
+        unet.train()
         idx = torch.randint(0, len(latents), (bs,), generator=g)
         x0 = latents[idx]
         cond = torch.where((torch.rand(bs, generator=g) < 0.1).view(-1, 1, 1), empty, ehs[idx])
@@ -152,16 +228,18 @@ def pretrain_base(out: Path, cfg: dict, base_target: float, check_prompts, seeds
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        ema.step(unet.parameters())
         step += 1
-    unet.eval().requires_grad_(False)
+    pipe.unet = ema_unet
     pipe.save_pretrained(out / "base")
     return dict(vae_steps=cfg["vae_steps"], vae_recon_reward=vae_reward, unet_steps=step, history=history,
-                base_reward=history[-1]["reward"], target=target, seconds=time.perf_counter() - t_start)
+                stopped_by="rule" if step < cfg["base_max"] else "base_max", seconds=time.perf_counter() - t_start)
 
 
-# ---------------------------------------------------------------- 2. beta per space, then the runs
-def choose_betas(base: Path, cfg: dict) -> dict:
-    """beta = 1 / median |err_w - err_l| of the base model on the training pairs, per space (module docstring)."""
+# ---------------------------------------------------------------- 2. beta scale, runs
+def beta_scale(base: Path, pairs_path: Path) -> dict:
+    """1 / median |err_w - err_l| of the base on (up to) 64 training pairs, per space: beta x (error gap) is O(1) in
+    both spaces (perceptual errors of the tiny U-Net are ~1e-5, latent ~1e-1)."""
     from ncp.conditioning import build_cond
     from ncp.data.config import DataConfig
     from ncp.data.loader import build_dataloader
@@ -173,12 +251,12 @@ def choose_betas(base: Path, cfg: dict) -> dict:
     models = load_models(str(base))
     schedule = Schedule.from_scheduler(models.scheduler)
     encoder = PerceptualEncoder(models.unet)
-    loader = build_dataloader(DataConfig(source="toy", toy_num_pairs=cfg["num_pairs"]), 16, seed=0)
+    loader = build_dataloader(DataConfig(source="pairs", path=str(pairs_path)), 8, seed=0)
     g = torch.Generator().manual_seed(0)
     gaps = {"perceptual": [], "latent": []}
     with torch.no_grad():
         for i, batch in enumerate(loader):
-            if i == 4:
+            if i == 8:
                 break
             x0 = models.vae.encode(batch["pixel_values"]).latent_dist.mean * models.vae.config.scaling_factor
             cond = build_cond(models, batch["prompts"])
@@ -190,112 +268,338 @@ def choose_betas(base: Path, cfg: dict) -> dict:
     return {space: 1.0 / max(statistics.median(v), 1e-12) for space, v in gaps.items()}
 
 
-def train_run(name: str, loss: str, space: str, base: Path, out: Path, cfg: dict, beta: float) -> Path:
-    """One preference run through the real training script; returns its folder."""
+def run_name(method: str, steps: int, lr: float, beta_mult: float | None, seed: int) -> str:
+    return f"{slug(method)}_{steps}steps_lr{lr:g}" + (f"_b{beta_mult:g}" if beta_mult is not None else "") + f"_s{seed}"
+
+
+def train_and_score(job: dict) -> dict:
+    """One run: train it through the real script (unless its final LoRA exists), then score its checkpoints
+    at job["score_steps"] on job["prompts"] x job["img_seeds"]. Runs in a worker process."""
     from accelerate.state import AcceleratorState
 
-    # each run starts like a new process: accelerate keeps its state in a singleton (as tests/test_train.py)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    run_dir = out / "runs" / slug(name)
-    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun must not score an earlier run's checkpoints
-    argv = ["--config", str(ROOT / f"configs/tiny_sd15_ncp_{loss}.yaml"),
-            f"model.pretrained={base}", f"train.output_dir={run_dir}", f"objective.space={space}",
-            f"objective.beta={beta}", f"optim.lr={cfg['lr']}", "optim.scale_lr=false", "optim.warmup_steps=0",
-            "optim.eps=1e-12", f"lora.rank={cfg['rank']}", f"train.batch_size={cfg['pairs']}",
-            f"train.max_steps={cfg['steps']}", f"train.checkpoint_every={cfg['eval_every']}",
-            "train.keep_checkpoints=100000", "train.validate_every=0", "train.validation_prompts=[]",
-            "train.seed=0", "data.source=toy", "data.toy_seed=0", f"data.toy_num_pairs={cfg['num_pairs']}",
-            "data.resolution=32"]
-    importlib.import_module(f"train_ncp_{loss}").main(argv)
-    return run_dir
+    from ncp.curves import run_loras
+    from ncp.generate import load_pipeline
+    from ncp.metrics import read_metrics
+
+    torch.set_num_threads(1)  # tiny models on a shared 2-core CPU: 1 thread per process is fastest
+    loss, space, mp, error = METHODS[job["method"]]
+    run_dir = Path(job["run_dir"])
+    if not (run_dir / "pytorch_lora_weights.safetensors").is_file():
+        AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps a singleton per process
+        argv = ["--config", str(ROOT / f"configs/tiny_sd15_ncp_{loss}.yaml"),
+                f"model.pretrained={job['base']}", f"train.output_dir={run_dir}", "train.overwrite=true",
+                f"objective.space={space}", f"objective.beta={job['beta']}", f"train.mixed_precision={mp}",
+                f"encoder.error={error}", f"optim.lr={job['lr']}", "optim.scale_lr=false", "optim.warmup_steps=0",
+                "optim.eps=1e-12",  # NCP-SFT's gradients are ~1e-8: Adam's eps must sit far below them
+                f"lora.rank={job['rank']}", f"train.batch_size={job['pairs']}", f"train.max_steps={job['steps']}",
+                f"train.checkpoint_every={job['eval_every']}", "train.keep_checkpoints=100000",
+                "train.validate_every=0", "train.validation_prompts=[]", "train.report_to=none",
+                f"train.seed={job['seed']}", "data.source=pairs", f"data.path={job['pairs_path']}",
+                "data.resolution=32"]
+        importlib.import_module(f"train_ncp_{loss}").main(argv)
+    rows = read_metrics(run_dir)
+    seconds, total = {0: 0.0}, 0.0
+    for r in rows:  # measured wall time between optimizer steps: loading, VAE encoding, objective, backward, update
+        total += job["pairs"] / r["samples_per_s"]
+        seconds[r["step"]] = total
+    pipe = load_pipeline(job["base"], "cpu")
+    scores = {}
+    with torch.no_grad():
+        for step, lora in run_loras(run_dir):
+            if step in job["score_steps"]:
+                pipe.load_lora_weights(str(lora), adapter_name="ncp_curve")
+                try:
+                    scores[step] = score_images(pipe, job["prompts"], job["img_seeds"], job["sample_steps"]).tolist()
+                finally:
+                    pipe.unload_lora_weights()
+    tail = rows[-max(1, len(rows) // 5):]  # the last 20% of steps
+    head = rows[:max(1, len(rows) // 5)]
+    mean = lambda rs, k: statistics.mean(r[k] for r in rs) if rs and k in rs[0] else None  # noqa: E731
+    metrics = dict(implicit_acc=mean(tail, "implicit_acc"), err_w_first=mean(head, "err_w"), err_w_last=mean(tail, "err_w"),
+                   err_l_first=mean(head, "err_l"), err_l_last=mean(tail, "err_l"), loss_last=mean(tail, "loss"))
+    return dict(job, scores=scores, seconds={s: seconds.get(s) for s in job["score_steps"]}, metrics=metrics)
 
 
-# ---------------------------------------------------------------- 3. the table
-def format_table(result: dict) -> str:
-    runs = result["curves"]["runs"]
-    names = [name for name, _, _ in METHODS if slug(name) in runs]
-    steps = sorted({r["step"] for n in names for r in runs[slug(n)]})
-    lines = ["| step | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for s in steps:
-        cells = [next((f"{r['reward']:.4f}" for r in runs[slug(n)] if r["step"] == s), "") for n in names]
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    last = {n: runs[slug(n)][-1]["reward"] - runs[slug(n)][0]["reward"] for n in names}
-    lines.append("| gain | " + " | ".join(f"{last[n]:+.4f}" for n in names) + " |")
-    ref = result["reference"]
-    b = result["base"]
-    lines += ["", f"toy reward levels on the eval prompts: chance {ref['chance']:.4f}, loser image {ref['loser']:.4f}, "
-                  f"winner image {ref['winner']:.4f}; VAE reconstruction of winners {b['vae_recon_reward']:.4f}; "
-                  f"base after {b['unet_steps']} U-Net steps {b['base_reward']:.4f} on the stop check's own prompts"]
+def run_jobs(jobs: list[dict], workers: int, log=print) -> list[dict]:
+    """Jobs in `workers` processes (spawned: each imports torch afresh), or inline with 1 worker."""
+    done = []
+    if workers <= 1:
+        for j in jobs:
+            done.append(train_and_score(j))
+            log(f"  {Path(j['run_dir']).name} done")
+        return done
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        for j, r in zip(jobs, pool.map(train_and_score, jobs)):
+            done.append(r)
+            log(f"  {Path(j['run_dir']).name} done")
+    return done
+
+
+# ---------------------------------------------------------------- 4. statistics
+def bootstrap(clusters: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float]:
+    """Mean of per-prompt values and its 95% percentile-bootstrap interval, prompts resampled with replacement."""
+    idx = rng.integers(0, len(clusters), size=(BOOT, len(clusters)))
+    means = clusters[idx].mean(axis=1)
+    return float(clusters.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def per_prompt(scores: np.ndarray) -> np.ndarray:
+    """(training seeds, prompts, image seeds) -> one value per prompt: its cluster mean."""
+    return scores.mean(axis=(0, 2))
+
+
+def at_time(curve: dict[int, np.ndarray], seconds: dict[int, float], t: float) -> np.ndarray:
+    """Scores at training time t, linear between the checkpoints around it (curve and seconds keyed by step)."""
+    steps = sorted(curve)
+    times = [seconds[s] for s in steps]
+    for (s0, t0), (s1, t1) in zip(zip(steps, times), zip(steps[1:], times[1:])):
+        if t0 <= t <= t1:
+            w = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
+            return (1 - w) * curve[s0] + w * curve[s1]
+    return curve[steps[-1]]
+
+
+def summarise(results: list[dict], base_scores: np.ndarray, chosen: dict, seed: int = 0) -> dict:
+    """Per method: curves with intervals, gain over the base, training times, metrics; NCP vs latent comparisons."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for method in chosen:
+        runs = sorted([r for r in results if r["method"] == method], key=lambda r: r["seed"])
+        steps = sorted(int(s) for s in runs[0]["scores"])
+        curve = {0: np.stack([base_scores] * len(runs))}
+        curve.update({s: np.array([r["scores"][s] for r in runs]) for s in steps})
+        seconds = {0: 0.0, **{s: statistics.mean(r["seconds"][s] for r in runs) for s in steps}}
+        points = []
+        for s in sorted(curve):
+            m, lo, hi = bootstrap(per_prompt(curve[s]), rng)
+            g, glo, ghi = bootstrap(per_prompt(curve[s] - base_scores), rng)
+            points.append(dict(step=s, seconds=seconds[s], reward=m, low=lo, high=hi, gain=g, gain_low=glo, gain_high=ghi))
+        last = steps[-1]
+        per_seed = [float((np.array(r["scores"][last]) - base_scores).mean()) for r in runs]
+        metrics = {k: statistics.mean(r["metrics"][k] for r in runs) if runs[0]["metrics"][k] is not None else None
+                   for k in runs[0]["metrics"]}
+        out[method] = dict(setting=chosen[method], points=points, final=points[-1], gain_per_seed=per_seed,
+                           seconds_per_step=seconds[last] / last, metrics=metrics, curve=curve, seconds=seconds)
+    comparisons = []
+    for loss, ncp, lat in PAIRS:
+        if ncp not in out or lat not in out:
+            continue
+        a, b = out[ncp], out[lat]
+        last = max(a["curve"])
+        d_steps = bootstrap(per_prompt(a["curve"][last]) - per_prompt(b["curve"][last]), rng)
+        t = min(a["seconds"][last], b["seconds"][max(b["curve"])])  # the cheaper run's whole training time
+        ra, rb = at_time(a["curve"], a["seconds"], t), at_time(b["curve"], b["seconds"], t)
+        d_time = bootstrap(per_prompt(ra) - per_prompt(rb), rng)
+        comparisons.append(dict(loss=loss, ncp=ncp, latent=lat, step=last, equal_steps=d_steps, seconds=t,
+                                ncp_at_seconds=bootstrap(per_prompt(ra - base_scores), rng),
+                                latent_at_seconds=bootstrap(per_prompt(rb - base_scores), rng), equal_compute=d_time))
+    for m in out.values():  # arrays were for the comparisons; the JSON keeps the per-image scores in runs
+        del m["curve"], m["seconds"]
+    return dict(methods=out, comparisons=comparisons)
+
+
+# ---------------------------------------------------------------- outputs
+def fmt(ci, digits: int = 4) -> str:
+    m, lo, hi = ci
+    return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def format_tables(result: dict) -> str:
+    s = result["summary"]
+    lines = ["| method | lr | beta | gain over base [95% CI] | per training seed | s/step | implicit acc | "
+             "err_w first -> last | err_l first -> last |", "|---|---|---|---|---|---|---|---|---|"]
+    e = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
+    for name, m in s["methods"].items():
+        f, mt, st = m["final"], m["metrics"], m["setting"]
+        lines.append(f"| {name} | {st['lr']:g} | {e(st['beta'])} | {fmt((f['gain'], f['gain_low'], f['gain_high']))} | "
+                     f"{', '.join(f'{g:+.4f}' for g in m['gain_per_seed'])} | {m['seconds_per_step']:.3f} | "
+                     f"{e(mt['implicit_acc'])} | {e(mt['err_w_first'])} -> {e(mt['err_w_last'])} | "
+                     f"{e(mt['err_l_first'])} -> {e(mt['err_l_last'])} |")
+    lines += ["", "| loss | NCP - latent at equal steps [95% CI] | equal compute: seconds | NCP gain | latent gain | "
+              "NCP - latent [95% CI] |", "|---|---|---|---|---|---|"]
+    for c in s["comparisons"]:
+        lines.append(f"| {c['loss']} | {fmt(c['equal_steps'])} (step {c['step']}) | {c['seconds']:.1f} | "
+                     f"{fmt(c['ncp_at_seconds'])} | {fmt(c['latent_at_seconds'])} | {fmt(c['equal_compute'])} |")
+    steps = sorted({p["step"] for m in s["methods"].values() for p in m["points"]})
+    lines += ["", "| step | " + " | ".join(s["methods"]) + " |", "|---|" + "---|" * len(s["methods"])]
+    for st in steps:
+        cells = [next((f"{p['reward']:.4f} [{p['low']:.4f}, {p['high']:.4f}]" for p in m["points"] if p["step"] == st), "")
+                 for m in s["methods"].values()]
+        lines.append(f"| {st} | " + " | ".join(cells) + " |")
+    ref, b = result["reference"], result["base"]
+    lines += ["", f"Test captions: chance {ref['chance']:.4f}, loser image {ref['loser']:.4f}, winner 1.0; VAE "
+                  f"reconstruction of winners {b['vae_recon_reward']:.4f} (ceiling); base (EMA, U-Net step "
+                  f"{b['unet_steps']}, stopped by {b['stopped_by']}) {result['base_test_reward']:.4f} "
+                  f"on {result['test_images']} test images.", "", verdict(s)]
     return "\n".join(lines)
+
+
+def verdict(summary: dict) -> str:
+    """The two answers in words: who beats the base beyond its interval; NCP vs latent per loss, both budgets."""
+    up = [n for n, m in summary["methods"].items() if m["final"]["gain_low"] > 0]
+    down = [n for n, m in summary["methods"].items() if m["final"]["gain_high"] < 0]
+    lines = [f"Above the base by more than the 95% interval at the last step: {', '.join(up) or 'none'}; "
+             f"below it: {', '.join(down) or 'none'}."]
+    word = lambda ci: ("NCP higher" if ci[1] > 0 else "latent higher" if ci[2] < 0 else "no significant difference")  # noqa: E731
+    for c in summary["comparisons"]:
+        lines.append(f"{c['loss']}: equal steps {word(c['equal_steps'])} ({fmt(c['equal_steps'])}); equal compute "
+                     f"({c['seconds']:.0f} s of training) {word(c['equal_compute'])} ({fmt(c['equal_compute'])}).")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Gain over the base vs step and vs measured training time, one line per method with its 95% band.
+
+    Gains, not rewards: the band of a mean reward is mostly the spread between prompts, which every
+    checkpoint shares; the gain is paired with the base image by image, as the table's intervals are."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for name, m in summary["methods"].items():
+        style = "-" if name.startswith("NCP") else "--"
+        for ax, x in zip(axes, ("step", "seconds")):
+            xs = [p[x] for p in m["points"]]
+            line, = ax.plot(xs, [p["gain"] for p in m["points"]], style, marker="o", ms=3, label=name)
+            ax.fill_between(xs, [p["gain_low"] for p in m["points"]], [p["gain_high"] for p in m["points"]],
+                            color=line.get_color(), alpha=0.12)
+    axes[0].set_xlabel("optimizer step (equal steps)")
+    axes[1].set_xlabel("measured training time, s (equal compute)")
+    axes[0].set_ylabel("toy reward gain over the base, test captions (95% band)")
+    for ax in axes:
+        ax.axhline(0, color="black", lw=0.8)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def rules(cfg: dict, split: dict, betas: dict | None = None) -> str:
+    """The selection rules, fixed before any test prompt is scored."""
+    text = [f"prompt split (seed {SPLIT_SEED}): {len(split['train'])} train / {len(split['val'])} validation / "
+            f"{len(split['test'])} test captions, disjoint",
+            f"base: EMA (decay {cfg['ema']}) checked every {cfg['base_check']} steps on the validation captions; "
+            f"stop when the gain over the last two checks < {BASE_TOL}, or at {cfg['base_max']} steps",
+            f"grid (training seed 0, {cfg['steps']} steps, validation captions x {cfg['val_seeds']} image seeds, "
+            f"highest mean reward at the last step): lr {cfg['lrs']}; beta multiplier {cfg['beta_mults']} for DPO/CPO"
+            + (f" of {', '.join(f'{k} {v:.4g}' for k, v in betas.items())}" if betas else ""),
+            "NCP-DPO bf16 difference / linearized: NCP-DPO's chosen lr and beta",
+            f"test: {cfg['seeds']} training seeds x {len(split['test'])} test captions x {cfg['img_seeds']} image "
+            f"seeds; 95% bootstrap over prompts ({BOOT} resamples), a prompt's images one cluster"]
+    return "\n".join("rule: " + t for t in text)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="outputs/toy-alignment")
-    p.add_argument("--minutes-budget", type=float, default=20.0,
-                   help="time cap of the whole run; base pretraining stops at 35%% of it even below --base-target")
-    p.add_argument("--steps", type=int, help="optimizer steps per method (default 120; smoke 2)")
-    p.add_argument("--eval-every", type=int, help="checkpoint and score every K steps (default 20)")
-    p.add_argument("--pairs", type=int, help="preference pairs per step (default 8)")
-    p.add_argument("--lr", type=float, help="LoRA lr, one for every run (default 1e-3)")
-    p.add_argument("--base-target", type=float, default=0.5,
-                   help="stop base pretraining when reward >= chance + this x (winner - chance)")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance when sampling")
-    p.add_argument("--methods", nargs="+", default=[n for n, _, _ in METHODS], help="subset of the methods")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads; 1 is fastest for these tiny models on a shared 2-core CPU")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs, in seconds")
+    p.add_argument("--out", default="outputs/toy-v2")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="shorter base and runs, a smaller grid: under 15 minutes")
+    size.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs, in seconds")
+    p.add_argument("--workers", type=int, default=2, help="runs in parallel processes, 1 torch thread each")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), help="subset of the methods")
     a = p.parse_args(argv)
-    cfg = dict(SMOKE if a.smoke else FULL)
-    for key in ("steps", "eval_every", "pairs", "lr"):
-        if getattr(a, key) is not None:
-            cfg[key] = getattr(a, key)
-    unknown = set(a.methods) - {n for n, _, _ in METHODS}
+    unknown = set(a.methods) - set(METHODS)
     if unknown:
-        p.error(f"--methods: unknown {sorted(unknown)}; choose from {[n for n, _, _ in METHODS]}")
-    torch.set_num_threads(a.threads)
+        p.error(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}")
+    cfg = dict(SMOKE if a.smoke else QUICK if a.quick else FULL)
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "benchmarks/toy_alignment.py", *(sys.argv[1:] if argv is None else argv)])
+    print(f"command: {command}")
 
-    from ncp.curves import curves
-    from ncp.evaluate import make_scorer
+    split = split_captions()
+    print(rules(cfg, split))
+    pairs_path = write_train_pairs(out, split["train"], cfg["num_pairs"])
+    val_seeds = list(range(1000, 1000 + cfg["val_seeds"]))  # grid selection
+    check_seeds = list(range(2000, 2000 + cfg["val_seeds"]))  # base stopping checks: other images than the grid's
+    test_seeds = list(range(cfg["img_seeds"]))
+    base_key = {k: cfg[k] for k in ("vae_steps", "base_max", "base_check", "base_batch", "base_lr", "ema",
+                                    "num_pairs", "val_seeds", "sample_steps")} | dict(caption_noise=CAPTION_NOISE)
+    saved = out / "base.json"
+    if saved.is_file() and json.loads(saved.read_text())["settings"] == base_key:  # the same rule gives the same base
+        base = json.loads(saved.read_text())["base"]
+        print(f"base: reusing {out / 'base'} (U-Net step {base['unet_steps']}, same settings)")
+    else:
+        shutil.rmtree(out / "runs", ignore_errors=True)  # runs of another base must not be reused below
+        base = pretrain_base(out, cfg, split["val"], check_seeds)
+        saved.write_text(json.dumps(dict(settings=base_key, base=base), indent=2))
+    base_dir = str(out / "base")
+    betas = beta_scale(out / "base", pairs_path)
+    print(f"beta scale per space (1 / median |err_w - err_l| of the base): "
+          + ", ".join(f"{k} {v:.4g}" for k, v in betas.items()))
+    common = dict(base=base_dir, pairs_path=str(pairs_path), rank=cfg["rank"], pairs=cfg["pairs"], steps=cfg["steps"],
+                  eval_every=cfg["eval_every"], sample_steps=cfg["sample_steps"])
+
+    def job(method, lr, mult, seed, prompts, img_seeds, score_steps):
+        space, loss = METHODS[method][1], METHODS[method][0]
+        beta = betas[space] * mult if loss != "sft" else 1.0
+        return dict(common, method=method, lr=lr, beta_mult=mult if loss != "sft" else None, beta=beta, seed=seed,
+                    run_dir=str(out / "runs" / run_name(method, cfg["steps"], lr, mult if loss != "sft" else None, seed)),
+                    prompts=prompts, img_seeds=img_seeds, score_steps=score_steps)
+
+    # 2. grid on the validation captions
     from ncp.generate import load_pipeline
 
-    prompts = toy_prompts(cfg["prompts"], seed=123)  # held fixed for every checkpoint of every run
-    seeds = list(range(cfg["seeds"]))
-    ref = reference_levels(prompts)
-    # The stop check uses its own prompts and seeds: stopping at the first check above the target picks
-    # an upward fluctuation, and scoring step 0 on the same images would carry that luck into the table
-    # (the first full run did: every method, SFT on winners included, then "lost" reward).
-    stop_prompts, stop_seeds = toy_prompts(cfg["prompts"], seed=456), [100 + s for s in seeds]
-    stop_ref = reference_levels(stop_prompts)
-    target = stop_ref["chance"] + a.base_target * (stop_ref["winner"] - stop_ref["chance"])
-    base = pretrain_base(out, cfg, target, stop_prompts, stop_seeds, a.guidance, 0.35 * 60 * a.minutes_budget)
-    betas = choose_betas(out / "base", cfg)
-    print(f"beta per space (1 / median |err_w - err_l| on the base): " +
-          ", ".join(f"{k} {v:.4g}" for k, v in betas.items()))
-
-    run_dirs, train_s = [], {}
-    for name, loss, space in METHODS:
-        if name in a.methods:
-            t = time.perf_counter()
-            run_dirs.append(train_run(name, loss, space, out / "base", out, cfg, betas[space]))
-            train_s[name] = time.perf_counter() - t
-            print(f"{name}: {cfg['steps']} steps in {train_s[name]:.0f} s")
-    pipe = load_pipeline(str(out / "base"), "cpu")
+    t_grid = time.perf_counter()
+    pipe_base = load_pipeline(base_dir, "cpu")
     with torch.no_grad():
-        points = curves(run_dirs, pipe, prompts, seeds, make_scorer("toy"), out, "toy reward", batch_size=64,
-                        steps=cfg["sample_steps"], guidance=a.guidance, resolution=32)
-    result = dict(setup=dict(cfg, guidance=a.guidance, base_target=a.base_target, threads=a.threads,
-                             methods=a.methods, betas=betas),
-                  reference=ref, base=base, train_seconds=train_s, curves=points,
-                  minutes=(time.perf_counter() - t0) / 60)
+        base_val = float(score_images(pipe_base, split["val"], val_seeds, cfg["sample_steps"]).mean())
+    print(f"grid: the base's validation reward {base_val:.4f}")
+    grid_jobs = [job(m, lr, mult, 0, split["val"], val_seeds, [cfg["steps"]])
+                 for m in OBJECTIVES if m in a.methods or (m == "NCP-DPO" and any("bf16" in x for x in a.methods))
+                 for lr in cfg["lrs"] for mult in (cfg["beta_mults"] if METHODS[m][0] != "sft" else [1.0])]
+    grid = run_jobs(grid_jobs, a.workers)
+    chosen = {}
+    for m in dict.fromkeys(j["method"] for j in grid_jobs):
+        cands = [r for r in grid if r["method"] == m]
+        for r in cands:
+            r["val_reward"] = float(np.mean(r["scores"][cfg["steps"]]))
+            print(f"grid {m}: lr {r['lr']:g}, beta x{r['beta_mult']}: validation reward {r['val_reward']:.4f}")
+        best = max(cands, key=lambda r: r["val_reward"])  # max keeps the first of equal ones
+        chosen[m] = dict(lr=best["lr"], beta_mult=best["beta_mult"], beta=best["beta"] if best["beta_mult"] else None,
+                         val_reward=best["val_reward"])
+    for m in a.methods:
+        if "bf16" in m:
+            chosen[m] = dict(chosen["NCP-DPO"])
+    chosen = {m: chosen[m] for m in METHODS if m in a.methods}
+    print("chosen: " + "; ".join(f"{m} lr {c['lr']:g} beta x{c['beta_mult']}" for m, c in chosen.items()))
+    grid_minutes = (time.perf_counter() - t_grid) / 60
+
+    # 3. test: chosen settings, every training seed, every checkpoint (the grid's seed-0 runs are reused)
+    t_test = time.perf_counter()
+    score_steps = list(range(cfg["eval_every"], cfg["steps"] + 1, cfg["eval_every"]))
+    with torch.no_grad():
+        base_test = score_images(pipe_base, split["test"], test_seeds, cfg["sample_steps"])
+    test_jobs = [job(m, c["lr"], c["beta_mult"] or 1.0, s, split["test"], test_seeds, score_steps)
+                 for m, c in chosen.items() for s in range(cfg["seeds"])]
+    test = run_jobs(test_jobs, a.workers)
+    test_minutes = (time.perf_counter() - t_test) / 60
+
+    summary = summarise(test, base_test, chosen)
+    plot(summary, out / "curves.png")
+    result = dict(command=command, setup=dict(cfg, guidance=GUIDANCE, base_tol=BASE_TOL, caption_noise=CAPTION_NOISE, split_seed=SPLIT_SEED,
+                                              workers=a.workers, methods=a.methods, beta_scale=betas),
+                  rules=rules(cfg, split, betas), split=split, reference=reference_levels(split["test"]), base=base,
+                  base_val_reward=base_val, base_test_reward=float(base_test.mean()), test_images=int(base_test.size),
+                  grid=[{k: r[k] for k in ("method", "lr", "beta_mult", "beta", "val_reward", "metrics")} for r in grid],
+                  chosen=chosen, summary=summary, base_test_scores=base_test.tolist(),
+                  runs=[{k: r[k] for k in ("method", "seed", "lr", "beta", "run_dir", "scores", "seconds", "metrics")}
+                        for r in test],
+                  minutes=dict(base=base["seconds"] / 60, grid=grid_minutes, test=test_minutes,
+                               total=(time.perf_counter() - t0) / 60))
+    tables = format_tables(result)
+    (out / "table.md").write_text(tables + "\n")
     (out / "toy_alignment.json").write_text(json.dumps(result, indent=2))
-    print(format_table(result))
-    print(f"total {result['minutes']:.1f} min; plot {out / 'curves.png'}, numbers {out / 'toy_alignment.json'}")
-    if not all(math.isfinite(r["reward"]) for rows in points["runs"].values() for r in rows):
-        raise SystemExit("non-finite reward")
+    print(tables)
+    print(f"total {result['minutes']['total']:.1f} min (base {result['minutes']['base']:.1f}, grid {grid_minutes:.1f}, "
+          f"test {test_minutes:.1f}); plot {out / 'curves.png'}, numbers {out / 'toy_alignment.json'}")
     return result
 
 

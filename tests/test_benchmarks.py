@@ -56,24 +56,65 @@ def test_step_cost_prints_every_method_with_finite_figures(tmp_path, capsys):
     assert 0 < result["setup"]["encoder_share"] < 1 and result["setup"]["loader_pairs_per_s"] > 0
 
 
-def test_toy_alignment_smoke_scores_every_method(tmp_path, capsys):
+def test_toy_alignment_smoke_selects_on_validation_and_reports_intervals(tmp_path, capsys):
     toy = load("toy_alignment")
     out = tmp_path / "toy"
-    result = toy.main(["--smoke", "--out", str(out)])
-    rows = table_rows(capsys.readouterr().out)
-    methods = [m for m, _, _ in toy.METHODS]
-    header = rows["step"]
-    assert header == methods
-    steps = [k for k in rows if k.isdigit()]
-    assert steps == ["0", "1", "2"]  # base, then a checkpoint every step
-    for k in steps + ["gain"]:
-        assert len(numbers(rows[k])) == len(methods) and all(math.isfinite(v) for v in numbers(rows[k]))
-    saved = json.loads((out / "toy_alignment.json").read_text())
-    assert set(saved["curves"]["runs"]) == {toy.slug(m) for m in methods}
-    assert all(0 <= r["reward"] <= 1 for rows_ in saved["curves"]["runs"].values() for r in rows_)
-    assert set(saved["setup"]["betas"]) == {"perceptual", "latent"} and all(b > 0 for b in saved["setup"]["betas"].values())
-    assert (out / "curves.png").stat().st_size > 0 and (out / "base" / "model_index.json").exists()
-    assert result["reference"]["winner"] == 1.0
+    result = toy.main(["--smoke", "--workers", "1", "--out", str(out)])
+    text = capsys.readouterr().out
+    # the selection rules are printed before the grid's choice and before any test number
+    assert text.index("rule: grid") < text.index("chosen:") < text.index("| method |")
+    split = result["split"]
+    assert [len(split[k]) for k in ("train", "val", "test")] == list(toy.SPLIT)
+    assert not (set(split["train"]) & set(split["val"]) or set(split["train"]) & set(split["test"])
+                or set(split["val"]) & set(split["test"]))
+    pairs = [json.loads(line) for line in (out / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert {p["prompt"] for p in pairs} <= set(split["train"])  # no preference pair shows a val/test caption
+    # grid: every lr x beta multiplier for DPO/CPO, lr alone for SFT; the winner has the best validation reward
+    cfg = toy.SMOKE
+    for m in toy.OBJECTIVES:
+        cands = [g for g in result["grid"] if g["method"] == m]
+        assert len(cands) == len(cfg["lrs"]) * (1 if "SFT" in m else len(cfg["beta_mults"]))
+        assert result["chosen"][m]["val_reward"] == max(g["val_reward"] for g in cands)
+    for m in ("NCP-DPO bf16 difference", "NCP-DPO bf16 linearized"):
+        assert result["chosen"][m] == result["chosen"]["NCP-DPO"]  # precision rows differ in precision alone
+    rows = table_rows(text)
+    methods = list(toy.METHODS)
+    assert set(methods) <= set(rows) and {"DPO", "CPO", "SFT"} <= set(rows)
+    summary = result["summary"]["methods"]
+    for m in methods:
+        assert sum(r["method"] == m for r in result["runs"]) == cfg["seeds"]
+        points = summary[m]["points"]
+        assert [p["step"] for p in points] == [0, 1, 2]
+        assert points[0]["gain"] == 0 and points[0]["reward"] == pytest.approx(result["base_test_reward"])
+        for p in points:
+            assert p["low"] <= p["reward"] <= p["high"] and p["gain_low"] <= p["gain"] <= p["gain_high"]
+            assert 0 <= p["reward"] <= 1
+        assert points[-1]["seconds"] > 0
+        assert len(numbers(rows[m][2:3])) == 3  # gain [low, high]
+    for c in result["summary"]["comparisons"]:
+        assert c["equal_steps"][1] <= c["equal_steps"][0] <= c["equal_steps"][2]
+        assert 0 < c["seconds"] <= max(summary[c["ncp"]]["final"]["seconds"], summary[c["latent"]]["final"]["seconds"])
+    assert result["test_images"] == len(split["test"]) * cfg["img_seeds"]
+    assert (out / "curves.png").stat().st_size > 0 and (out / "table.md").is_file()
+    assert json.loads((out / "toy_alignment.json").read_text())["command"].endswith("--smoke --workers 1 --out " + str(out))
+
+
+def test_toy_alignment_statistics_by_hand():
+    toy = load("toy_alignment")
+    rng = __import__("numpy").random.default_rng(0)
+    np = __import__("numpy")
+    # a constant per-prompt value has a zero-width interval; the cluster mean averages seeds of one prompt
+    assert toy.bootstrap(np.full(7, 0.25), rng) == (0.25, 0.25, 0.25)
+    scores = np.array([[[0.0, 1.0], [2.0, 4.0]]])  # 1 training seed, 2 prompts, 2 image seeds
+    assert toy.per_prompt(scores).tolist() == [0.5, 3.0]
+    m, lo, hi = toy.bootstrap(np.array([0.0, 1.0] * 50), rng)
+    assert m == 0.5 and 0.38 < lo < 0.45 and 0.55 < hi < 0.62  # +-1.96 x 0.05
+    # equal compute: linear between the checkpoints around the time, the last checkpoint past the end
+    curve = {0: np.array([0.0]), 10: np.array([1.0]), 20: np.array([3.0])}
+    seconds = {0: 0.0, 10: 4.0, 20: 6.0}
+    assert toy.at_time(curve, seconds, 2.0).tolist() == [0.5]
+    assert toy.at_time(curve, seconds, 5.0).tolist() == [2.0]
+    assert toy.at_time(curve, seconds, 9.0).tolist() == [3.0]
 
 
 def test_precision_smoke_reports_every_row_and_a_decision(tmp_path, capsys):
