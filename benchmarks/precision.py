@@ -260,17 +260,11 @@ def lora_gradient(loss, params, fp16: bool):
 
 # ---------------------------------------------------------------- the toy base
 def pretrain_toy_base(out: Path, log=print) -> Path:
-    """The toy benchmark's base (its own pretraining, its stop rule and time cap) in out/base."""
+    """The toy benchmark's base (its EMA pretraining and stopping rule, benchmarks/toy_alignment.py) in out/base."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import toy_alignment as toy
 
-    from ncp.data.toy import toy_prompts
-
-    cfg = toy.FULL
-    prompts, seeds = toy_prompts(cfg["prompts"], seed=456), [100 + s for s in range(cfg["seeds"])]
-    ref = toy.reference_levels(prompts)
-    target = ref["chance"] + 0.5 * (ref["winner"] - ref["chance"])
-    toy.pretrain_base(out, cfg, target, prompts, seeds, guidance=3.0, time_cap_s=7 * 60, log=log)
+    toy.pretrain_base(out, toy.FULL, toy.split_captions()["val"], toy.base_check_seeds(toy.FULL), log=log)
     return out / "base"
 
 
@@ -314,7 +308,7 @@ def format_tables(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", choices=["toy", "sd15"], default=["toy", "sd15"])
-    p.add_argument("--base", default="outputs/toy-alignment/base",
+    p.add_argument("--base", default="outputs/toy-v2/base",
                    help="toy base pipeline folder (pretrained here if missing); 'random' = untrained tiny SD1.5")
     p.add_argument("--train-steps", type=int, default=10,
                    help="fp32 DPO steps of the toy policy's LoRA (10: implicit accuracy about 0.6 on the eval pairs)")

@@ -153,6 +153,11 @@ def score_images(pipe, prompts: list[str], seeds: list[int], steps: int, batch_s
 
 
 # ---------------------------------------------------------------- 1. the base model
+def base_check_seeds(cfg: dict) -> list[int]:
+    """Image seeds of the base's stopping checks: other images than the grid's (1000 + i) and the test's (i)."""
+    return list(range(2000, 2000 + cfg["val_seeds"]))
+
+
 def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], log=print) -> dict:
     """VAE, then U-Net with an EMA, on toy images; saves the EMA pipeline to out/base (rule: module docstring)."""
     from diffusers import StableDiffusionPipeline
@@ -518,7 +523,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(rules(cfg, split))
     pairs_path = write_train_pairs(out, split["train"], cfg["num_pairs"])
     val_seeds = list(range(1000, 1000 + cfg["val_seeds"]))  # grid selection
-    check_seeds = list(range(2000, 2000 + cfg["val_seeds"]))  # base stopping checks: other images than the grid's
+    check_seeds = base_check_seeds(cfg)
     test_seeds = list(range(cfg["img_seeds"]))
     base_key = {k: cfg[k] for k in ("vae_steps", "base_max", "base_check", "base_batch", "base_lr", "ema",
                                     "num_pairs", "val_seeds", "sample_steps")} | dict(caption_noise=CAPTION_NOISE)
