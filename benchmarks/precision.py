@@ -59,7 +59,7 @@ MAX_REL_ERR, MIN_COS = 0.05, 0.99
 
 
 # ---------------------------------------------------------------- the models, data and policies
-def toy_model(base: str, out: Path, pairs_per_bucket: int, train_steps: int, smoke: bool, log=print):
+def toy_model(base: str, out: Path, pairs_per_bucket: int, train_steps: int, log=print):
     """Tiny toy base (pretrained unless --base random), LoRA trained by DPO; eval latents and conditioning."""
     from ncp.conditioning import build_cond
     from ncp.data.config import DataConfig
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         n = per_bucket[name]
         if name == "toy":
-            model = toy_model("random" if a.smoke else a.base, out, n, 2 if a.smoke else a.train_steps, a.smoke)
+            model = toy_model("random" if a.smoke else a.base, out, n, 2 if a.smoke else a.train_steps)
         else:
             d = distance or results.get("toy", {}).get("distance") or 0.05
             model = sd15_model(8 if a.smoke else a.latent_size, n, d, a.smoke)
