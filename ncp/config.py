@@ -18,6 +18,7 @@ import yaml
 from .data.config import DataConfig
 from .encoder import ERRORS, FEATURES
 from .errors import NcpError
+from .fast import ATTENTION, COMPILE_MODES
 from .models import LORA_TARGETS
 from .objective import ObjectiveConfig
 
@@ -75,6 +76,10 @@ class TrainConfig:
     max_epochs: float | None = None  # if set, the run length in passes over the data (overrides max_steps)
     mixed_precision: str = "no"  # no | fp16 | bf16: frozen weights in this precision, LoRA stays fp32
     gradient_checkpointing: bool = False  # trade compute for memory on the policy U-Net
+    compile: bool = False  # torch.compile the U-Net and f (README "Fast path": minutes of compiling first)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune(-no-cudagraphs)
+    channels_last: bool = False  # channels-last weights for the U-Net, VAE and f (README "Fast path")
+    attention: str = "auto"  # SDPA backend: auto (PyTorch picks) | flash | efficient | cudnn | math
     checkpoint_every: int = 500  # optimizer steps between checkpoints
     keep_checkpoints: int = 3  # oldest are deleted beyond this many
     resume_from: str | None = None  # "latest" (the newest checkpoint; fresh start if none) or a checkpoint folder
@@ -99,7 +104,8 @@ RESUMABLE_CHANGES = ("model.arch", "train.output_dir", "train.max_steps", "train
                      "train.keep_checkpoints", "train.resume_from", "train.overwrite", "train.log_every",
                      "train.validate_every", "train.validation_prompts", "train.validation_steps",
                      "train.validation_guidance", "train.validation_reward", "train.max_bad_steps", "train.report_to",
-                     "train.gradient_checkpointing", "data.num_workers", "data.prepared_dir", "hub.")
+                     "train.gradient_checkpointing", "train.compile", "train.compile_mode", "train.channels_last",
+                     "train.attention", "data.num_workers", "data.prepared_dir", "hub.")
 
 
 @dataclass
@@ -151,6 +157,10 @@ class Config:
         if self.train.validation_reward not in (None, "toy", "pickscore", "hpsv2", "imagereward"):
             raise NcpError(f"train.validation_reward must be toy, pickscore, hpsv2, imagereward or null, "
                            f"got {self.train.validation_reward!r}")
+        if self.train.compile_mode not in COMPILE_MODES:
+            raise NcpError(f"train.compile_mode must be one of {COMPILE_MODES}, got {self.train.compile_mode!r}")
+        if self.train.attention not in ATTENTION:
+            raise NcpError(f"train.attention must be one of {ATTENTION}, got {self.train.attention!r}")
         if self.train.report_to not in REPORT_TO:
             raise NcpError(f"train.report_to must be one of {', '.join(REPORT_TO)}, got {self.train.report_to!r}")
         if self.train.overwrite and self.train.resume_from is not None:

@@ -1,9 +1,11 @@
-"""The perceptual encoder f: a frozen copy of the base U-Net's downsampling stack (paper Sec. 3).
+"""The perceptual encoder f: the frozen base U-Net's downsampling stack (paper Sec. 3).
 
 f(x_{t'}, t', c) runs the time embedding (+ SDXL's added text/time embedding), `conv_in` and every
 down block (cross-attending to the prompt), optionally the mid block, and returns features whose
-squared distance replaces the latent-space error. Only these modules are copied: nothing of the
-up path is kept in memory. Its weights never get gradients; gradients flow through its activations.
+squared distance replaces the latent-space error. f is the base model as it was before LoRA: it runs
+the U-Net's own down-path modules with the LoRA switched off (the paper's frozen copy without a second
+copy of the weights: 0.94 GB fp32 saved on SD1.5); only encoder.error=fp32 in a half-precision run
+keeps its own fp32 copy. Its weights never get gradients; gradients flow through its activations.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import NcpError
+from .models import adapters_disabled
 
 FEATURES = ("last", "mid", "multiscale")
 ERRORS = ("difference", "linearized", "fp32")
@@ -30,6 +33,10 @@ def _tf32_off():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def _contiguous_input(module, args):
+    return (args[0].contiguous(), *args[1:])
 
 
 class PerceptualEncoder(nn.Module):
@@ -55,17 +62,22 @@ class PerceptualEncoder(nn.Module):
             raise NcpError("build the perceptual encoder from the base U-Net before adding LoRA")
         self.features, self.pool = features, pool
         self.config = unet.config
-        keep = ["time_proj", "time_embedding", "conv_in", "down_blocks"]
+        self.error = error
+        keep = ["time_proj", "time_embedding", "time_embed_act", "conv_in", "down_blocks"]
         if unet.config.addition_embed_type == "text_time":
             keep += ["add_time_proj", "add_embedding"]
         if features != "last":
             keep.append("mid_block")
-        for name in keep:
-            setattr(self, name, copy.deepcopy(getattr(unet, name)))
-        self.time_embed_act = copy.deepcopy(unet.time_embed_act)
-        self.error = error
-        if self.fp32:
+        self._keep = keep
+        self._base = None  # the U-Net whose modules f runs (None: f holds a copy)
+        if self.fp32 and unet.dtype != torch.float32:
+            for name in keep:  # its own fp32 copy, registered: .float() and .to() reach it
+                setattr(self, name, copy.deepcopy(getattr(unet, name)))
             self.float()
+        else:  # the base's own modules, unregistered: f adds no parameters and no memory
+            object.__setattr__(self, "_base", unet)
+            for name in keep:
+                object.__setattr__(self, name, getattr(unet, name))
         self.requires_grad_(False)
         self.eval()
 
@@ -86,24 +98,57 @@ class PerceptualEncoder(nn.Module):
             emb = emb + self.add_embedding(add)
         return emb if self.time_embed_act is None else self.time_embed_act(emb)
 
+    @contextlib.contextmanager
+    def _as_base(self):
+        """The shared modules as the frozen base: the U-Net's LoRA off, and no gradient checkpointing in them
+        (a checkpointed block recomputes during backward, when the LoRA is on again)."""
+        base = self._base
+        if base is None:
+            yield
+            return
+        blocks = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False)]
+        for m in blocks:
+            m.gradient_checkpointing = False
+        try:
+            with adapters_disabled(base) if getattr(base, "_hf_peft_config_loaded", False) else contextlib.nullcontext():
+                yield
+        finally:
+            for m in blocks:
+                m.gradient_checkpointing = True
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         """x: (N, C, h, w) latents at timestep t (N,); cond: ncp.conditioning.Cond with N rows."""
+        with self._as_base():
+            return self._run(x, t, cond)
+
+    def _run(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         if not self.fp32:
             return self._forward(x, t, cond)
         with torch.autocast(x.device.type, enabled=False), _tf32_off():
             return self._forward(x, t, cond.to(dtype=torch.float32))
 
+    def compile(self, *args, **kwargs) -> None:
+        """torch.compile the feature computation; the switches around it (LoRA off) stay eager."""
+        self._forward = torch.compile(self._forward, *args, **kwargs)
+
     def jvp(self, x: torch.Tensor, t: torch.Tensor, cond, tangent: torch.Tensor) -> torch.Tensor:
         """J_f(x) tangent, by forward-mode AD (torch.func.jvp), in this copy's precision; differentiable
         in `tangent` (reverse over forward). The primal x gets no gradient. SDPA runs its math kernel:
-        the fused CPU/GPU attention kernels have no forward-AD formula (PyTorch 2.13). Both inputs are
-        made contiguous: group_norm's forward-AD formula fails on a strided primal (e.g. a VAE mean,
-        which is a channel slice of the posterior's parameters)."""
+        the fused CPU/GPU attention kernels have no forward-AD formula (PyTorch 2.13). GroupNorm inputs are
+        made contiguous: group_norm's forward-AD formula fails on a strided primal (a VAE mean, which is a
+        channel slice of the posterior's parameters, or a channels-last activation)."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel([SDPBackend.MATH]):
-            _, out = torch.func.jvp(lambda x_: self(x_, t, cond), (x.detach().contiguous(),),
-                                    (tangent.to(x.dtype).contiguous(),))
+        norms = [m for name in self._keep if getattr(self, name) is not None
+                 for m in getattr(self, name).modules() if isinstance(m, nn.GroupNorm)]
+        hooks = [m.register_forward_pre_hook(_contiguous_input) for m in norms]
+        try:  # the LoRA switch sets requires_grad, which a functorch transform forbids: switch outside it
+            with self._as_base(), sdpa_kernel([SDPBackend.MATH]):
+                _, out = torch.func.jvp(lambda x_: self._run(x_, t, cond), (x.detach().contiguous(),),
+                                        (tangent.to(x.dtype).contiguous(),))
+        finally:
+            for h in hooks:
+                h.remove()
         return out
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:

@@ -24,6 +24,7 @@ from .checkpoint import checkpoint_dirs, find_checkpoint, read_state, register_s
 from .config import Config, changed_keys, save_config
 from .data.loader import endless_batches
 from .errors import NcpError
+from .fast import compile_stats, recompile_reasons
 from .metrics import METRICS_FILE, read_metrics, write_metrics
 from .models import LORA_FILE, save_lora
 
@@ -38,6 +39,7 @@ class Run:
         self.step = 0  # optimizer steps done (a step the GradScaler skipped is not one)
         self.batches_seen = 0  # micro-batches consumed: the data position
         self.bad_steps = self.bad_in_a_row = self.scaler_skips = 0
+        self._compiles_seen = self._recompiles_seen = 0
         self.signal_seen: int | None = None  # set by the handler at any time
         self.stop_signal: int | None = None  # the same, agreed by all processes at an optimizer step's end
         self.max_steps = cfg.train.max_steps
@@ -171,12 +173,26 @@ class Run:
                        "skipped_steps": self.bad_steps, "samples_per_s": effective_batch / elapsed}
         if scaler is not None:
             self.record.update(loss_scale=scaler.get_scale(), scaler_skips=self.scaler_skips)
+        if self.cfg.train.compile:
+            self._note_compiles()
         if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
             path = self.checkpoint()
             raise NcpError(f"{self.bad_in_a_row} non-finite steps in a row (train.max_bad_steps="
                            f"{self.cfg.train.max_bad_steps}); stopped, state saved in {path}. Lower optim.lr or use bf16 / fp32.")
         self._agree_on_stop()
         return True
+
+    def _note_compiles(self) -> None:
+        """torch.compile's graphs, recompilations and compile seconds so far go into the step's record and, at the
+        first step and whenever a step compiled again, into the log with dynamo's reason (recompiling costs speed)."""
+        stats = compile_stats()
+        self.record.update(stats)
+        if self.step == 1 or stats["compiles"] > self._compiles_seen:
+            reasons = recompile_reasons()[self._recompiles_seen:]
+            log.info("torch.compile: %d graphs, %d recompilations, %.1f s compiling so far (step %d)%s",
+                     stats["compiles"], stats["recompiles"], stats["compile_s"], self.step,
+                     f"; recompiled because: {'; '.join(reasons)}" if reasons else "")
+        self._compiles_seen, self._recompiles_seen = stats["compiles"], stats["recompiles"]
 
     def log(self) -> None:
         """The step's record to metrics.jsonl and the trackers (every train.log_every steps and the last), and the bar."""

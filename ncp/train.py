@@ -24,6 +24,7 @@ from .config import Config, describe_keys, load_config
 from .diffusion import Schedule
 from .encoder import PerceptualEncoder
 from .errors import NcpError
+from .fast import apply_fast_path, attention_backend
 from .models import Models, add_lora, load_models
 from .objective import compute_objective, sample_randomness
 from .run import Run
@@ -44,7 +45,7 @@ def train(cfg: Config, resume_command: str | None = None) -> Run:
     parts.unet, optimizer, lr_scheduler = acc.prepare(parts.models.unet, optimizer, lr_scheduler)
     generator = torch.Generator().manual_seed(tc.seed * 1_000_003 + 7919 * acc.process_index + 1)  # t, eps, z per process
     run.start(parts, optimizer, lr_scheduler, generator)  # restores a checkpoint, or writes the resolved config
-    with run.stop_on_signals():
+    with run.stop_on_signals(), attention_backend(tc.attention, acc.device, DTYPES[tc.mixed_precision]):
         for batch in run.batches(loader):             # 3-4: repeat; (x0_w, x0_l, c) ~ D
             x0, cond = encode(parts, batch, cfg.data.resolution)
             rnd = sample_randomness(x0.shape[0] // 2, x0.shape[1:], parts.schedule.num_timesteps, generator,
@@ -131,7 +132,9 @@ def build_models(cfg: Config, acc) -> Parts:
     if tc.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
     models.unet.train()
-    return Parts(models, Schedule.from_scheduler(models.scheduler), encoder, params, models.arch)
+    parts = Parts(models, Schedule.from_scheduler(models.scheduler), encoder, params, models.arch)
+    apply_fast_path(parts, tc)                        # train.channels_last, train.compile (README "Fast path")
+    return parts
 
 
 def build_optimizer(cfg: Config, parts: Parts, acc, max_steps: int):
@@ -206,7 +209,8 @@ def render_validation_grid(cfg: Config, acc, parts: Parts, step: int) -> Path | 
         unet = acc.unwrap_model(parts.unet)
         unet.eval()
         res, pipe = cfg.data.resolution, validation_pipeline(parts, acc)
-        with torch.no_grad(), acc.autocast():
+        # eagerly: sampling shapes (classifier-free guidance doubles the batch) would compile graphs of their own
+        with torch.no_grad(), acc.autocast(), torch.compiler.set_stance("force_eager"):
             images = [pipe(p, num_inference_steps=tc.validation_steps, guidance_scale=tc.validation_guidance,
                            height=res, width=res, generator=torch.Generator().manual_seed(i)).images[0]
                       for i, p in enumerate(tc.validation_prompts)]

@@ -181,21 +181,41 @@ def test_same_randomness_same_loss_and_checkpointing_same_gradients(tiny_sd15, l
 def test_encoder_is_the_down_path_of_the_base_unet(tiny_paths, arch):
     models = load_models(str(tiny_paths[arch]))
     encoder = PerceptualEncoder(models.unet)
-    assert not any(n.startswith(("up_blocks", "mid_block", "conv_out")) for n, _ in encoder.named_parameters())
+    assert encoder.down_blocks is models.unet.down_blocks  # the base's own modules: no second copy of the weights
+    assert not list(encoder.parameters()) and not hasattr(encoder, "up_blocks") and not hasattr(encoder, "mid_block")
     captured = {}
     models.unet.down_blocks[-1].register_forward_hook(lambda m, i, o: captured.update(h=o[0]))
     cond = build_cond(models, PROMPTS, target_size=(32, 32)).index(slice(0, 2))
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([3, 700])
     models.unet(x, t, **cond.unet_kwargs())
-    assert torch.allclose(encoder(x, t, cond), captured["h"], atol=1e-6)
+    before = encoder(x, t, cond)
+    assert torch.allclose(before, captured["h"], atol=1e-6)
     # options: mid block, multiscale, pooling
     mid = PerceptualEncoder(models.unet, features="multiscale", pool=True)
-    assert any(n.startswith("mid_block") for n, _ in mid.named_parameters())
+    assert mid.mid_block is models.unet.mid_block
     assert mid(x, t, cond).dim() == 2
-    # LoRA must not leak into the encoder copy
-    add_lora(models.unet, rank=4)
+    # f is the base before LoRA: with a trained LoRA (B != 0) in the shared modules, f does not change,
+    # not even under gradient checkpointing (a checkpointed block would recompute with the LoRA on)
     with pytest.raises(NcpError, match="before adding LoRA"):
+        add_lora(models.unet, rank=4)
         PerceptualEncoder(models.unet)
+    with torch.no_grad():
+        for n, p in models.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    models.unet.enable_gradient_checkpointing()
+    models.unet.train()
+    x_grad = x.clone().requires_grad_(True)
+    after = encoder(x_grad, t, cond)
+    assert torch.equal(after, before) and not any(p.grad is not None for p in models.unet.parameters())
+    after.square().sum().backward()
+    assert x_grad.grad.abs().sum() > 0 and all(p.grad is None for p in models.unet.parameters())
+    assert models.unet.down_blocks[0].gradient_checkpointing  # switched back on after f
+    # encoder.error=fp32 in a half-precision run keeps its own fp32 copy of the down path
+    half = load_models(str(tiny_paths[arch]), weight_dtype=torch.bfloat16)
+    copy32 = PerceptualEncoder(half.unet, error="fp32")
+    assert copy32.down_blocks is not half.unet.down_blocks and copy32.dtype == torch.float32
+    assert not any(n.startswith(("up_blocks", "mid_block", "conv_out")) for n, _ in copy32.named_parameters())
 
 
 def test_adapters_disabled_is_the_reference_and_restores_on_error(tiny_sd15):
