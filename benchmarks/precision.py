@@ -217,7 +217,7 @@ def row(base_unet, schedule, inputs, eps_pol, eps_ref, params, dtype_name, error
     dtype = DTYPES[dtype_name]
     half = dtype in (torch.float16, torch.bfloat16)
     wide = torch.float64 if dtype == torch.float64 else torch.float32  # what training feeds f: fp32 latents
-    encoder = PerceptualEncoder(base_unet, error=error).to(device, dtype)
+    encoder = PerceptualEncoder(base_unet, error=error, share=False).to(device, dtype)  # f alone in dtype
     x_t, t, eps, z, t_target, x0, cond = inputs
     cast = [x.to(wide) for x in (x_t, eps, z, x0)]
     hats = [eps_pol.to(wide), eps_ref.to(wide)]

@@ -45,6 +45,9 @@ class PerceptualEncoder(nn.Module):
     average-pooled to the smallest resolution, each scaled so every state weighs the same in the
     mean squared error whatever its channel count (the authors' SD1.5 setting). pool: spatial mean.
 
+    share: run the U-Net's own modules (LoRA off) rather than a copy; False, or error=fp32 in a half-precision
+    run, keeps a copy that `.to(dtype)` can cast on its own.
+
     error: how the objective computes the perceptual error (ERRORS; ncp.objective, README "Precision"):
       difference  f(x_pol) - f(x_true) in the run's precision (the authors' way);
       linearized  J_f(x_true) (x_pol - x_true) by forward-mode AD (`jvp`), the step formed in fp32;
@@ -52,7 +55,7 @@ class PerceptualEncoder(nn.Module):
     x_{t-1} of policy and truth differ by 1e-4..1e-3 of their size, so half-precision rounding of
     f(x_pol) and f(x_true) separately can exceed their difference (benchmarks/precision.py)."""
 
-    def __init__(self, unet, features: str = "last", pool: bool = False, error: str = "difference"):
+    def __init__(self, unet, features: str = "last", pool: bool = False, error: str = "difference", share: bool = True):
         super().__init__()
         if features not in FEATURES:
             raise NcpError(f"encoder.features must be one of {FEATURES}, got {features!r}")
@@ -70,10 +73,11 @@ class PerceptualEncoder(nn.Module):
             keep.append("mid_block")
         self._keep = keep
         self._base = None  # the U-Net whose modules f runs (None: f holds a copy)
-        if self.fp32 and unet.dtype != torch.float32:
-            for name in keep:  # its own fp32 copy, registered: .float() and .to() reach it
+        if not share or (self.fp32 and unet.dtype != torch.float32):
+            for name in keep:  # its own copy, registered: .float() and .to() reach it
                 setattr(self, name, copy.deepcopy(getattr(unet, name)))
-            self.float()
+            if self.fp32:
+                self.float()
         else:  # the base's own modules, unregistered: f adds no parameters and no memory
             object.__setattr__(self, "_base", unet)
             for name in keep:

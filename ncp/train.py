@@ -124,6 +124,8 @@ def build_models(cfg: Config, acc) -> Parts:
     m, tc = cfg.model, cfg.train
     models = load_models(m.pretrained, m.arch, m.vae, m.revision, m.variant, DTYPES[tc.mixed_precision], acc.device)
     cfg.model.arch = models.arch  # config.yaml records the detected architecture
+    if cfg.data.cache_dir:  # latents and text embeddings come from the cache: free the VAE and text encoders
+        models.vae, models.text_encoders = None, []  # (validation loads them again for its images)
     encoder = None
     if cfg.objective.space == "perceptual":
         encoder = PerceptualEncoder(models.unet, cfg.encoder.features, cfg.encoder.pool, cfg.encoder.error)
@@ -168,7 +170,7 @@ def encode(parts: Parts, batch: dict, resolution: int):
     """Latents x0 (2B, C, h, w) = [winners; losers] and conditioning (2B rows)."""
     vae = parts.models.vae
     if "latents" in batch:
-        x0 = batch["latents"].to(vae.device, torch.float32)
+        x0 = batch["latents"].to(parts.models.unet.device, torch.float32)
     else:
         pixels = batch["pixel_values"].to(vae.device, vae.dtype)
         # the posterior mean (deterministic, no RNG draw), as the latent cache stores it
@@ -179,20 +181,29 @@ def encode(parts: Parts, batch: dict, resolution: int):
 
 
 # -- watching a run ----------------------------------------------------------------------------------------------
-def validation_pipeline(parts: Parts, acc):
+def validation_pipeline(cfg: Config, parts: Parts, acc):
     """A diffusers pipeline around the training components (LoRA on), for validation images."""
     from diffusers import DPMSolverMultistepScheduler
 
     from .models import pipeline_class
 
     mdl = parts.models
-    pieces = dict(vae=mdl.vae, text_encoder=mdl.text_encoders[0], tokenizer=mdl.tokenizers[0],
-                  unet=acc.unwrap_model(parts.unet), scheduler=DPMSolverMultistepScheduler.from_config(mdl.scheduler.config))
-    if parts.arch == "sdxl":
-        pieces.update(text_encoder_2=mdl.text_encoders[1], tokenizer_2=mdl.tokenizers[1])
+    unet, scheduler = acc.unwrap_model(parts.unet), DPMSolverMultistepScheduler.from_config(mdl.scheduler.config)
+    extra = {} if parts.arch == "sdxl" else dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if mdl.vae is None:  # freed while training from the cache: load them for these images only
+        m = cfg.model
+        if m.vae is not None:
+            from diffusers import AutoencoderKL
+
+            extra["vae"] = AutoencoderKL.from_pretrained(m.vae, torch_dtype=unet.dtype)
+        pipe = pipeline_class(parts.arch).from_pretrained(m.pretrained, unet=unet, scheduler=scheduler, revision=m.revision,
+                                                          variant=m.variant, torch_dtype=unet.dtype, **extra).to(acc.device)
     else:
-        pieces.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = pipeline_class(parts.arch)(**pieces)
+        pieces = dict(vae=mdl.vae, text_encoder=mdl.text_encoders[0], tokenizer=mdl.tokenizers[0], unet=unet,
+                      scheduler=scheduler, **extra)
+        if parts.arch == "sdxl":
+            pieces.update(text_encoder_2=mdl.text_encoders[1], tokenizer_2=mdl.tokenizers[1])
+        pipe = pipeline_class(parts.arch)(**pieces)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -208,7 +219,7 @@ def render_validation_grid(cfg: Config, acc, parts: Parts, step: int) -> Path | 
 
         unet = acc.unwrap_model(parts.unet)
         unet.eval()
-        res, pipe = cfg.data.resolution, validation_pipeline(parts, acc)
+        res, pipe = cfg.data.resolution, validation_pipeline(cfg, parts, acc)
         # eagerly: sampling shapes (classifier-free guidance doubles the batch) would compile graphs of their own
         with torch.no_grad(), acc.autocast(), torch.compiler.set_stance("force_eager"):
             images = [pipe(p, num_inference_steps=tc.validation_steps, guidance_scale=tc.validation_guidance,

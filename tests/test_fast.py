@@ -2,6 +2,7 @@
 few compilations, exact resume, and what the no-grad passes keep in memory."""
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -66,3 +67,82 @@ def test_fast_path_gives_the_plain_losses_and_gradients(plain_and_fast, case):
     plain, fast = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in fast_grads])
     assert plain.norm() > 0
     assert (fast - plain).norm() <= 2e-3 * plain.norm()
+
+
+class Counted:
+    """Calls fn and records, per call, the bytes autograd saved for backward during that call."""
+
+    def __init__(self, fn, **attrs):
+        self.fn, self.calls = fn, []
+        self.__dict__.update(attrs)
+
+    def __call__(self, *args, **kwargs):
+        saved = [0]
+
+        def pack(t):
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = self.fn(*args, **kwargs)
+        self.calls.append(saved[0])
+        return out
+
+
+@pytest.mark.parametrize("error", ["difference", "linearized"])
+def test_reference_and_no_grad_encoder_calls_keep_no_activations(tiny_sd15, error):
+    """Only the policy's U-Net pass and f on the policy's x_{t-1} keep activations for backward."""
+    models = load_models(str(tiny_sd15))
+    encoder = PerceptualEncoder(models.unet, error=error)
+    add_lora(models.unet, rank=4)
+    models.unet.train()
+    unet = Counted(models.unet, module=models.unet)  # `module`: where adapters_disabled finds the LoRA switch
+    f = Counted(encoder, error=error, jvp=Counted(encoder.jvp))
+    x0 = torch.randn(2, 4, 16, 16)
+    cond = build_cond(models, ["a red circle"], target_size=(32, 32))
+    rnd = sample_randomness(1, (4, 16, 16), 1000, torch.Generator().manual_seed(0))
+    loss, _ = compute_objective(unet, f, Schedule.from_scheduler(models.scheduler), x0, cond, rnd,
+                                ObjectiveConfig(loss="dpo", space="perceptual"))
+    policy, reference = unet.calls
+    assert policy > 0 and reference == 0
+    if error == "difference":  # f(x_true), f(x_policy), f(x_reference)
+        assert f.calls[0] == 0 and f.calls[1] > 0 and f.calls[2] == 0
+    else:  # J_f(x_true) delta_policy, J_f(x_true) delta_reference
+        assert f.jvp.calls[0] > 0 and f.jvp.calls[1] == 0
+    loss.backward()
+
+
+def test_fast_path_run_compiles_once_and_resumes_exactly(tiny_sd15, tmp_path, monkeypatch):
+    """The three scripts' loop with compile + channels-last + gradient checkpointing: every graph is compiled at
+    step 1 (at most 2 of them recompilations: dynamo counts the no-grad reference pass and f's no-grad calls as
+    new versions of frames it compiled with grad), none after; a run stopped at step 2 and resumed gives the
+    straight run's losses and LoRA."""
+    import importlib
+
+    from accelerate.state import AcceleratorState
+    from safetensors.torch import load_file
+
+    from ncp.metrics import read_metrics
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root))
+
+    def run(out, *extra):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        argv = ["--config", str(root / "configs/tiny_sd15_ncp_dpo.yaml"), f"model.pretrained={tiny_sd15}",
+                f"train.output_dir={out}", "train.batch_size=2", "data.toy_num_pairs=16", "lora.rank=4",
+                "train.validation_prompts=[]", "train.report_to=none", "objective.beta=50000", "train.compile=true",
+                "train.channels_last=true", "train.gradient_checkpointing=true", *extra]
+        return importlib.import_module("train_ncp_dpo").main(argv)
+
+    run(tmp_path / "straight", "train.max_steps=5")
+    rows = read_metrics(tmp_path / "straight")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[0]["compiles"] >= 2 and rows[0]["recompiles"] <= 2 and rows[0]["compile_s"] > 0
+    assert all((r["compiles"], r["recompiles"]) == (rows[0]["compiles"], rows[0]["recompiles"]) for r in rows)
+    run(tmp_path / "resumed", "train.max_steps=2")
+    run(tmp_path / "resumed", "train.max_steps=5", "train.resume_from=latest")
+    resumed = read_metrics(tmp_path / "resumed")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in rows] and len({r["loss"] for r in rows}) > 1
+    a, b = (load_file(str(tmp_path / d / "pytorch_lora_weights.safetensors")) for d in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -240,9 +240,13 @@ def test_training_from_the_latent_cache_matches_pixels(tiny_paths, tmp_path, arc
     build_cache(["--model", str(tiny_paths[arch]), "--out", str(cache), "--toy-num-pairs", "16"])
     common = ["train.max_steps=2", "optim.optimizer=adamw"]
     run_script("dpo", args(tiny_paths[arch], tmp_path / "pixels", *common))
-    run_script("dpo", args(tiny_paths[arch], tmp_path / "cached", *common, f"data.cache_dir={cache}"))
+    run = run_script("dpo", args(tiny_paths[arch], tmp_path / "cached", *common, f"data.cache_dir={cache}"))
     a, b = metrics(tmp_path / "pixels"), metrics(tmp_path / "cached")
     assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-5)
+    # from the cache the VAE and text encoders are freed for training, and loaded again for validation images
+    assert run.parts.models.vae is None and run.parts.models.text_encoders == []
+    pixel_grid, cached_grid = (next((tmp_path / d / "validation").glob("step-*.png")) for d in ("pixels", "cached"))
+    assert pixel_grid.read_bytes() == cached_grid.read_bytes()
     assert a[0]["err_w"] == pytest.approx(b[0]["err_w"], rel=1e-4)
     with pytest.raises(NcpError, match="stale cache"):
         other = "sdxl" if arch == "sd15" else "sd15"
