@@ -17,11 +17,19 @@ It also times the toy data loader, to show that feeding a step costs a small fra
     python benchmarks/step_cost.py --model tiny-sd15
     python benchmarks/step_cost.py --model sd15 --latent-size 32 --pairs 1 --steps 1 --warmup 1 --repeats 5
     python benchmarks/step_cost.py --model sd15 --latent-size 16 --errors difference linearized fp32   # per mode
+    python benchmarks/step_cost.py --model sd15 --latent-size 16 --fast --errors difference linearized  # fast path
+
+--fast times latent DPO and NCP-DPO (per --errors mode) under every combination of torch.compile on/off and
+channels-last on/off, interleaved on the same U-Net, LoRA, data and randomness (the weights change memory format
+between rounds; dynamo keeps one graph per format), and reports each against the plain path (both off). The
+first step of each compiled combination (the compiling) is reported apart, never timed. Peak GB is the process's
+peak during the method's steps; "+GB" is that peak above what was resident before (the step's own memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import json
 import re
@@ -287,6 +295,139 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
     return result
 
 
+def run_fast(model: str = "tiny-sd15", latent_size: int = 16, pairs: int = 1, steps: int = 1, repeats: int = 3,
+             rank: int | None = None, device: str | None = None, threads: int | None = None, errors=("difference",),
+             dtype: str | None = None, compile_mode: str = "default", combos=None) -> dict:
+    """Every (method, compile, channels-last) combination, interleaved; see the module docstring.
+    combos: the (compile, channels_last) pairs to time (default all four; (False, False) must be one)."""
+    from ncp.fast import configure_inductor
+
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or ("fp16" if device.startswith("cuda") and not model.startswith("tiny-") else "fp32")
+        torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        rank = rank or (8 if model.startswith("tiny-") else 64)
+        errors = ("difference", *[e for e in errors if e != "difference"])
+        unet, params, eager_f, schedule, x0, cond = build(model, latent_size, pairs, rank, device, torch_dtype, errors)
+        optimizer, opt_name = make_optimizer(params)
+        configure_inductor()
+        # the same U-Net behind every combination: eager or compiled calls; f per error mode, eager or compiled
+        # (a shallow copy shares f's modules, which are the U-Net's own; as train.compile, f's jvp stays eager)
+        encoders = {(e, False): f for e, f in eager_f.items()}
+        for e, f in eager_f.items():
+            encoders[(e, True)] = copy.copy(f)
+            if e != "linearized":
+                encoders[(e, True)].compile(mode=compile_mode)
+        nets = {False: unet, True: torch.compile(unet, mode=compile_mode)}
+        spec = [("latent DPO", "latent", "difference")] + [
+            (f"NCP-DPO {e}" if e != "difference" else "NCP-DPO", "perceptual", e) for e in errors]
+        combos = combos or [(c, cl) for c in (False, True) for cl in (False, True)]
+        amp = torch.autocast(torch.device(device).type, dtype=torch_dtype, enabled=torch_dtype != torch.float32)
+
+        def set_format(channels_last: bool) -> None:
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            unet.to(memory_format=fmt)
+
+        def step(method, combo, rnd) -> float:
+            name, space, error = method
+            optimizer.zero_grad(set_to_none=True)
+            with amp:
+                loss, _ = compute_objective(nets[combo[0]], encoders[(error, combo[0])], schedule, x0, cond, rnd,
+                                            ObjectiveConfig(loss="dpo", space=space, beta=1.0))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            return loss.item()
+
+        def randomness(i: int):
+            return sample_randomness(pairs, x0.shape[1:], schedule.num_timesteps, torch.Generator().manual_seed(i)).to(device)
+
+        rnd0 = randomness(0)
+        one = dict(x=x0[:1], t=rnd0.t[:1], c=cond.index(slice(0, 1)))
+        with torch.no_grad(), amp:
+            u_flops = count_flops(lambda: unet(one["x"], one["t"], **one["c"].unet_kwargs()))
+            e_flops = count_flops(lambda: encoders[("difference", False)](one["x"], one["t"], one["c"]))
+        first = {}  # the first (compiling) step of every combination, untimed in the table
+        for combo in combos:
+            set_format(combo[1])
+            for method in spec:
+                sync(device)
+                t0 = time.perf_counter()
+                step(method, combo, rnd0)
+                sync(device)
+                first[(method[0], combo)] = time.perf_counter() - t0
+        keys = [(m, c) for c in combos for m in spec]
+        times = {(m[0], c): [] for m, c in keys}
+        peaks = {(m[0], c): (0.0, 0.0) for m, c in keys}
+        losses = {}
+        for r in range(repeats):
+            rnds = [randomness(1000 * r + s) for s in range(steps)]
+            order = keys[r % len(keys):] + keys[:r % len(keys)]
+            for method, combo in order:
+                set_format(combo[1])
+                reset_peak(device)
+                resident = current_gb(device)
+                sync(device)
+                t0 = time.perf_counter()
+                for rnd in rnds:
+                    losses[(method[0], combo)] = step(method, combo, rnd)
+                sync(device)
+                key = (method[0], combo)
+                times[key].append((time.perf_counter() - t0) / steps)
+                peak = peak_gb(device)
+                peaks[key] = max(peaks[key][0], peak), max(peaks[key][1], peak - resident)
+        median = {k: statistics.median(v) for k, v in times.items()}
+        floor_e = {"difference": 8, "linearized": 10}
+        rows = []
+        for method, combo in keys:
+            name, space, error = method
+            key, plain = (name, combo), (name, (False, False))
+            ne = 0 if space == "latent" else floor_e.get(error, 8)
+            rows.append(dict(method=name, compile=combo[0], channels_last=combo[1], s_per_step=median[key],
+                             spread=[min(times[key]), max(times[key])], ratio_to_plain=median[key] / median[plain],
+                             ratio_to_latent_dpo=median[key] / median[("latent DPO", combo)],
+                             flop_floor=(6 * u_flops + ne * e_flops) / (6 * u_flops), first_step_s=first[key],
+                             peak_gb=peaks[key][0], step_gb=peaks[key][1], loss=losses[key]))
+        from ncp.fast import compile_stats
+
+        setup = dict(model=model, latent_size=latent_size, pairs=pairs, steps=steps, repeats=repeats, rank=rank,
+                     device=device, dtype=dtype, optimizer=opt_name, threads=torch.get_num_threads(),
+                     torch=torch.__version__, compile_mode=compile_mode, errors=list(errors), **compile_stats())
+        return dict(setup=setup, rows=rows)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def current_gb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated() / 2**30
+    try:
+        return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text())[1]) / 2**20
+    except (OSError, TypeError):
+        return 0.0
+
+
+def format_fast(result: dict) -> str:
+    s = result["setup"]
+    lines = [f"fast path: {s['model']} U-Net, {s['latent_size']}x{s['latent_size']} latents, {s['pairs']} pair(s)/step, "
+             f"LoRA rank {s['rank']}, {s['optimizer']}, {s['device']} {s['dtype']} ({s['threads']} threads), "
+             f"median of {s['repeats']} interleaved repeats x {s['steps']} step(s); torch.compile mode {s['compile_mode']}: "
+             f"{s['compiles']} graphs ({s['recompiles']} recompilations), {s['compile_s']:.0f} s compiling",
+             "",
+             "| method | compile | channels-last | s/step | min-max | vs plain | vs latent DPO (same path) | FLOP floor | "
+             "first step s | peak GB | +GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['method']} | {'on' if r['compile'] else 'off'} | {'on' if r['channels_last'] else 'off'} | "
+                     f"{r['s_per_step']:.4f} | {r['spread'][0]:.4f}-{r['spread'][1]:.4f} | {r['ratio_to_plain']:.3f}x | "
+                     f"{r['ratio_to_latent_dpo']:.3f}x | {r['flop_floor']:.3f}x | {r['first_step_s']:.1f} | "
+                     f"{r['peak_gb']:.2f} | {r['step_gb']:.2f} |")
+    return "\n".join(lines)
+
+
 def profile_step(fn, top: int = 15) -> str:
     """torch.profiler table of one step, ops sorted by self CPU time (where the time goes)."""
     from torch.profiler import ProfilerActivity, profile
@@ -333,10 +474,21 @@ def main(argv: list[str] | None = None) -> dict:
                    help="encoder.error modes to time: each extra mode adds a row per NCP method")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
                    help="frozen weights + autocast, as train.mixed_precision (default fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--fast", action="store_true",
+                   help="latent DPO and NCP-DPO under every compile x channels-last combination (module docstring)")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode for --fast (train.compile_mode)")
     p.add_argument("--json", help="write the result here")
     a = p.parse_args(argv)
     if a.warmup < 1 or a.steps < 1 or a.repeats < 1:
         p.error("--warmup, --steps and --repeats must be >= 1")
+    if a.fast:
+        result = run_fast(a.model, a.latent_size, a.pairs, a.steps, a.repeats, a.rank, a.device, a.threads, a.errors,
+                          a.dtype, a.compile_mode)
+        print(format_fast(result))
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps(result, indent=2))
+        return result
     result = run(a.model, a.latent_size, a.pairs, a.steps, a.warmup, a.repeats, a.rank, a.device, a.profile, a.threads,
                  a.errors, a.dtype)
     print(format_table(result))

@@ -12,6 +12,8 @@ import logging
 import torch
 import torch._inductor.config
 
+from .errors import NcpError
+
 log = logging.getLogger("ncp")
 
 ATTENTION = ("auto", "flash", "efficient", "cudnn", "math")
@@ -28,9 +30,7 @@ def apply_fast_path(parts, tc) -> None:
     if not tc.compile:
         return
     torch._dynamo.reset()  # as in a fresh process: the run's compile figures (compile_stats) are its own
-    # Inductor's peak-memory reordering (PyTorch 2.13) returns zero input gradients from a frozen UpBlock2D
-    # (conv, nearest upsample, conv): a U-Net's LoRA gradients came out 60% off. tests/test_fast.py catches it.
-    torch._inductor.config.reorder_for_peak_memory = False
+    configure_inductor()
     torch._dynamo.utils.clear_compilation_metrics()
     # One graph per state, compiled once: LoRA on with grad, LoRA off without (the reference), and f with and
     # without grad. Toggling the adapters switches graphs through dynamo's guards, it does not recompile.
@@ -43,6 +43,12 @@ def apply_fast_path(parts, tc) -> None:
         log.info("train.compile: f's forward-mode derivative (encoder.error=linearized) runs eagerly")
     else:
         parts.encoder.compile(mode=tc.compile_mode)
+
+
+def configure_inductor() -> None:
+    """Inductor's peak-memory reordering (PyTorch 2.13) returns zero input gradients from a frozen UpBlock2D
+    (conv, nearest upsample, conv): a U-Net's LoRA gradients came out 60% off. tests/test_fast.py catches it."""
+    torch._inductor.config.reorder_for_peak_memory = False
 
 
 def compile_stats() -> dict:
@@ -70,6 +76,8 @@ def attention_backend(name: str, device: torch.device, dtype: torch.dtype):
     kernels have no forward-AD formula)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    if name in ("efficient", "cudnn") and device.type != "cuda":
+        raise NcpError(f"train.attention={name} is a CUDA kernel; on {device.type} use auto, flash or math")
     chosen = sdpa_choice(device, dtype) if name == "auto" else name
     log.info("attention: scaled_dot_product_attention on %s %s uses %s%s", device.type,
              str(dtype).removeprefix("torch."), chosen, " (train.attention=auto: PyTorch's choice)" if name == "auto" else "")

@@ -56,6 +56,32 @@ def test_step_cost_prints_every_method_with_finite_figures(tmp_path, capsys):
     assert 0 < result["setup"]["encoder_share"] < 1 and result["setup"]["loader_pairs_per_s"] > 0
 
 
+def test_step_cost_fast_times_the_plain_and_the_fast_path(capsys):
+    """--fast on the tiny U-Net, plain and compiled + channels-last (the graphs tests/test_fast.py compiles too)."""
+    step_cost = load("step_cost")
+    result = step_cost.run_fast("tiny-sd15", latent_size=16, repeats=1, threads=1, combos=[(False, False), (True, True)])
+    rows = {(r["method"], r["compile"], r["channels_last"]): r for r in result["rows"]}
+    assert set(rows) == {(m, c, c) for m in ("latent DPO", "NCP-DPO") for c in (False, True)}
+    assert all(math.isfinite(r["s_per_step"]) and r["s_per_step"] > 0 and r["peak_gb"] > 0 for r in rows.values())
+    assert rows[("NCP-DPO", False, False)]["ratio_to_plain"] == 1.0
+    assert rows[("NCP-DPO", True, True)]["first_step_s"] > rows[("NCP-DPO", True, True)]["s_per_step"]  # it compiled
+    assert result["setup"]["compiles"] >= 2 and result["setup"]["compile_s"] > 0
+    table = step_cost.format_fast(result)
+    assert table.count("| NCP-DPO |") == 2 and "vs plain" in table
+
+
+def test_train_cost_times_the_training_command_from_the_cache(tmp_path, capsys):
+    train_cost = load("train_cost")
+    result = train_cost.main(["--model", "tiny", "--resolution", "32", "--pairs", "8", "--steps", "3", "--rounds", "2",
+                              "--rank", "4", "--threads", "1", "--work", str(tmp_path), "--setting", "plain=",
+                              "--setting", "cl=train.channels_last=true"])
+    assert set(result["summary"]) == {"plain", "cl"} and result["summary"]["plain"]["ratio"] == 1.0
+    for s in result["summary"].values():
+        assert len(s["runs"]) == 2 and 0 < s["step_s"] < 60 and 0.1 < s["peak_gb"] < 20
+        assert all(len(r["steps"]) == 3 for r in s["runs"])
+    assert "| ncp NCP-DPO cl |" in capsys.readouterr().out
+
+
 def test_toy_alignment_smoke_selects_on_validation_and_reports_intervals(tmp_path, capsys):
     toy = load("toy_alignment")
     out = tmp_path / "toy"

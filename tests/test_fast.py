@@ -146,3 +146,24 @@ def test_fast_path_run_compiles_once_and_resumes_exactly(tiny_sd15, tmp_path, mo
     assert [r["loss"] for r in resumed] == [r["loss"] for r in rows] and len({r["loss"] for r in rows}) > 1
     a, b = (load_file(str(tmp_path / d / "pytorch_lora_weights.safetensors")) for d in ("straight", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_attention_backend_is_pinned_logged_and_checked(caplog):
+    import logging
+
+    import torch.nn.functional as F
+
+    from ncp.errors import NcpError
+    from ncp.fast import attention_backend
+
+    q = torch.randn(1, 2, 8, 4)
+    with caplog.at_level(logging.INFO, logger="ncp"):
+        with attention_backend("auto", torch.device("cpu"), torch.float32):
+            auto = F.scaled_dot_product_attention(q, q, q)
+        with attention_backend("math", torch.device("cpu"), torch.float32):
+            math_out = F.scaled_dot_product_attention(q, q, q)
+    assert "uses flash (train.attention=auto" in caplog.text and "uses math" in caplog.text
+    assert torch.allclose(auto, math_out, atol=1e-6)
+    with pytest.raises(NcpError, match="train.attention=cudnn is a CUDA kernel"):
+        with attention_backend("cudnn", torch.device("cpu"), torch.float32):
+            pass
