@@ -68,6 +68,9 @@ def methods(errors=("difference",)) -> list[tuple[str, str, str, str]]:
              for name, loss, space in METHODS if space == "perceptual"]
     return rows
 
+# --fast: (torch.compile, channels-last)
+COMBOS = {"plain": (False, False), "channels-last": (False, True), "compile": (True, False), "compile+channels-last": (True, True)}
+
 # runwayml/stable-diffusion-v1-5, unet/config.json (diffusers defaults for the keys not listed)
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -297,7 +300,8 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
 
 def run_fast(model: str = "tiny-sd15", latent_size: int = 16, pairs: int = 1, steps: int = 1, repeats: int = 3,
              rank: int | None = None, device: str | None = None, threads: int | None = None, errors=("difference",),
-             dtype: str | None = None, compile_mode: str = "default", combos=None) -> dict:
+             dtype: str | None = None, compile_mode: str = "default", combos=None,
+             peak_tflops: float | None = None) -> dict:
     """Every (method, compile, channels-last) combination, interleaved; see the module docstring.
     combos: the (compile, channels_last) pairs to time (default all four; (False, False) must be one)."""
     from ncp.fast import configure_inductor
@@ -311,6 +315,7 @@ def run_fast(model: str = "tiny-sd15", latent_size: int = 16, pairs: int = 1, st
         torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
         rank = rank or (8 if model.startswith("tiny-") else 64)
         errors = ("difference", *[e for e in errors if e != "difference"])
+        peak_flops = peak_tflops * 1e12 if peak_tflops else device_peak_flops(device, torch_dtype)
         unet, params, eager_f, schedule, x0, cond = build(model, latent_size, pairs, rank, device, torch_dtype, errors)
         optimizer, opt_name = make_optimizer(params)
         configure_inductor()
@@ -350,6 +355,7 @@ def run_fast(model: str = "tiny-sd15", latent_size: int = 16, pairs: int = 1, st
         with torch.no_grad(), amp:
             u_flops = count_flops(lambda: unet(one["x"], one["t"], **one["c"].unet_kwargs()))
             e_flops = count_flops(lambda: encoders[("difference", False)](one["x"], one["t"], one["c"]))
+        counted = {m[0]: count_flops(lambda: step(m, (False, False), rnd0)) for m in spec}  # whole step, eager
         first = {}  # the first (compiling) step of every combination, untimed in the table
         for combo in combos:
             set_format(combo[1])
@@ -390,15 +396,30 @@ def run_fast(model: str = "tiny-sd15", latent_size: int = 16, pairs: int = 1, st
                              spread=[min(times[key]), max(times[key])], ratio_to_plain=median[key] / median[plain],
                              ratio_to_latent_dpo=median[key] / median[("latent DPO", combo)],
                              flop_floor=(6 * u_flops + ne * e_flops) / (6 * u_flops), first_step_s=first[key],
-                             peak_gb=peaks[key][0], step_gb=peaks[key][1], loss=losses[key]))
+                             peak_gb=peaks[key][0], step_gb=peaks[key][1], loss=losses[key],
+                             step_gflop=counted[name] / 1e9,
+                             mfu=counted[name] / median[key] / peak_flops if peak_flops else None))
         from ncp.fast import compile_stats
 
         setup = dict(model=model, latent_size=latent_size, pairs=pairs, steps=steps, repeats=repeats, rank=rank,
                      device=device, dtype=dtype, optimizer=opt_name, threads=torch.get_num_threads(),
-                     torch=torch.__version__, compile_mode=compile_mode, errors=list(errors), **compile_stats())
+                     torch=torch.__version__, compile_mode=compile_mode, errors=list(errors), peak_tflops=(
+                         peak_flops / 1e12 if peak_flops else None), **compile_stats())
         return dict(setup=setup, rows=rows)
     finally:
         torch.set_num_threads(saved_threads)
+
+
+# dense half-precision tensor-core peaks (vendor data sheets, SXM parts), for the MFU column
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+def device_peak_flops(device: str, dtype: torch.dtype) -> float | None:
+    """The GPU's fp16/bf16 peak FLOP/s when its name is in GPU_PEAK_TFLOPS (else None: pass --peak-tflops)."""
+    if not device.startswith("cuda") or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((tf * 1e12 for key, tf in GPU_PEAK_TFLOPS.items() if key in name), None)
 
 
 def current_gb(device: str) -> float:
@@ -418,13 +439,16 @@ def format_fast(result: dict) -> str:
              f"{s['compiles']} graphs ({s['recompiles']} recompilations), {s['compile_s']:.0f} s compiling",
              "",
              "| method | compile | channels-last | s/step | min-max | vs plain | vs latent DPO (same path) | FLOP floor | "
-             "first step s | peak GB | +GB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "GFLOP/step | MFU | first step s | peak GB | +GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         lines.append(f"| {r['method']} | {'on' if r['compile'] else 'off'} | {'on' if r['channels_last'] else 'off'} | "
                      f"{r['s_per_step']:.4f} | {r['spread'][0]:.4f}-{r['spread'][1]:.4f} | {r['ratio_to_plain']:.3f}x | "
-                     f"{r['ratio_to_latent_dpo']:.3f}x | {r['flop_floor']:.3f}x | {r['first_step_s']:.1f} | "
-                     f"{r['peak_gb']:.2f} | {r['step_gb']:.2f} |")
+                     f"{r['ratio_to_latent_dpo']:.3f}x | {r['flop_floor']:.3f}x | {r['step_gflop']:.1f} | {mfu} | "
+                     f"{r['first_step_s']:.1f} | {r['peak_gb']:.2f} | {r['step_gb']:.2f} |")
+    if s["peak_tflops"]:
+        lines += ["", f"MFU = FLOPs counted per step (torch.utils.flop_counter, eager) / time / {s['peak_tflops']:.0f} TFLOP/s"]
     return "\n".join(lines)
 
 
@@ -477,13 +501,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fast", action="store_true",
                    help="latent DPO and NCP-DPO under every compile x channels-last combination (module docstring)")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode for --fast (train.compile_mode)")
+    p.add_argument("--combos", nargs="+", choices=list(COMBOS), help="--fast: the combinations to time (default all)")
+    p.add_argument("--peak-tflops", type=float, help="--fast: the device's peak for the MFU column (known GPUs: "
+                                                        "GPU_PEAK_TFLOPS in this file)")
     p.add_argument("--json", help="write the result here")
     a = p.parse_args(argv)
     if a.warmup < 1 or a.steps < 1 or a.repeats < 1:
         p.error("--warmup, --steps and --repeats must be >= 1")
     if a.fast:
+        combos = [COMBOS[c] for c in ["plain", *[c for c in a.combos if c != "plain"]]] if a.combos else None
         result = run_fast(a.model, a.latent_size, a.pairs, a.steps, a.repeats, a.rank, a.device, a.threads, a.errors,
-                          a.dtype, a.compile_mode)
+                          a.dtype, a.compile_mode, combos, a.peak_tflops)
         print(format_fast(result))
         if a.json:
             Path(a.json).parent.mkdir(parents=True, exist_ok=True)
