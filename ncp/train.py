@@ -24,8 +24,8 @@ from .config import Config, describe_keys, load_config
 from .diffusion import Schedule
 from .encoder import PerceptualEncoder
 from .errors import NcpError
-from .models import Models, add_lora, load_models
-from .objective import compute_objective, sample_randomness
+from .models import Models, add_lora, load_models, to_latents
+from .objective import compute_objective, randomness_for
 from .run import Run
 
 log = logging.getLogger("ncp")
@@ -47,8 +47,8 @@ def train(cfg: Config, resume_command: str | None = None) -> Run:
     with run.stop_on_signals():
         for batch in run.batches(loader):             # 3-4: repeat; (x0_w, x0_l, c) ~ D
             x0, cond = encode(parts, batch, cfg.data.resolution)
-            rnd = sample_randomness(x0.shape[0] // 2, x0.shape[1:], parts.schedule.num_timesteps, generator,
-                                    cfg.objective.target).to(x0.device)  # 5, 7, 10: t, eps, z per pair
+            rnd = randomness_for(cfg.objective, parts.schedule, x0.shape[0] // 2, x0.shape[1:],
+                                 generator).to(x0.device)  # 5, 7, 10: t, eps, z per pair
             with acc.accumulate(parts.unet):
                 with acc.autocast():                  # 6, 8-18: x_t, reverse steps to t-1, errors in f's space, loss
                     loss, metrics = compute_objective(parts.unet, parts.encoder, parts.schedule, x0, cond, rnd,
@@ -121,17 +121,38 @@ def build_models(cfg: Config, acc) -> Parts:
     from accelerate.utils import set_seed
 
     m, tc = cfg.model, cfg.train
-    models = load_models(m.pretrained, m.arch, m.vae, m.revision, m.variant, DTYPES[tc.mixed_precision], acc.device)
+    models = load_models(m.pretrained, m.arch, m.vae, m.revision, m.variant, DTYPES[tc.mixed_precision], acc.device,
+                         m.text_encoder_3)
     cfg.model.arch = models.arch  # config.yaml records the detected architecture
     encoder = None
     if cfg.objective.space == "perceptual":
-        encoder = PerceptualEncoder(models.unet, cfg.encoder.features, cfg.encoder.pool, cfg.encoder.error)
+        encoder = build_encoder(cfg, models)
     set_seed(tc.seed)  # the same LoRA init on every process and every run with this seed
     params = add_lora(models.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.init, cfg.lora.targets)
     if tc.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
     models.unet.train()
-    return Parts(models, Schedule.from_scheduler(models.scheduler), encoder, params, models.arch)
+    return Parts(models, build_schedule(cfg, models), encoder, params, models.arch)
+
+
+def build_encoder(cfg: Config, models: Models):
+    """f: the frozen down path of a U-Net, or the first encoder.blocks joint blocks of an SD3 transformer."""
+    if models.arch == "sd3":
+        from .encoder_dit import DiTPerceptualEncoder
+
+        if cfg.encoder.features != "last":
+            raise NcpError(f"encoder.features={cfg.encoder.features!r} is for U-Nets; sd3 uses encoder.blocks (K)")
+        return DiTPerceptualEncoder(models.unet, cfg.encoder.blocks, cfg.encoder.pool, cfg.encoder.error)
+    return PerceptualEncoder(models.unet, cfg.encoder.features, cfg.encoder.pool, cfg.encoder.error)
+
+
+def build_schedule(cfg: Config, models: Models):
+    """DDPM maths from the U-Net's scheduler, or flow-matching maths from SD3's (ncp.flow)."""
+    if models.arch == "sd3":
+        from .flow import FlowSchedule
+
+        return FlowSchedule.from_scheduler(models.scheduler, cfg.objective.flow_step)
+    return Schedule.from_scheduler(models.scheduler)
 
 
 def build_optimizer(cfg: Config, parts: Parts, acc, max_steps: int):
@@ -169,7 +190,7 @@ def encode(parts: Parts, batch: dict, resolution: int):
     else:
         pixels = batch["pixel_values"].to(vae.device, vae.dtype)
         # the posterior mean (deterministic, no RNG draw), as the latent cache stores it
-        x0 = vae.encode(pixels).latent_dist.mean.float() * vae.config.scaling_factor
+        x0 = to_latents(vae, vae.encode(pixels).latent_dist.mean.float())
     cond = build_cond(parts.models, batch["prompts"], batch.get("original_size"), batch.get("crop_top_left"),
                       (resolution, resolution), batch.get("prompt_embeds"), batch.get("pooled_prompt_embeds"))
     return x0, cond
@@ -183,6 +204,16 @@ def validation_pipeline(parts: Parts, acc):
     from .models import pipeline_class
 
     mdl = parts.models
+    if parts.arch == "sd3":  # the model's own flow-matching scheduler; T5 may be None, as the pipeline allows
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        pipe = pipeline_class("sd3")(
+            transformer=acc.unwrap_model(parts.unet), vae=mdl.vae,
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(mdl.scheduler.config),
+            **{f"{kind}{suffix}": obj for suffix, tok, enc in zip(("", "_2", "_3"), mdl.tokenizers, mdl.text_encoders)
+               for kind, obj in (("tokenizer", tok), ("text_encoder", enc))})
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     pieces = dict(vae=mdl.vae, text_encoder=mdl.text_encoders[0], tokenizer=mdl.tokenizers[0],
                   unet=acc.unwrap_model(parts.unet), scheduler=DPMSolverMultistepScheduler.from_config(mdl.scheduler.config))
     if parts.arch == "sdxl":
