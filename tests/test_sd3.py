@@ -244,3 +244,127 @@ def test_uniform_target_is_refused_for_flow(tiny_sd3):
     models, encoder, _, schedule, x0, cond, rnd = setup(tiny_sd3)
     with pytest.raises(NcpError, match="target=uniform"):
         compute_objective(models.unet, encoder, schedule, x0, cond, rnd, ObjectiveConfig(target="uniform"))
+
+
+# ---------------------------------------------------------------- the scripts, resume, LoRA in the pipeline, tools
+def script_args(model, out, loss, *extra):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    return ["--config", str(root / f"configs/tiny_sd3_ncp_{loss}.yaml"), f"model.pretrained={model}",
+            f"train.output_dir={out}", "train.batch_size=2", "data.toy_num_pairs=16", "train.validation_steps=2",
+            "lora.rank=4", "train.report_to=none", *extra]
+
+
+def run_script(loss, argv):
+    import importlib
+
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # each run starts like a new process
+    return importlib.import_module(f"train_ncp_{loss}").main(argv)
+
+
+@pytest.fixture
+def scripts_importable(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+
+
+@pytest.mark.parametrize("loss", ["dpo", "cpo", "sft"])
+def test_scripts_train_sd3_lora_only(tiny_sd3, tmp_path, scripts_importable, loss):
+    from accelerate.utils import set_seed
+
+    from ncp.config import load_config
+    from ncp.metrics import read_metrics
+
+    out = tmp_path / "run"
+    run = run_script(loss, script_args(tiny_sd3, out, loss, "train.max_steps=3", "optim.optimizer=adamw",
+                                       "optim.lr=1e-3"))
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+    if loss == "dpo":
+        assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert run.parts.arch == "sd3" and type(run.parts.encoder).__name__ == "DiTPerceptualEncoder"
+    fresh = load_models(str(tiny_sd3))
+    set_seed(0)
+    add_lora(fresh.unet, rank=4)
+    before, after = dict(fresh.unet.named_parameters()), dict(run.parts.models.unet.named_parameters())
+    lora = [n for n in after if "lora" in n]
+    assert lora and all(not torch.equal(before[n], after[n]) for n in lora)
+    assert all(torch.equal(before[n], p) for n, p in after.items() if "lora" not in n)
+    assert load_config(str(out / "config.yaml")).model.arch == "sd3"
+    assert list((out / "validation").glob("step-*.png"))
+
+
+def test_sd3_resume_gives_the_same_losses_and_lora(tiny_sd3, tmp_path, scripts_importable):
+    """A run stopped after step 2 (checkpoint) and resumed to step 4 equals a straight 4-step run, with the
+    logit-normal timestep density and the stochastic reverse step (every random draw is restored)."""
+    from safetensors.torch import load_file
+
+    from ncp.metrics import read_metrics
+
+    common = ["train.checkpoint_every=2", "objective.timesteps=logit_normal", "objective.flow_step=sde",
+              "optim.lr=1e-3"]
+    run_script("dpo", script_args(tiny_sd3, tmp_path / "straight", "dpo", "train.max_steps=4", *common))
+    run_script("dpo", script_args(tiny_sd3, tmp_path / "resumed", "dpo", "train.max_steps=2", *common))
+    run_script("dpo", script_args(tiny_sd3, tmp_path / "resumed", "dpo", "train.max_steps=4", *common,
+                                  "train.resume_from=latest"))
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and len({r["loss"] for r in a}) > 1
+    la, lb = (load_file(str(tmp_path / d / "pytorch_lora_weights.safetensors")) for d in ("straight", "resumed"))
+    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+
+
+def test_sd3_lora_loads_into_the_pipeline_changes_images_and_unloads(tiny_sd3, tmp_path, scripts_importable):
+    """The saved LoRA loads with StableDiffusion3Pipeline.load_lora_weights, reproduces the trained transformer,
+    changes the images, and unload_lora_weights restores the base; ncp.generate renders base and LoRA."""
+    import json
+
+    from diffusers import StableDiffusion3Pipeline
+
+    from ncp.generate import generate
+
+    out = tmp_path / "run"
+    run = run_script("dpo", script_args(tiny_sd3, out, "dpo", "train.max_steps=2", "optim.lr=0.01",
+                                        "optim.optimizer=adamw"))
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+
+    def image():
+        return pipe("a red circle", num_inference_steps=2, height=32, width=32,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    base = image()
+    pipe.load_lora_weights(out)
+    x, ts = torch.randn(2, *LATENT), torch.tensor([700.0, 30.0])
+    cond = build_cond(run.parts.models, PROMPTS, target_size=(32, 32)).index(slice(0, 2))
+    with torch.no_grad():
+        trained = run.parts.models.unet(x, timestep=ts, **cond.unet_kwargs()).sample
+        loaded = pipe.transformer(x, timestep=ts, **cond.unet_kwargs()).sample
+    assert torch.allclose(trained, loaded, atol=1e-5)
+    tuned = image()
+    pipe.unload_lora_weights()
+    assert not (base == tuned).all()
+    assert (image() == base).all()
+    rows = generate(str(tiny_sd3), [str(out)], ["a red circle", "a blue square"], tmp_path / "gen", seeds=[0],
+                    steps=2, resolution=32, guidance=4.5, device="cpu")
+    assert {r["model"] for r in rows} == {"base", "run"} and len(rows) == 4
+    assert all((tmp_path / "gen" / r["path"]).is_file() for r in rows)
+    assert len((tmp_path / "gen" / "index.jsonl").read_text().splitlines()) == 4
+    assert json.loads((tmp_path / "gen" / "index.jsonl").read_text().splitlines()[-1])["lora"] == str(out)
+
+
+def test_sd3_latent_cache_matches_pixels(tiny_sd3, tmp_path, scripts_importable):
+    """The cache stores SD3 latents ((mean - shift) * scale) and pooled projections as encode() computes them."""
+    from ncp.data.cache import main as build_cache
+    from ncp.metrics import read_metrics
+
+    cache = tmp_path / "cache"
+    build_cache(["--model", str(tiny_sd3), "--out", str(cache), "--toy-num-pairs", "16"])
+    common = ["train.max_steps=1", "optim.optimizer=adamw"]
+    run_script("dpo", script_args(tiny_sd3, tmp_path / "pixels", "dpo", *common))
+    run_script("dpo", script_args(tiny_sd3, tmp_path / "cached", "dpo", *common, f"data.cache_dir={cache}"))
+    a, b = read_metrics(tmp_path / "pixels"), read_metrics(tmp_path / "cached")
+    assert a[0]["err_w"] == pytest.approx(b[0]["err_w"], rel=1e-4)
