@@ -368,3 +368,36 @@ def test_sd3_latent_cache_matches_pixels(tiny_sd3, tmp_path, scripts_importable)
     run_script("dpo", script_args(tiny_sd3, tmp_path / "cached", "dpo", *common, f"data.cache_dir={cache}"))
     a, b = read_metrics(tmp_path / "pixels"), read_metrics(tmp_path / "cached")
     assert a[0]["err_w"] == pytest.approx(b[0]["err_w"], rel=1e-4)
+
+
+def test_toy_alignment_sd3_smoke(tmp_path):
+    """The SD3 variant of the toy benchmark runs end to end: its own base (the tiny SD3 pipeline with a trained
+    VAE shift and scale), flow-form objectives, and a K row at NCP-DPO's setting with its own beta scale."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_toy_sd3", root / "benchmarks" / "toy_alignment.py")
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    out = tmp_path / "toy"
+    result = toy.main(["--smoke", "--arch", "sd3", "--workers", "1", "--out", str(out),
+                       "--methods", "NCP-DPO", "latent DPO", "NCP-DPO K=2"])
+    assert (out / "base" / "transformer").is_dir() and not (out / "base" / "unet").exists()
+    vae = load_models(str(out / "base")).vae.config
+    assert vae.shift_factor != 0.0609 and vae.scaling_factor != 1.5305  # fitted to the toy latents
+    chosen = result["chosen"]
+    assert chosen["NCP-DPO K=2"]["lr"] == chosen["NCP-DPO"]["lr"]
+    assert chosen["NCP-DPO K=2"]["beta_mult"] == chosen["NCP-DPO"]["beta_mult"]
+    assert set(result["setup"]["beta_scale"]) == {"perceptual", "perceptual K=2", "latent"}
+    runs = {r["method"]: r for r in result["runs"]}
+    assert runs["NCP-DPO K=2"]["beta"] == pytest.approx(
+        result["setup"]["beta_scale"]["perceptual K=2"] * chosen["NCP-DPO"]["beta_mult"])
+    from ncp.config import load_config
+
+    cfg = load_config(str(Path(runs["NCP-DPO K=2"]["run_dir"]) / "config.yaml"))
+    assert cfg.model.arch == "sd3" and cfg.encoder.blocks == 2
+    for m in ("NCP-DPO", "latent DPO", "NCP-DPO K=2"):
+        final = result["summary"]["methods"][m]["final"]
+        assert final["gain_low"] <= final["gain"] <= final["gain_high"]
+    assert [c["loss"] for c in result["summary"]["comparisons"]] == ["DPO"]
