@@ -354,6 +354,15 @@ def test_sd3_lora_loads_into_the_pipeline_changes_images_and_unloads(tiny_sd3, t
     assert all((tmp_path / "gen" / r["path"]).is_file() for r in rows)
     assert len((tmp_path / "gen" / "index.jsonl").read_text().splitlines()) == 4
     assert json.loads((tmp_path / "gen" / "index.jsonl").read_text().splitlines()[-1])["lora"] == str(out)
+    # reward curves score an SD3 pipeline (its denoiser is pipe.transformer); the model card names SD3's pipeline
+    from ncp.curves import score_lora
+    from ncp.evaluate import make_scorer
+    from ncp.hub import build_model_card
+
+    reward = score_lora(pipe, ["a red circle on a white background"], [0], make_scorer("toy"), steps=2, guidance=1.0, resolution=32)
+    assert 0.0 <= reward <= 1.0 and not pipe.transformer.training
+    card = str(build_model_card(out))
+    assert "StableDiffusion3Pipeline" in card and "stable-diffusion-3" in card and "transformer encoder" in card
 
 
 def test_sd3_latent_cache_matches_pixels(tiny_sd3, tmp_path, scripts_importable):
@@ -401,3 +410,37 @@ def test_toy_alignment_sd3_smoke(tmp_path):
         final = result["summary"]["methods"][m]["final"]
         assert final["gain_low"] <= final["gain"] <= final["gain_high"]
     assert [c["loss"] for c in result["summary"]["comparisons"]] == ["DPO"]
+
+
+def test_bf16_linearized_error_stays_close_where_the_difference_drowns(tiny_sd3):
+    """As for the U-Net (README "Precision of f"): with f in bf16, the linearized error stays within a few %
+    of float64 while the difference of two rounded features is off by more than its own size; that is why
+    configs/sd3_ncp_dpo.yaml (bf16) takes encoder.error=auto = linearized."""
+    models, _, params, schedule, x0, cond, rnd = setup(tiny_sd3)
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    models.unet.double()
+    base = load_models(str(tiny_sd3), weight_dtype=torch.float64).unet
+    x0, cond = x0.double(), cond.to(dtype=torch.float64)
+    t, eps, z, tt = (x.repeat(2, *([1] * (x.dim() - 1))) for x in (rnd.t, rnd.eps, rnd.z, rnd.t_target))
+    eps, z = eps.double(), z.double()
+    cfg = ObjectiveConfig(loss="dpo")
+    with torch.no_grad():
+        x_t = schedule.q_sample(x0, t, eps)
+        v = schedule.velocity(x0, eps)
+        v_pol = models.unet(x_t, timestep=schedule.model_timestep(t), **cond.unet_kwargs()).sample
+        with adapters_disabled(models.unet):
+            v_ref = models.unet(x_t, timestep=schedule.model_timestep(t), **cond.unet_kwargs()).sample
+        hats = [v + 0.3 * (v_pol - v), v + 0.3 * (v_ref - v)]  # a policy 30% of a random model's error off
+        exact = torch.stack(perceptual_errors(DiTPerceptualEncoder(base, blocks=2), schedule, cfg, x_t, t, v, z, tt,
+                                              cond, x0, hats))
+        rel = {}
+        for error in ("difference", "linearized"):
+            encoder = DiTPerceptualEncoder(base, blocks=2, error=error).to(torch.bfloat16)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                half = torch.stack(perceptual_errors(encoder, schedule, cfg, x_t.float(), t, v.float(), z.float(), tt,
+                                                     cond.to(dtype=torch.bfloat16), x0.float(), [h.float() for h in hats]))
+            rel[error] = (half.double() - exact).abs() / exact
+    assert rel["linearized"].max() < 5e-2, rel
+    assert rel["difference"].median() > 0.5, rel
