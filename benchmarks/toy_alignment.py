@@ -566,7 +566,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         p.error(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}")
     cfg = dict(SMOKE if a.smoke else QUICK if a.quick else FULL)
-    if a.arch == "sd3" and not a.smoke:  # RESULTS.md section 6: on the sd3 base every method at lr 3e-4 (the U-Net
+    if a.arch == "sd3" and not a.smoke:  # RESULTS.md section 4: on the sd3 base every method at lr 3e-4 (the U-Net
         cfg["lrs"] = SD3_LRS             # grid's lowest) fell below the base on the validation captions
     torch.set_num_threads(1)
     t0 = time.perf_counter()
