@@ -79,9 +79,9 @@ METHODS = {"NCP-DPO": ("dpo", "perceptual", "no", "difference"), "latent DPO": (
 OBJECTIVES = list(METHODS)[:6]
 # SD3 variant: NCP-DPO with more joint blocks in f (encoder.blocks = K); the tiny configs' default is K = 1
 SD3_BLOCKS = {"NCP-DPO K=2": 2, "NCP-DPO K=4": 4}
-METHODS.update({name: METHODS["NCP-DPO"] for name in SD3_BLOCKS})
+ALL_METHODS = {**METHODS, **{name: METHODS["NCP-DPO"] for name in SD3_BLOCKS}}  # METHODS stays the sd15 set
 SD3_LRS = [1e-4, 3e-4]  # the sd3 variant's lr grid, one step lower than the U-Net's (chosen on validation captions)
-DEFAULT_METHODS = {"sd15": [m for m in METHODS if m not in SD3_BLOCKS], "sd3": OBJECTIVES + list(SD3_BLOCKS)}
+DEFAULT_METHODS = {"sd15": list(METHODS), "sd3": OBJECTIVES + list(SD3_BLOCKS)}
 PAIRS = [("DPO", "NCP-DPO", "latent DPO"), ("CPO", "NCP-CPO", "latent CPO"), ("SFT", "NCP-SFT", "latent SFT")]
 BASE_TOL = 0.005  # base stopping rule: the EMA reward gained less than this over the last two checks
 SPLIT = (27, 9, 18)  # train / validation / test captions out of the 54
@@ -283,7 +283,7 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
 # ---------------------------------------------------------------- 2. beta scale, runs
 def space_key(method: str) -> str:
     """Which beta scale a method uses: its space, and for the SD3 K rows the perceptual space of their f."""
-    return f"perceptual K={SD3_BLOCKS[method]}" if method in SD3_BLOCKS else METHODS[method][1]
+    return f"perceptual K={SD3_BLOCKS[method]}" if method in SD3_BLOCKS else ALL_METHODS[method][1]
 
 
 def beta_scale(base: Path, pairs_path: Path, blocks: list[int] = ()) -> dict:
@@ -338,7 +338,7 @@ def train_and_score(job: dict) -> dict:
     from ncp.metrics import read_metrics
 
     torch.set_num_threads(1)  # tiny models on a shared 2-core CPU: 1 thread per process is fastest
-    loss, space, mp, error = METHODS[job["method"]]
+    loss, space, mp, error = ALL_METHODS[job["method"]]
     run_dir = Path(job["run_dir"])
     if not (run_dir / "pytorch_lora_weights.safetensors").is_file():
         AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps a singleton per process
@@ -562,9 +562,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="the base: tiny SD1.5 (U-Net, DDPM) or tiny SD3 (MMDiT, flow matching)")
     a = p.parse_args(argv)
     a.methods = a.methods or DEFAULT_METHODS[a.arch]
-    unknown = set(a.methods) - set(METHODS)
+    unknown = set(a.methods) - set(ALL_METHODS)
     if unknown:
-        p.error(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}")
+        p.error(f"--methods: unknown {sorted(unknown)}; choose from {list(ALL_METHODS)}")
     cfg = dict(SMOKE if a.smoke else QUICK if a.quick else FULL)
     if a.arch == "sd3" and not a.smoke:  # RESULTS.md section 4: on the sd3 base every method at lr 3e-4 (the U-Net
         cfg["lrs"] = SD3_LRS             # grid's lowest) fell below the base on the validation captions
@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> dict:
                   eval_every=cfg["eval_every"], sample_steps=cfg["sample_steps"])
 
     def job(method, lr, mult, seed, prompts, img_seeds, score_steps):
-        space, loss = METHODS[method][1], METHODS[method][0]
+        space, loss = ALL_METHODS[method][1], ALL_METHODS[method][0]
         beta = betas[space_key(method)] * mult if loss != "sft" else 1.0
         return dict(common, method=method, lr=lr, beta_mult=mult if loss != "sft" else None, beta=beta, seed=seed,
                     run_dir=str(out / "runs" / run_name(method, cfg["steps"], lr, mult if loss != "sft" else None, seed)),
@@ -617,7 +617,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"grid: the base's validation reward {base_val:.4f}")
     grid_jobs = [job(m, lr, mult, 0, split["val"], val_seeds, [cfg["steps"]])
                  for m in OBJECTIVES if m in a.methods or (m == "NCP-DPO" and any(x not in OBJECTIVES for x in a.methods))
-                 for lr in cfg["lrs"] for mult in (cfg["beta_mults"] if METHODS[m][0] != "sft" else [1.0])]
+                 for lr in cfg["lrs"] for mult in (cfg["beta_mults"] if ALL_METHODS[m][0] != "sft" else [1.0])]
     grid = run_jobs(grid_jobs, a.workers)
     chosen = {}
     for m in dict.fromkeys(j["method"] for j in grid_jobs):
@@ -633,7 +633,7 @@ def main(argv: list[str] | None = None) -> dict:
             chosen[m] = dict(chosen["NCP-DPO"])
             if m in SD3_BLOCKS:
                 chosen[m]["beta"] = betas[space_key(m)] * chosen[m]["beta_mult"]
-    chosen = {m: chosen[m] for m in METHODS if m in a.methods}
+    chosen = {m: chosen[m] for m in ALL_METHODS if m in a.methods}
     print("chosen: " + "; ".join(f"{m} lr {c['lr']:g} beta x{c['beta_mult']}" for m, c in chosen.items()))
     grid_minutes = (time.perf_counter() - t_grid) / 60
 

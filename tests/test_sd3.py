@@ -18,6 +18,15 @@ PROMPTS = ["a red circle on a white background", "a blue square"]
 LATENT = (16, 16, 16)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded on the shared 2-core machine (as tests/test_results.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_sd3(tmp_path_factory):
     from ncp.tiny import build_tiny_pipeline
