@@ -423,7 +423,7 @@ def test_toy_alignment_sd3_smoke(tmp_path):
 
 def test_bf16_linearized_error_stays_close_where_the_difference_drowns(tiny_sd3):
     """As for the U-Net (README "Precision of f"): with f in bf16, the linearized error stays within a few %
-    of float64 while the difference of two rounded features is off by more than its own size; that is why
+    of float64 while the difference of two rounded features is off by more than half its size; that is why
     configs/sd3_ncp_dpo.yaml (bf16) takes encoder.error=auto = linearized."""
     models, _, params, schedule, x0, cond, rnd = setup(tiny_sd3)
     with torch.no_grad():
