@@ -17,6 +17,7 @@ It also times the toy data loader, to show that feeding a step costs a small fra
     python benchmarks/step_cost.py --model tiny-sd15
     python benchmarks/step_cost.py --model sd15 --latent-size 32 --pairs 1 --steps 1 --warmup 1 --repeats 5
     python benchmarks/step_cost.py --model sd15 --latent-size 16 --errors difference linearized fp32   # per mode
+    python benchmarks/step_cost.py --model sd3 --latent-size 16 --pairs 1 --steps 1 --repeats 3   # SD3.5 Medium MMDiT
     python benchmarks/step_cost.py --model sd15 --latent-size 16 --fast --errors difference linearized  # fast path
 
 --fast times latent DPO and NCP-DPO (per --errors mode) under every combination of torch.compile on/off and
@@ -48,8 +49,10 @@ from ncp.conditioning import Cond, build_cond  # noqa: E402
 from ncp.config import OptimConfig  # noqa: E402
 from ncp.diffusion import Schedule  # noqa: E402
 from ncp.encoder import ERRORS, PerceptualEncoder  # noqa: E402
+from ncp.encoder_dit import DiTPerceptualEncoder  # noqa: E402
+from ncp.flow import FlowSchedule  # noqa: E402
 from ncp.models import add_lora  # noqa: E402
-from ncp.objective import ObjectiveConfig, compute_objective, sample_randomness  # noqa: E402
+from ncp.objective import ObjectiveConfig, compute_objective, model_timestep, randomness_for  # noqa: E402
 
 # (name, loss, space); latent DPO first: every ratio is to it
 METHODS = [("latent DPO", "dpo", "latent"), ("NCP-DPO", "dpo", "perceptual"),
@@ -90,15 +93,22 @@ SDXL_UNET = dict(
     act_fn="silu", downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, upcast_attention=False,
 )
 SDXL_POOLED = 1280  # text_encoder_2 projection_dim: 2816 = 1280 + 6 * 256
+# stabilityai/stable-diffusion-3.5-medium, transformer/config.json (2.5B parameters) and scheduler shift
+SD35M_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+SD3_TOKENS = 77 + 256  # CLIP tokens + T5 tokens (StableDiffusion3Pipeline's default max_sequence_length)
 
 
 # ---------------------------------------------------------------- the model, data and randomness
 def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtype: torch.dtype,
           errors=("difference",)):
     """(unet with LoRA, LoRA params, {error: encoder}, schedule, x0, cond) for `pairs` pairs on `device`."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, UNet2DConditionModel
 
-    from ncp.tiny import SCHEDULER_CONFIG
+    from ncp.tiny import SCHEDULER_CONFIG, SD3_SCHEDULER_CONFIG
 
     torch.manual_seed(0)
     n = 2 * pairs  # [winners; losers]
@@ -112,6 +122,11 @@ def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtyp
             models = load_models(path, weight_dtype=dtype, device=device)
         unet, scheduler = models.unet, models.scheduler
         cond = build_cond(models, toy_prompts(pairs), target_size=(8 * latent_size,) * 2)
+    elif model == "sd3":
+        unet = SD3Transformer2DModel(**SD35M_TRANSFORMER).requires_grad_(False).eval().to(device, dtype)
+        scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG)
+        cond = Cond(torch.randn(pairs, SD3_TOKENS, 4096), pooled_projections=torch.randn(pairs, 2048)).repeat(2)
+        cond = cond.to(device=device, dtype=dtype)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -125,11 +140,14 @@ def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtyp
             cond.text_embeds = torch.randn(pairs, SDXL_POOLED).repeat(2, 1)
             cond.time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32).repeat(n, 1)
         cond = cond.to(device=device, dtype=dtype)
-    encoders = {e: PerceptualEncoder(unet, error=e) for e in errors}  # before LoRA: f is the frozen base
+    sd3 = model.endswith("sd3")  # an MMDiT: f = its first K joint blocks (default K), flow-matching maths
+    encoders = {e: DiTPerceptualEncoder(unet, error=e) if sd3 else PerceptualEncoder(unet, error=e)
+                for e in errors}  # before LoRA: f is the frozen base
     params = add_lora(unet, rank)
     unet.train()
     x0 = torch.randn(n, unet.config.in_channels, latent_size, latent_size, device=device)
-    return unet, params, encoders, Schedule.from_scheduler(scheduler), x0, cond
+    schedule = FlowSchedule.from_scheduler(scheduler) if sd3 else Schedule.from_scheduler(scheduler)
+    return unet, params, encoders, schedule, x0, cond
 
 
 def make_optimizer(params):
@@ -187,6 +205,15 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
+@torch.no_grad()
+def unit_flops(unet, encoder, schedule, x0, cond, rnd) -> tuple[int, int]:
+    """FLOPs of one image through the denoiser (U) and through f (E)."""
+    x, c = x0[:1], cond.index(slice(0, 1))
+    t_model = model_timestep(schedule, rnd.t[:1])  # a flow model takes sigma * 1000
+    return (count_flops(lambda: unet(x, timestep=t_model, **c.unet_kwargs())),
+            count_flops(lambda: encoder(x, t_model, c)))
+
+
 def loader_pairs_per_s(latent_size: int, pairs: int, batches: int = 8) -> float:
     """Pairs per second the toy loader (decode, transform, collate) yields in the main process."""
     from ncp.data.config import DataConfig
@@ -233,7 +260,7 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
 
     def randomness(i: int):
         g = torch.Generator().manual_seed(i)
-        return sample_randomness(pairs, x0.shape[1:], schedule.num_timesteps, g).to(device)
+        return randomness_for(ObjectiveConfig(), schedule, pairs, x0.shape[1:], g).to(device)  # DDPM or flow t
 
     def amp():
         """Half-precision frozen weights run under autocast, as accelerate's mixed precision does in training."""
@@ -250,10 +277,8 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
 
     # FLOPs: one image through the U-Net and through f, then one whole step of each method
     rnd0 = randomness(0)
-    one = dict(x=x0[:1], t=rnd0.t[:1], c=cond.index(slice(0, 1)))
-    with torch.no_grad(), amp():
-        u_flops = count_flops(lambda: unet(one["x"], one["t"], **one["c"].unet_kwargs()))
-        e_flops = count_flops(lambda: encoders["difference"](one["x"], one["t"], one["c"]))
+    with amp():
+        u_flops, e_flops = unit_flops(unet, encoders["difference"], schedule, x0, cond, rnd0)
     counted = {name: count_flops(lambda: step(name, rnd0)) for name, *_ in spec}  # also the first warmup
 
     for i in range(warmup - 1):
@@ -348,13 +373,12 @@ def run_fast(model: str = "tiny-sd15", latent_size: int = 16, pairs: int = 1, st
             return loss.item()
 
         def randomness(i: int):
-            return sample_randomness(pairs, x0.shape[1:], schedule.num_timesteps, torch.Generator().manual_seed(i)).to(device)
+            g = torch.Generator().manual_seed(i)
+            return randomness_for(ObjectiveConfig(), schedule, pairs, x0.shape[1:], g).to(device)  # DDPM or flow t
 
         rnd0 = randomness(0)
-        one = dict(x=x0[:1], t=rnd0.t[:1], c=cond.index(slice(0, 1)))
-        with torch.no_grad(), amp:
-            u_flops = count_flops(lambda: unet(one["x"], one["t"], **one["c"].unet_kwargs()))
-            e_flops = count_flops(lambda: encoders[("difference", False)](one["x"], one["t"], one["c"]))
+        with amp:
+            u_flops, e_flops = unit_flops(unet, encoders[("difference", False)], schedule, x0, cond, rnd0)
         counted = {m[0]: count_flops(lambda: step(m, (False, False), rnd0)) for m in spec}  # whole step, eager
         first = {}  # the first (compiling) step of every combination, untimed in the table
         for combo in combos:
@@ -433,7 +457,7 @@ def current_gb(device: str) -> float:
 
 def format_fast(result: dict) -> str:
     s = result["setup"]
-    lines = [f"fast path: {s['model']} U-Net, {s['latent_size']}x{s['latent_size']} latents, {s['pairs']} pair(s)/step, "
+    lines = [f"fast path: {s['model']} {'transformer' if s['model'].endswith('sd3') else 'U-Net'}, {s['latent_size']}x{s['latent_size']} latents, {s['pairs']} pair(s)/step, "
              f"LoRA rank {s['rank']}, {s['optimizer']}, {s['device']} {s['dtype']} ({s['threads']} threads), "
              f"median of {s['repeats']} interleaved repeats x {s['steps']} step(s); torch.compile mode {s['compile_mode']}: "
              f"{s['compiles']} graphs ({s['recompiles']} recompilations), {s['compile_s']:.0f} s compiling",
@@ -465,7 +489,7 @@ def profile_step(fn, top: int = 15) -> str:
 
 def format_table(result: dict) -> str:
     s = result["setup"]
-    lines = [f"step cost: {s['model']} U-Net, {s['latent_size']}x{s['latent_size']} latents, {s['pairs']} pair(s)/step, "
+    lines = [f"step cost: {s['model']} {'transformer' if s['model'].endswith('sd3') else 'U-Net'}, {s['latent_size']}x{s['latent_size']} latents, {s['pairs']} pair(s)/step, "
              f"LoRA rank {s['rank']}, {s['optimizer']}, {s['device']} {s['dtype']} ({s['threads']} threads), "
              f"median of {s['repeats']} interleaved repeats x {s['steps']} step(s)",
              f"encoder f = {100 * s['encoder_share']:.1f}% of a U-Net forward "
@@ -484,7 +508,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["tiny-sd15", "tiny-sdxl", "sd15", "sdxl"], default="tiny-sd15")
+    p.add_argument("--model", choices=["tiny-sd15", "tiny-sdxl", "tiny-sd3", "sd15", "sdxl", "sd3"], default="tiny-sd15")
     p.add_argument("--latent-size", type=int, default=32, help="latent side (image side / 8)")
     p.add_argument("--pairs", type=int, default=1, help="preference pairs per step")
     p.add_argument("--steps", type=int, default=2, help="timed steps per method per repeat")

@@ -34,6 +34,14 @@ Outputs in --out: toy_alignment.json (every number), curves.png (reward vs step 
     python benchmarks/toy_alignment.py --out outputs/toy-v2               # full: about 40 minutes, 2 workers
     python benchmarks/toy_alignment.py --quick --out outputs/toy-v2-quick # under 15 minutes, 2 workers
     python benchmarks/toy_alignment.py --smoke --out /tmp/toy-smoke       # seconds: the code runs
+
+SD3 variant (--arch sd3): the same protocol on the tiny SD3 pipeline (MMDiT, flow matching): its own base
+(VAE with SD3's shift and scale, then the transformer with velocity-MSE on logit-normal timesteps, with an
+EMA, same stopping rule), the objectives in flow form, f = the first K joint blocks (configs/tiny_sd3_*.yaml:
+K = 1 of 4), plus NCP-DPO with K = 2 and K = 4 (every block) at NCP-DPO's chosen setting, so those rows
+differ in K alone; beta is scaled per space and per K. No bf16 rows (tests/test_sd3.py covers precision).
+
+    python benchmarks/toy_alignment.py --arch sd3 --quick --workers 1 --out outputs/toy-sd3-quick
 """
 
 from __future__ import annotations
@@ -69,6 +77,11 @@ METHODS = {"NCP-DPO": ("dpo", "perceptual", "no", "difference"), "latent DPO": (
            "NCP-DPO bf16 difference": ("dpo", "perceptual", "bf16", "difference"),
            "NCP-DPO bf16 linearized": ("dpo", "perceptual", "bf16", "linearized")}
 OBJECTIVES = list(METHODS)[:6]
+# SD3 variant: NCP-DPO with more joint blocks in f (encoder.blocks = K); the tiny configs' default is K = 1
+SD3_BLOCKS = {"NCP-DPO K=2": 2, "NCP-DPO K=4": 4}
+ALL_METHODS = {**METHODS, **{name: METHODS["NCP-DPO"] for name in SD3_BLOCKS}}  # METHODS stays the sd15 set
+SD3_LRS = [1e-4, 3e-4]  # the sd3 variant's lr grid, one step lower than the U-Net's (chosen on validation captions)
+DEFAULT_METHODS = {"sd15": list(METHODS), "sd3": OBJECTIVES + list(SD3_BLOCKS)}
 PAIRS = [("DPO", "NCP-DPO", "latent DPO"), ("CPO", "NCP-CPO", "latent CPO"), ("SFT", "NCP-SFT", "latent SFT")]
 BASE_TOL = 0.005  # base stopping rule: the EMA reward gained less than this over the last two checks
 SPLIT = (27, 9, 18)  # train / validation / test captions out of the 54
@@ -158,19 +171,24 @@ def base_check_seeds(cfg: dict) -> list[int]:
     return list(range(2000, 2000 + cfg["val_seeds"]))
 
 
-def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], log=print) -> dict:
-    """VAE, then U-Net with an EMA, on toy images; saves the EMA pipeline to out/base (rule: module docstring)."""
-    from diffusers import StableDiffusionPipeline
+def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], log=print, arch: str = "sd15") -> dict:
+    """VAE, then U-Net (sd3: transformer) with an EMA, on toy images; saves the EMA pipeline to out/base
+    (rule: module docstring)."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
     from diffusers.training_utils import EMAModel
 
     from ncp.conditioning import encode_prompts
     from ncp.diffusion import Schedule
+    from ncp.flow import FlowSchedule, sample_timesteps
     from ncp.models import Models
     from ncp.tiny import build_tiny_pipeline
 
     t_start = time.perf_counter()
-    build_tiny_pipeline(out / "init", "sd15", seed=0)
-    pipe = StableDiffusionPipeline.from_pretrained(out / "init", safety_checker=None, requires_safety_checker=False)
+    build_tiny_pipeline(out / "init", arch, seed=0)
+    if arch == "sd3":
+        pipe = StableDiffusion3Pipeline.from_pretrained(out / "init")
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(out / "init", safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pairs = [toy_pair(PRETRAIN_SEED, i, 32) for i in range(max(64, cfg["num_pairs"]))]
     captions = [c for c, _, _ in pairs]
@@ -193,30 +211,42 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
     with torch.no_grad():
         mean = vae.encode(images).latent_dist.mean  # [winners; losers]
         recon = vae.decode(mean[:len(winners)]).sample
-    vae.register_to_config(scaling_factor=float(1 / mean.std()))  # unit-variance latents, as SD's 0.18215
+    if arch == "sd3":  # SD3's VAE centres its latents too: (z - shift_factor) * scaling_factor
+        vae.register_to_config(shift_factor=float(mean.mean()), scaling_factor=float(1 / mean.std()))
+        mean = mean - vae.config.shift_factor
+    else:
+        vae.register_to_config(scaling_factor=float(1 / mean.std()))  # unit-variance latents, as SD's 0.18215
     noisy = torch.rand(len(winners), generator=torch.Generator().manual_seed(PRETRAIN_SEED)) < CAPTION_NOISE
     latents = torch.where(noisy.view(-1, 1, 1, 1), mean[len(winners):], mean[:len(winners)]) * vae.config.scaling_factor
     vae_reward = statistics.mean(toy_reward(r, c) for r, c in zip(recon, captions))
     log(f"VAE: {cfg['vae_steps']} steps, recon MSE {F.mse_loss(recon, winners).item():.4f}, toy reward of "
         f"reconstructed winners {vae_reward:.4f} (the ceiling), {time.perf_counter() - t_start:.0f} s")
 
-    # U-Net: epsilon-MSE on the (noisy-caption) latents, 10% empty captions; the EMA copy is checked and saved
-    unet = pipe.unet
+    # U-Net: epsilon-MSE on the (noisy-caption) latents, 10% empty captions; the EMA copy is checked and saved.
+    # sd3: the transformer with velocity-MSE, t from SD3's logit-normal density
+    sd3 = arch == "sd3"
+    unet = pipe.transformer if sd3 else pipe.unet
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     ema = EMAModel(unet.parameters(), decay=cfg["ema"])
-    schedule = Schedule.from_scheduler(pipe.scheduler)
-    models = Models("sd15", unet, vae, [pipe.tokenizer], [pipe.text_encoder], pipe.scheduler)
-    ehs = encode_prompts(models, captions).encoder_hidden_states
-    empty = encode_prompts(models, [""]).encoder_hidden_states
+    schedule = FlowSchedule.from_scheduler(pipe.scheduler) if sd3 else Schedule.from_scheduler(pipe.scheduler)
+    if sd3:
+        models = Models("sd3", unet, vae, [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3],
+                        [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3], pipe.scheduler)
+    else:
+        models = Models("sd15", unet, vae, [pipe.tokenizer], [pipe.text_encoder], pipe.scheduler)
+    text, empty_text = encode_prompts(models, captions), encode_prompts(models, [""])
+    ehs, empty = text.encoder_hidden_states, empty_text.encoder_hidden_states
+    pooled, empty_pooled = text.pooled_projections, empty_text.pooled_projections
+    denoiser = "transformer" if sd3 else "unet"
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg["base_lr"])
     bs, history, step = cfg["base_batch"], [], 0
     while True:
         if step % cfg["base_check"] == 0:
             ema.copy_to(ema_unet.parameters())
-            pipe.unet = ema_unet
+            setattr(pipe, denoiser, ema_unet)
             with torch.no_grad():
                 reward = float(score_images(pipe, val, check_seeds, cfg["sample_steps"]).mean())
-            pipe.unet = unet
+            setattr(pipe, denoiser, unet)
             history.append(dict(step=step, reward=reward))
             gained = reward - history[-3]["reward"] if len(history) >= 3 else float("inf")
             log(f"base U-Net step {step}: EMA toy reward on validation captions {reward:.4f}, gain over the "
@@ -226,49 +256,70 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
         unet.train()
         idx = torch.randint(0, len(latents), (bs,), generator=g)
         x0 = latents[idx]
-        cond = torch.where((torch.rand(bs, generator=g) < 0.1).view(-1, 1, 1), empty, ehs[idx])
-        t = torch.randint(0, schedule.num_timesteps, (bs,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        loss = F.mse_loss(unet(schedule.q_sample(x0, t, eps), t, encoder_hidden_states=cond).sample, eps)
+        drop = torch.rand(bs, generator=g) < 0.1
+        cond = torch.where(drop.view(-1, 1, 1), empty, ehs[idx])
+        if sd3:
+            t = sample_timesteps(bs, schedule.num_timesteps, g, "logit_normal")
+            eps = torch.randn(x0.shape, generator=g)
+            pool = torch.where(drop.view(-1, 1), empty_pooled, pooled[idx])
+            v = unet(schedule.q_sample(x0, t, eps), timestep=schedule.model_timestep(t), encoder_hidden_states=cond,
+                     pooled_projections=pool).sample
+            loss = F.mse_loss(v, schedule.velocity(x0, eps))
+        else:
+            t = torch.randint(0, schedule.num_timesteps, (bs,), generator=g)
+            eps = torch.randn(x0.shape, generator=g)
+            loss = F.mse_loss(unet(schedule.q_sample(x0, t, eps), t, encoder_hidden_states=cond).sample, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         ema.step(unet.parameters())
         step += 1
-    pipe.unet = ema_unet
+    setattr(pipe, denoiser, ema_unet)
     pipe.save_pretrained(out / "base")
     return dict(vae_steps=cfg["vae_steps"], vae_recon_reward=vae_reward, unet_steps=step, history=history,
                 stopped_by="rule" if step < cfg["base_max"] else "base_max", seconds=time.perf_counter() - t_start)
 
 
 # ---------------------------------------------------------------- 2. beta scale, runs
-def beta_scale(base: Path, pairs_path: Path) -> dict:
+def space_key(method: str) -> str:
+    """Which beta scale a method uses: its space, and for the SD3 K rows the perceptual space of their f."""
+    return f"perceptual K={SD3_BLOCKS[method]}" if method in SD3_BLOCKS else ALL_METHODS[method][1]
+
+
+def beta_scale(base: Path, pairs_path: Path, blocks: list[int] = ()) -> dict:
     """1 / median |err_w - err_l| of the base on (up to) 64 training pairs, per space: beta x (error gap) is O(1) in
-    both spaces (perceptual errors of the tiny U-Net are ~1e-5, latent ~1e-1)."""
+    both spaces (perceptual errors of the tiny U-Net are ~1e-5, latent ~1e-1). SD3: also per K in `blocks`."""
     from ncp.conditioning import build_cond
     from ncp.data.config import DataConfig
     from ncp.data.loader import build_dataloader
     from ncp.diffusion import Schedule
     from ncp.encoder import PerceptualEncoder
-    from ncp.models import load_models
-    from ncp.objective import ObjectiveConfig, compute_objective, sample_randomness
+    from ncp.encoder_dit import DiTPerceptualEncoder
+    from ncp.flow import FlowSchedule
+    from ncp.models import load_models, to_latents
+    from ncp.objective import ObjectiveConfig, compute_objective, randomness_for
 
     models = load_models(str(base))
-    schedule = Schedule.from_scheduler(models.scheduler)
-    encoder = PerceptualEncoder(models.unet)
+    if models.arch == "sd3":
+        schedule = FlowSchedule.from_scheduler(models.scheduler)
+        encoders = {"perceptual": DiTPerceptualEncoder(models.unet, blocks=1)}  # the tiny configs' K
+        encoders.update({f"perceptual K={k}": DiTPerceptualEncoder(models.unet, blocks=k) for k in blocks})
+    else:
+        schedule = Schedule.from_scheduler(models.scheduler)
+        encoders = {"perceptual": PerceptualEncoder(models.unet)}
     loader = build_dataloader(DataConfig(source="pairs", path=str(pairs_path)), 8, seed=0)
     g = torch.Generator().manual_seed(0)
-    gaps = {"perceptual": [], "latent": []}
+    gaps = {**{k: [] for k in encoders}, "latent": []}
     with torch.no_grad():
         for i, batch in enumerate(loader):
             if i == 8:
                 break
-            x0 = models.vae.encode(batch["pixel_values"]).latent_dist.mean * models.vae.config.scaling_factor
+            x0 = to_latents(models.vae, models.vae.encode(batch["pixel_values"]).latent_dist.mean)
             cond = build_cond(models, batch["prompts"])
-            rnd = sample_randomness(len(batch["prompts"]), x0.shape[1:], schedule.num_timesteps, g)
+            rnd = randomness_for(ObjectiveConfig(), schedule, len(batch["prompts"]), x0.shape[1:], g)
             for space in gaps:
-                _, m = compute_objective(models.unet, encoder, schedule, x0, cond, rnd,
-                                         ObjectiveConfig(loss="cpo", space=space, beta=1.0))
+                _, m = compute_objective(models.unet, encoders.get(space), schedule, x0, cond, rnd,
+                                         ObjectiveConfig(loss="cpo", space=space.split(" ")[0], beta=1.0))
                 gaps[space] += (m["err_w"] - m["err_l"]).abs().tolist()
     return {space: 1.0 / max(statistics.median(v), 1e-12) for space, v in gaps.items()}
 
@@ -287,11 +338,11 @@ def train_and_score(job: dict) -> dict:
     from ncp.metrics import read_metrics
 
     torch.set_num_threads(1)  # tiny models on a shared 2-core CPU: 1 thread per process is fastest
-    loss, space, mp, error = METHODS[job["method"]]
+    loss, space, mp, error = ALL_METHODS[job["method"]]
     run_dir = Path(job["run_dir"])
     if not (run_dir / "pytorch_lora_weights.safetensors").is_file():
         AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps a singleton per process
-        argv = ["--config", str(ROOT / f"configs/tiny_sd15_ncp_{loss}.yaml"),
+        argv = ["--config", str(ROOT / f"configs/tiny_{job.get('arch', 'sd15')}_ncp_{loss}.yaml"),
                 f"model.pretrained={job['base']}", f"train.output_dir={run_dir}", "train.overwrite=true",
                 f"objective.space={space}", f"objective.beta={job['beta']}", f"train.mixed_precision={mp}",
                 f"encoder.error={error}", f"optim.lr={job['lr']}", "optim.scale_lr=false", "optim.warmup_steps=0",
@@ -300,7 +351,7 @@ def train_and_score(job: dict) -> dict:
                 f"train.checkpoint_every={job['eval_every']}", "train.keep_checkpoints=100000",
                 "train.validate_every=0", "train.validation_prompts=[]", "train.report_to=none",
                 f"train.seed={job['seed']}", "data.source=pairs", f"data.path={job['pairs_path']}",
-                "data.resolution=32"]
+                "data.resolution=32"] + ([f"encoder.blocks={SD3_BLOCKS[job['method']]}"] if job["method"] in SD3_BLOCKS else [])
         importlib.import_module(f"train_ncp_{loss}").main(argv)
     rows = read_metrics(run_dir)
     seconds, total = {0: 0.0}, 0.0
@@ -493,7 +544,7 @@ def rules(cfg: dict, split: dict, betas: dict | None = None) -> str:
             f"grid (training seed 0, {cfg['steps']} steps, validation captions x {cfg['val_seeds']} image seeds, "
             f"highest mean reward at the last step): lr {cfg['lrs']}; beta multiplier {cfg['beta_mults']} for DPO/CPO"
             + (f" of {', '.join(f'{k} {v:.4g}' for k, v in betas.items())}" if betas else ""),
-            "NCP-DPO bf16 difference / linearized: NCP-DPO's chosen lr and beta",
+            "NCP-DPO bf16 difference / linearized (sd3: NCP-DPO K=2, K=4): NCP-DPO's chosen lr and beta multiplier",
             f"test: {cfg['seeds']} training seeds x {len(split['test'])} test captions x {cfg['img_seeds']} image "
             f"seeds; 95% bootstrap over prompts ({BOOT} resamples), a prompt's images one cluster"]
     return "\n".join("rule: " + t for t in text)
@@ -506,12 +557,17 @@ def main(argv: list[str] | None = None) -> dict:
     size.add_argument("--quick", action="store_true", help="shorter base and runs, a smaller grid: under 15 minutes")
     size.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs, in seconds")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel processes, 1 torch thread each")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), help="subset of the methods")
+    p.add_argument("--methods", nargs="+", help="subset of the methods (default: every method of the arch)")
+    p.add_argument("--arch", choices=["sd15", "sd3"], default="sd15",
+                   help="the base: tiny SD1.5 (U-Net, DDPM) or tiny SD3 (MMDiT, flow matching)")
     a = p.parse_args(argv)
-    unknown = set(a.methods) - set(METHODS)
+    a.methods = a.methods or DEFAULT_METHODS[a.arch]
+    unknown = set(a.methods) - set(ALL_METHODS)
     if unknown:
-        p.error(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}")
+        p.error(f"--methods: unknown {sorted(unknown)}; choose from {list(ALL_METHODS)}")
     cfg = dict(SMOKE if a.smoke else QUICK if a.quick else FULL)
+    if a.arch == "sd3" and not a.smoke:  # RESULTS.md section 4: on the sd3 base every method at lr 3e-4 (the U-Net
+        cfg["lrs"] = SD3_LRS             # grid's lowest) fell below the base on the validation captions
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     out = Path(a.out)
@@ -527,24 +583,26 @@ def main(argv: list[str] | None = None) -> dict:
     test_seeds = list(range(cfg["img_seeds"]))
     base_key = {k: cfg[k] for k in ("vae_steps", "base_max", "base_check", "base_batch", "base_lr", "ema",
                                     "num_pairs", "val_seeds", "sample_steps")} | dict(caption_noise=CAPTION_NOISE)
+    if a.arch != "sd15":  # the sd15 base's key stays as it was, so existing bases are reused
+        base_key["arch"] = a.arch
     saved = out / "base.json"
     if saved.is_file() and json.loads(saved.read_text())["settings"] == base_key:  # the same rule gives the same base
         base = json.loads(saved.read_text())["base"]
         print(f"base: reusing {out / 'base'} (U-Net step {base['unet_steps']}, same settings)")
     else:
         shutil.rmtree(out / "runs", ignore_errors=True)  # runs of another base must not be reused below
-        base = pretrain_base(out, cfg, split["val"], check_seeds)
+        base = pretrain_base(out, cfg, split["val"], check_seeds, arch=a.arch)
         saved.write_text(json.dumps(dict(settings=base_key, base=base), indent=2))
     base_dir = str(out / "base")
-    betas = beta_scale(out / "base", pairs_path)
+    betas = beta_scale(out / "base", pairs_path, [SD3_BLOCKS[m] for m in a.methods if m in SD3_BLOCKS])
     print(f"beta scale per space (1 / median |err_w - err_l| of the base): "
           + ", ".join(f"{k} {v:.4g}" for k, v in betas.items()))
-    common = dict(base=base_dir, pairs_path=str(pairs_path), rank=cfg["rank"], pairs=cfg["pairs"], steps=cfg["steps"],
+    common = dict(arch=a.arch, base=base_dir, pairs_path=str(pairs_path), rank=cfg["rank"], pairs=cfg["pairs"], steps=cfg["steps"],
                   eval_every=cfg["eval_every"], sample_steps=cfg["sample_steps"])
 
     def job(method, lr, mult, seed, prompts, img_seeds, score_steps):
-        space, loss = METHODS[method][1], METHODS[method][0]
-        beta = betas[space] * mult if loss != "sft" else 1.0
+        space, loss = ALL_METHODS[method][1], ALL_METHODS[method][0]
+        beta = betas[space_key(method)] * mult if loss != "sft" else 1.0
         return dict(common, method=method, lr=lr, beta_mult=mult if loss != "sft" else None, beta=beta, seed=seed,
                     run_dir=str(out / "runs" / run_name(method, cfg["steps"], lr, mult if loss != "sft" else None, seed)),
                     prompts=prompts, img_seeds=img_seeds, score_steps=score_steps)
@@ -558,8 +616,8 @@ def main(argv: list[str] | None = None) -> dict:
         base_val = float(score_images(pipe_base, split["val"], val_seeds, cfg["sample_steps"]).mean())
     print(f"grid: the base's validation reward {base_val:.4f}")
     grid_jobs = [job(m, lr, mult, 0, split["val"], val_seeds, [cfg["steps"]])
-                 for m in OBJECTIVES if m in a.methods or (m == "NCP-DPO" and any("bf16" in x for x in a.methods))
-                 for lr in cfg["lrs"] for mult in (cfg["beta_mults"] if METHODS[m][0] != "sft" else [1.0])]
+                 for m in OBJECTIVES if m in a.methods or (m == "NCP-DPO" and any(x not in OBJECTIVES for x in a.methods))
+                 for lr in cfg["lrs"] for mult in (cfg["beta_mults"] if ALL_METHODS[m][0] != "sft" else [1.0])]
     grid = run_jobs(grid_jobs, a.workers)
     chosen = {}
     for m in dict.fromkeys(j["method"] for j in grid_jobs):
@@ -571,9 +629,11 @@ def main(argv: list[str] | None = None) -> dict:
         chosen[m] = dict(lr=best["lr"], beta_mult=best["beta_mult"], beta=best["beta"] if best["beta_mult"] else None,
                          val_reward=best["val_reward"])
     for m in a.methods:
-        if "bf16" in m:
+        if "bf16" in m or m in SD3_BLOCKS:  # precision / K rows: NCP-DPO's setting, beta rescaled to their f
             chosen[m] = dict(chosen["NCP-DPO"])
-    chosen = {m: chosen[m] for m in METHODS if m in a.methods}
+            if m in SD3_BLOCKS:
+                chosen[m]["beta"] = betas[space_key(m)] * chosen[m]["beta_mult"]
+    chosen = {m: chosen[m] for m in ALL_METHODS if m in a.methods}
     print("chosen: " + "; ".join(f"{m} lr {c['lr']:g} beta x{c['beta_mult']}" for m, c in chosen.items()))
     grid_minutes = (time.perf_counter() - t_grid) / 60
 

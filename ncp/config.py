@@ -32,16 +32,18 @@ AUTO_ERROR = {"no": "difference", "fp16": "linearized", "bf16": "linearized"}
 @dataclass
 class ModelConfig:
     pretrained: str = "outputs/tiny-sd15"  # hub id or local diffusers folder; the quickstart's tiny SD1.5
-    arch: str | None = None  # sd15 | sdxl; None = detect from the U-Net config (set it to guard against mix-ups)
+    arch: str | None = None  # sd15 | sdxl | sd3; None = detect from the pipeline folder (set it to guard against mix-ups)
     vae: str | None = None  # VAE override, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16
     revision: str | None = None  # hub revision, for reproducible downloads
     variant: str | None = None  # e.g. fp16 weight files on the hub
+    text_encoder_3: bool = True  # sd3: false drops T5 (4.7B parameters) as the pipeline allows: zeros in its place
 
 
 @dataclass
 class EncoderConfig:
     features: str = "last"  # last down block (authors' SDXL); "multiscale" = authors' SD1.5 (down + mid + all states)
-    pool: bool = False  # spatial mean-pool the features before the distance
+    pool: bool = False  # spatial mean-pool the features before the distance (sd3: mean over image tokens)
+    blocks: int | None = None  # sd3: joint transformer blocks in f; None = a quarter of them (measured, README "SD3")
     error: str = "auto"  # difference | linearized | fp32 | auto (chosen by train.mixed_precision): README "Precision of f"
 
 
@@ -129,8 +131,10 @@ class Config:
     def validate(self) -> None:
         self.objective.validate()
         self.data.validate()
-        if self.model.arch not in (None, "sd15", "sdxl"):
-            raise NcpError(f"model.arch must be sd15, sdxl or null, got {self.model.arch!r}")
+        if self.model.arch not in (None, "sd15", "sdxl", "sd3"):
+            raise NcpError(f"model.arch must be sd15, sdxl, sd3 or null, got {self.model.arch!r}")
+        if self.encoder.blocks is not None and self.encoder.blocks < 1:
+            raise NcpError(f"encoder.blocks must be >= 1 or null, got {self.encoder.blocks}")
         if self.encoder.features not in FEATURES:
             raise NcpError(f"encoder.features must be one of {FEATURES}, got {self.encoder.features!r}")
         if self.encoder.error not in ERRORS + ("auto",):

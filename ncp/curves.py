@@ -36,8 +36,9 @@ def score_lora(pipe, prompts: list[str], seeds: list[int], scorer, batch_size: i
     """
     jobs = [(p, s) for p in prompts for s in seeds]
     scores = []
-    was_training = pipe.unet.training
-    pipe.unet.eval()
+    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet  # SD3 pipelines hold a transformer
+    was_training = denoiser.training
+    denoiser.eval()
     try:
         for i in range(0, len(jobs), batch_size):
             batch = jobs[i:i + batch_size]
@@ -45,7 +46,7 @@ def score_lora(pipe, prompts: list[str], seeds: list[int], scorer, batch_size: i
                             negative_prompt)
             scores += scorer(images, [p for p, _ in batch])
     finally:
-        pipe.unet.train(was_training)
+        denoiser.train(was_training)
     return sum(scores) / len(scores)
 
 

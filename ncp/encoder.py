@@ -85,6 +85,14 @@ class PerceptualEncoder(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    def to(self, *args, **kwargs):
+        """A shared f runs the U-Net's own weights: casting f alone would do nothing, so it is refused."""
+        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+        if self._base is not None and dtype is not None and dtype != self.dtype:
+            raise NcpError("this encoder runs the U-Net's own weights: cast the U-Net, or build the encoder with "
+                           "share=False to cast a copy of its own")
+        return super().to(*args, **kwargs)
+
     @property
     def fp32(self) -> bool:
         return self.error == "fp32"

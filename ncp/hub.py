@@ -125,6 +125,10 @@ def method_name(loss: str, space: str) -> str:
     return f"{'NCP' if space == 'perceptual' else 'Diffusion'}-{loss.upper()}"
 
 
+ARCH_TAGS = {"sdxl": "stable-diffusion-xl", "sd3": "stable-diffusion-3"}
+PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+
+
 def build_model_card(run_dir: str | Path, repo_id: str | None = None, license: str | None = None):
     """The model card of a finished run (a `huggingface_hub.ModelCard`).
 
@@ -137,7 +141,7 @@ def build_model_card(run_dir: str | Path, repo_id: str | None = None, license: s
     config, metrics = _read_run(run)
     model, objective, data = (config.get(k) or {} for k in ("model", "objective", "data"))
     base = str(model.get("pretrained") or "unknown")
-    arch = model.get("arch") or ("sdxl" if "xl" in base.lower() else "sd15")
+    arch = model.get("arch") or ("sdxl" if "xl" in base.lower() else "sd3" if "diffusion-3" in base.lower() else "sd15")
     loss, space = str(objective.get("loss", "dpo")), str(objective.get("space", "perceptual"))
     method = method_name(loss, space)
     on_hub = bool(_HUB_ID.match(base)) and not Path(base).exists()
@@ -147,7 +151,7 @@ def build_model_card(run_dir: str | Path, repo_id: str | None = None, license: s
         base_model=base if on_hub else None, license=license, library_name="diffusers",
         pipeline_tag="text-to-image",
         datasets=[data_path] if data.get("source") == "hub" and data_path and _HUB_ID.match(str(data_path)) else None,
-        tags=["text-to-image", "stable-diffusion-xl" if arch == "sdxl" else "stable-diffusion", "diffusers",
+        tags=["text-to-image", ARCH_TAGS.get(arch, "stable-diffusion"), "diffusers",
               "lora", "ncp", method.lower(), f"{loss}"],
     )
     grid, grid_step = latest_grid(run)
@@ -159,8 +163,9 @@ def build_model_card(run_dir: str | Path, repo_id: str | None = None, license: s
         title=f"{method} LoRA for {base}" if not repo_id else repo_id.split("/")[-1],
         base_model=base, base_model_link=f"https://huggingface.co/{base}" if on_hub else base,
         method=method, space=space,
-        space_text="noise-conditioned perceptual space of the U-Net encoder" if space == "perceptual" else "latent space",
-        pipeline_class="StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline",
+        space_text=(f"noise-conditioned perceptual space of the {'transformer' if arch == 'sd3' else 'U-Net'} encoder"
+                    if space == "perceptual" else "latent space"),
+        pipeline_class=PIPELINES.get(arch, "StableDiffusionPipeline"),
         repo_id=repo_id or "USER/REPO", example_prompt=(prompts[0] if prompts else "a photo of a cat").replace('"', "'"),
         grid=GRID_FILE if grid else None, grid_step=grid_step, prompts="; ".join(f"“{p}”" for p in prompts),
         hyperparameters=hyper, data=[(k, _fmt(v)) for k, v in data.items() if v is not None],

@@ -6,6 +6,10 @@ DPO one reference forward with the LoRA switched off and no gradient; in percept
 calls without gradient on the true and the reference x_{t'} and one with gradient on the policy's,
 all of the same batch size (`perceptual_errors`; `encoder.error=linearized` replaces each difference
 by a forward-mode derivative). CPO and SFT skip the reference entirely; SFT uses winners only.
+
+Flow-matching models (SD3, `ncp.flow.FlowSchedule`): the same objective with the velocity v = eps - x0 in
+place of eps (Diffusion-DPO's latent error becomes ||v_pred - v||^2), the Euler (or posterior) step to the
+next sigma in place of the DDPM step to t-1, and the transformer's timestep sigma * 1000 in place of t.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from .conditioning import Cond
 from .diffusion import Schedule, mean_flat, prev_t
 from .errors import NcpError
+from .flow import STEPS, TIMESTEPS, FlowSchedule, sample_timesteps
 from .losses import cpo_loss, dpo_loss, sft_loss
 from .models import adapters_disabled
 
@@ -32,13 +37,20 @@ class ObjectiveConfig:
     beta: float = 2500.0  # authors' launch scripts (T folded into beta, no 0.5 factor)
     cpo_lambda: float = 0.0  # weight of Eq. 15's SFT term; 0 reproduces the authors' code
     target: str = "prev"  # prev = evaluate f at t-1 (paper); uniform = re-noise at a random t' (Lin & Yang)
+    timesteps: str = "uniform"  # uniform | logit_normal (SD3's training density over the schedule's indices)
+    logit_mean: float = 0.0  # logit_normal: mean of the normal before the sigmoid (SD3 paper: 0)
+    logit_std: float = 1.0  # logit_normal: its std (SD3 paper: 1)
+    flow_step: str = "ode"  # sd3 reverse step to the next sigma: ode (the scheduler's Euler step) | sde (posterior, noise z)
 
     def validate(self, prefix: str = "objective") -> None:
-        for key, value, allowed in [("loss", self.loss, LOSSES), ("space", self.space, SPACES), ("target", self.target, TARGETS)]:
+        for key, value, allowed in [("loss", self.loss, LOSSES), ("space", self.space, SPACES), ("target", self.target, TARGETS),
+                                    ("timesteps", self.timesteps, TIMESTEPS), ("flow_step", self.flow_step, STEPS)]:
             if value not in allowed:
                 raise NcpError(f"{prefix}.{key} must be one of {allowed}, got {value!r}")
         if self.beta <= 0:
             raise NcpError(f"{prefix}.beta must be > 0, got {self.beta}")
+        if self.logit_std <= 0:
+            raise NcpError(f"{prefix}.logit_std must be > 0, got {self.logit_std}")
         if self.cpo_lambda < 0:
             raise NcpError(f"{prefix}.cpo_lambda must be >= 0, got {self.cpo_lambda}")
         if self.space == "latent" and self.target != "prev":
@@ -51,28 +63,53 @@ class Randomness:
     t: torch.Tensor  # (B,) long in [0, T)
     eps: torch.Tensor  # (B, C, h, w) forward noise
     z: torch.Tensor  # (B, C, h, w) reverse-step noise, shared by policy, reference and truth
-    t_target: torch.Tensor  # (B,) long: timestep f is evaluated at (t-1, or uniform for target="uniform")
+    t_target: torch.Tensor  # (B,) long: timestep f is evaluated at (t-1, or uniform for target="uniform"; flow: t+1)
 
     def to(self, device) -> "Randomness":
         return Randomness(*(x.to(device) for x in (self.t, self.eps, self.z, self.t_target)))
 
 
 def sample_randomness(num_pairs: int, latent_shape, num_timesteps: int, generator: torch.Generator,
-                      target: str = "prev") -> Randomness:
-    """Draw t ~ U{0..T-1}, eps, z ~ N(0, I) on the generator's device (CPU: reproducible anywhere)."""
-    t = torch.randint(0, num_timesteps, (num_pairs,), generator=generator)
+                      target: str = "prev", timesteps: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
+                      flow: bool = False) -> Randomness:
+    """Draw t ~ U{0..T-1} (or SD3's logit-normal, `ncp.flow.sample_timesteps`), eps, z ~ N(0, I) on the
+    generator's device (CPU: reproducible anywhere). flow: t' = t + 1, the next sigma (FlowSchedule.next_t)."""
+    t = sample_timesteps(num_pairs, num_timesteps, generator, timesteps, logit_mean, logit_std)
     eps = torch.randn((num_pairs, *latent_shape), generator=generator)
     z = torch.randn((num_pairs, *latent_shape), generator=generator)
     if target == "uniform":
         t_target = torch.randint(0, num_timesteps, (num_pairs,), generator=generator)
     else:
-        t_target = prev_t(t)
+        t_target = t + 1 if flow else prev_t(t)
     return Randomness(t, eps, z, t_target)
+
+
+def randomness_for(cfg: ObjectiveConfig, schedule, num_pairs: int, latent_shape, generator: torch.Generator) -> Randomness:
+    """`sample_randomness` with the objective's timestep density and the schedule's kind (DDPM or flow)."""
+    return sample_randomness(num_pairs, latent_shape, schedule.num_timesteps, generator, cfg.target, cfg.timesteps,
+                             cfg.logit_mean, cfg.logit_std, flow=isinstance(schedule, FlowSchedule))
+
+
+def model_timestep(schedule, t: torch.Tensor) -> torch.Tensor:
+    """What the denoiser (and f) takes as its timestep: the DDPM index itself, or a flow model's sigma * 1000."""
+    return schedule.model_timestep(t) if isinstance(schedule, FlowSchedule) else t
+
+
+def predict(unet, schedule, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    """The denoiser's output (eps for a U-Net, v for an SD3 transformer) at index t, at least fp32."""
+    if isinstance(schedule, FlowSchedule):
+        return _wide(unet(x_t, timestep=schedule.model_timestep(t), **cond.unet_kwargs()).sample)
+    return _wide(unet(x_t, t, **cond.unet_kwargs()).sample)
 
 
 def _x_target(schedule: Schedule, cfg: ObjectiveConfig, x_t, t, eps_j, z, t_target, x0=None):
     """The point f sees for one noise prediction eps_j: the DDPM step to t-1 (default), or
-    Lin & Yang's re-noising of the predicted x0 with the predicted noise at t_target."""
+    Lin & Yang's re-noising of the predicted x0 with the predicted noise at t_target.
+    Flow: eps_j is a velocity and the step goes to the next sigma (`FlowSchedule.step`)."""
+    if isinstance(schedule, FlowSchedule):
+        if cfg.target != "prev":
+            raise NcpError("objective.target=uniform is for DDPM models; flow-matching (sd3) runs use target=prev")
+        return schedule.step(x_t, t, eps_j, z)
     if cfg.target == "prev":
         return schedule.ddpm_step(x_t, t, eps_j, z)
     if x0 is None:
@@ -91,11 +128,13 @@ def perceptual_errors(encoder, schedule: Schedule, cfg: ObjectiveConfig, x_t, t,
       points; delta is divided by its per-sample rms (J is linear, the scale comes back in fp32) so a
       half-precision tangent neither underflows nor loses digits. Only for target "prev": re-noising at a
       fresh t' moves the point by the whole prediction error, no small step to linearize.
+      Flow (SD3): eps / eps_hats are velocities, delta = (sigma_t' - sigma_t) (v_hat - v) for the ODE step.
 
     Every prediction gets its own encoder call of the same batch size in the same grad mode: with
     policy = reference the errors are then bitwise equal (loss log 2, accuracy 1/2 at any batch size).
     Gradients reach eps_hat (the policy's) only through f's activations, never f's weights."""
     x_true = _x_target(schedule, cfg, x_t, t, eps, z, t_target, x0=x0).detach()
+    t_target = model_timestep(schedule, t_target)  # f takes what the denoiser takes
     if encoder.error != "linearized":
         f_true = _wide(encoder(x_true, t_target, cond))
         return [mean_flat((_wide(encoder(_x_target(schedule, cfg, x_t, t, e, z, t_target), t_target, cond))
@@ -105,7 +144,8 @@ def perceptual_errors(encoder, schedule: Schedule, cfg: ObjectiveConfig, x_t, t,
     errs = []
     for e in eps_hats:
         e = _wide(e)
-        coef = schedule.ddpm_step_eps_coef(t).to(e.dtype).view(-1, *([1] * (e.dim() - 1)))
+        coef = schedule.step_v_coef(t) if isinstance(schedule, FlowSchedule) else schedule.ddpm_step_eps_coef(t)
+        coef = coef.to(e.dtype).view(-1, *([1] * (e.dim() - 1)))
         delta = coef * (e - eps.to(e.dtype))
         rms = mean_flat(delta.detach() ** 2).sqrt().clamp(min=torch.finfo(e.dtype).tiny)
         tangent = delta / rms.view_as(coef)
@@ -123,6 +163,7 @@ def compute_objective(unet, encoder, schedule: Schedule, x0: torch.Tensor, cond:
     """Loss (scalar, mean over pairs) and detached metrics for B pairs.
 
     x0: (2B, C, h, w) latents [winners; losers]; cond: 2B rows. For SFT only the winners are used.
+    schedule: a DDPM `Schedule` (U-Net, eps-prediction) or a `FlowSchedule` (SD3 transformer, v-prediction).
     Metrics are per-pair tensors: err_w, err_l, ref_err_w, ref_err_l, implicit_acc, reward_w, reward_l.
     """
     num_pairs = rnd.t.shape[0]
@@ -134,13 +175,14 @@ def compute_objective(unet, encoder, schedule: Schedule, x0: torch.Tensor, cond:
     t, eps, z, t_target = (x.repeat(reps, *([1] * (x.dim() - 1))) for x in (rnd.t, rnd.eps, rnd.z, rnd.t_target))
     eps, z = eps.to(x0.dtype), z.to(x0.dtype)
     x_t = schedule.q_sample(x0, t, eps)
+    if isinstance(schedule, FlowSchedule):  # the transformer predicts v = eps - x0: it stands where eps stands below
+        eps = schedule.velocity(x0, eps)
 
-    kwargs = cond.unet_kwargs()
-    eps_pred = _wide(unet(x_t, t, **kwargs).sample)
+    eps_pred = predict(unet, schedule, x_t, t, cond)
     eps_ref = None
     if cfg.loss == "dpo":
         with torch.no_grad(), adapters_disabled(unet):
-            eps_ref = _wide(unet(x_t, t, **kwargs).sample)
+            eps_ref = predict(unet, schedule, x_t, t, cond)
 
     if cfg.space == "latent":
         err = mean_flat((eps_pred - eps) ** 2)

@@ -25,8 +25,8 @@ from .diffusion import Schedule
 from .encoder import PerceptualEncoder
 from .errors import NcpError
 from .fast import apply_fast_path, attention_backend
-from .models import Models, add_lora, load_models
-from .objective import compute_objective, sample_randomness
+from .models import Models, add_lora, load_models, to_latents
+from .objective import compute_objective, randomness_for
 from .run import Run
 
 log = logging.getLogger("ncp")
@@ -48,8 +48,8 @@ def train(cfg: Config, resume_command: str | None = None) -> Run:
     with run.stop_on_signals(), attention_backend(tc.attention, acc.device, DTYPES[tc.mixed_precision]):
         for batch in run.batches(loader):             # 3-4: repeat; (x0_w, x0_l, c) ~ D
             x0, cond = encode(parts, batch, cfg.data.resolution)
-            rnd = sample_randomness(x0.shape[0] // 2, x0.shape[1:], parts.schedule.num_timesteps, generator,
-                                    cfg.objective.target).to(x0.device)  # 5, 7, 10: t, eps, z per pair
+            rnd = randomness_for(cfg.objective, parts.schedule, x0.shape[0] // 2, x0.shape[1:],
+                                 generator).to(x0.device)  # 5, 7, 10: t, eps, z per pair
             with acc.accumulate(parts.unet):
                 with acc.autocast():                  # 6, 8-18: x_t, reverse steps to t-1, errors in f's space, loss
                     loss, metrics = compute_objective(parts.unet, parts.encoder, parts.schedule, x0, cond, rnd,
@@ -122,21 +122,42 @@ def build_models(cfg: Config, acc) -> Parts:
     from accelerate.utils import set_seed
 
     m, tc = cfg.model, cfg.train
-    models = load_models(m.pretrained, m.arch, m.vae, m.revision, m.variant, DTYPES[tc.mixed_precision], acc.device)
+    models = load_models(m.pretrained, m.arch, m.vae, m.revision, m.variant, DTYPES[tc.mixed_precision], acc.device,
+                         m.text_encoder_3)
     cfg.model.arch = models.arch  # config.yaml records the detected architecture
     if cfg.data.cache_dir:  # latents and text embeddings come from the cache: free the VAE and text encoders
         models.vae, models.text_encoders = None, []  # (validation loads them again for its images)
     encoder = None
     if cfg.objective.space == "perceptual":
-        encoder = PerceptualEncoder(models.unet, cfg.encoder.features, cfg.encoder.pool, cfg.encoder.error)
+        encoder = build_encoder(cfg, models)
     set_seed(tc.seed)  # the same LoRA init on every process and every run with this seed
     params = add_lora(models.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.init, cfg.lora.targets)
     if tc.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
     models.unet.train()
-    parts = Parts(models, Schedule.from_scheduler(models.scheduler), encoder, params, models.arch)
+    parts = Parts(models, build_schedule(cfg, models), encoder, params, models.arch)
     apply_fast_path(parts, tc)                        # train.channels_last, train.compile (README "Fast path")
     return parts
+
+
+def build_encoder(cfg: Config, models: Models):
+    """f: the frozen down path of a U-Net, or the first encoder.blocks joint blocks of an SD3 transformer."""
+    if models.arch == "sd3":
+        from .encoder_dit import DiTPerceptualEncoder
+
+        if cfg.encoder.features != "last":
+            raise NcpError(f"encoder.features={cfg.encoder.features!r} is for U-Nets; sd3 uses encoder.blocks (K)")
+        return DiTPerceptualEncoder(models.unet, cfg.encoder.blocks, cfg.encoder.pool, cfg.encoder.error)
+    return PerceptualEncoder(models.unet, cfg.encoder.features, cfg.encoder.pool, cfg.encoder.error)
+
+
+def build_schedule(cfg: Config, models: Models):
+    """DDPM maths from the U-Net's scheduler, or flow-matching maths from SD3's (ncp.flow)."""
+    if models.arch == "sd3":
+        from .flow import FlowSchedule
+
+        return FlowSchedule.from_scheduler(models.scheduler, cfg.objective.flow_step)
+    return Schedule.from_scheduler(models.scheduler)
 
 
 def build_optimizer(cfg: Config, parts: Parts, acc, max_steps: int):
@@ -174,7 +195,7 @@ def encode(parts: Parts, batch: dict, resolution: int):
     else:
         pixels = batch["pixel_values"].to(vae.device, vae.dtype)
         # the posterior mean (deterministic, no RNG draw), as the latent cache stores it
-        x0 = vae.encode(pixels).latent_dist.mean.float() * vae.config.scaling_factor
+        x0 = to_latents(vae, vae.encode(pixels).latent_dist.mean.float())
     cond = build_cond(parts.models, batch["prompts"], batch.get("original_size"), batch.get("crop_top_left"),
                       (resolution, resolution), batch.get("prompt_embeds"), batch.get("pooled_prompt_embeds"))
     return x0, cond
@@ -187,23 +208,32 @@ def validation_pipeline(cfg: Config, parts: Parts, acc):
 
     from .models import pipeline_class
 
-    mdl = parts.models
-    unet, scheduler = acc.unwrap_model(parts.unet), DPMSolverMultistepScheduler.from_config(mdl.scheduler.config)
-    extra = {} if parts.arch == "sdxl" else dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    mdl, m = parts.models, cfg.model
+    if parts.arch == "sd3":  # the model's own flow-matching scheduler; T5 may be None, as the pipeline allows
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(mdl.scheduler.config)
+        denoiser, extra = {"transformer": acc.unwrap_model(parts.unet)}, {}
+    else:
+        scheduler = DPMSolverMultistepScheduler.from_config(mdl.scheduler.config)
+        denoiser = {"unet": acc.unwrap_model(parts.unet)}
+        extra = {} if parts.arch == "sdxl" else dict(safety_checker=None, feature_extractor=None,
+                                                     requires_safety_checker=False)
+    dtype = next(iter(denoiser.values())).dtype
     if mdl.vae is None:  # freed while training from the cache: load them for these images only
-        m = cfg.model
         if m.vae is not None:
             from diffusers import AutoencoderKL
 
-            extra["vae"] = AutoencoderKL.from_pretrained(m.vae, torch_dtype=unet.dtype)
-        pipe = pipeline_class(parts.arch).from_pretrained(m.pretrained, unet=unet, scheduler=scheduler, revision=m.revision,
-                                                          variant=m.variant, torch_dtype=unet.dtype, **extra).to(acc.device)
-    else:
-        pieces = dict(vae=mdl.vae, text_encoder=mdl.text_encoders[0], tokenizer=mdl.tokenizers[0], unet=unet,
-                      scheduler=scheduler, **extra)
-        if parts.arch == "sdxl":
-            pieces.update(text_encoder_2=mdl.text_encoders[1], tokenizer_2=mdl.tokenizers[1])
-        pipe = pipeline_class(parts.arch)(**pieces)
+            extra["vae"] = AutoencoderKL.from_pretrained(m.vae, torch_dtype=dtype)
+        if parts.arch == "sd3" and not m.text_encoder_3:
+            extra.update(text_encoder_3=None, tokenizer_3=None)
+        pipe = pipeline_class(parts.arch).from_pretrained(m.pretrained, scheduler=scheduler, revision=m.revision,
+                                                          variant=m.variant, torch_dtype=dtype, **denoiser, **extra)
+        pipe.to(acc.device)
+    else:  # tokenizer(_2, _3) and text_encoder(_2, _3): one, two or three of them
+        text = {f"{kind}{suffix}": obj for suffix, tok, enc in zip(("", "_2", "_3"), mdl.tokenizers, mdl.text_encoders)
+                for kind, obj in (("tokenizer", tok), ("text_encoder", enc))}
+        pipe = pipeline_class(parts.arch)(vae=mdl.vae, scheduler=scheduler, **denoiser, **text, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

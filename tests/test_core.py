@@ -215,6 +215,8 @@ def test_encoder_is_the_down_path_of_the_base_unet(tiny_paths, arch):
     half = load_models(str(tiny_paths[arch]), weight_dtype=torch.bfloat16)
     copy32 = PerceptualEncoder(half.unet, error="fp32")
     assert copy32.down_blocks is not half.unet.down_blocks and copy32.dtype == torch.float32
+    with pytest.raises(NcpError, match="runs the U-Net's own weights"):
+        encoder.to(torch.bfloat16)  # a cast of a shared f alone would silently do nothing
     assert not any(n.startswith(("up_blocks", "mid_block", "conv_out")) for n, _ in copy32.named_parameters())
 
 
@@ -366,7 +368,7 @@ def test_bf16_linearized_error_stays_close_where_the_difference_drowns(tiny_sd15
         exact = torch.stack(perceptual_errors(PerceptualEncoder(base), *args))
         half = {}
         for error in ("difference", "linearized"):
-            encoder = PerceptualEncoder(base, error=error).to(torch.bfloat16)
+            encoder = PerceptualEncoder(base, error=error, share=False).to(torch.bfloat16)  # f alone in bf16
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 half[error] = torch.stack(perceptual_errors(encoder, schedule, cfg, x_t.float(), t, eps.float(), z.float(),
                                                             t_target, cond.to(dtype=torch.bfloat16), x0.float(),

@@ -213,7 +213,7 @@ def test_paper_configs_train_on_absolute_winners():
     from ncp.config import load_config
 
     paper = sorted(Path(__file__).parent.parent.glob("configs/sd*_*.yaml"))
-    assert len(paper) == 12
+    assert len(paper) == 14  # sd15 and sdxl x {ncp, latent} x {dpo, cpo, sft}, sd3 x {ncp, latent} dpo
     for path in paper:
         data = load_config(str(path)).data
         assert (data.source, data.filter) == ("hub", "absolute_winners"), path.name

@@ -5,10 +5,11 @@
 
 What is stored (safetensors shards + `manifest.json`):
 - `latents-<shard, 5 digits>.safetensors`: `latents` (N, C, h, w) = `vae.encode(x).latent_dist.mean * scaling_factor`
+  (SD3: `(mean - shift_factor) * scaling_factor`, `ncp.models.to_latents`)
   (the posterior mean, not a sample: the training loop encodes uncached images the same way),
   `original_size`, `crop_top_left` (N, 2); the image uids
   in the shard's metadata. Each image is stored once however many pairs show it (dedup by uid).
-- `prompts-<shard, 5 digits>.safetensors`: `prompt_embeds` (N, L, D) and for SDXL `pooled_prompt_embeds` (N, D2) of every
+- `prompts-<shard, 5 digits>.safetensors`: `prompt_embeds` (N, L, D) and for SDXL / SD3 `pooled_prompt_embeds` (N, D2) of every
   distinct prompt plus "" (for proportion_empty_prompts).
 - `manifest.json`: the key (model, vae, arch, resolution, crop, flip) the loader checks, plus uids of bad images.
 Images are cached with a centre crop and no flip: random crops/flips would need one entry per variant, so
@@ -75,7 +76,7 @@ def build_cache(cfg: DataConfig, model: str, out: str, vae: str | None = None, s
     from tqdm.auto import tqdm
 
     from ncp.conditioning import encode_prompts
-    from ncp.models import load_models
+    from ncp.models import load_models, to_latents
 
     cfg.validate()
     if cfg.crop != "center" or cfg.random_flip:
@@ -94,7 +95,6 @@ def build_cache(cfg: DataConfig, model: str, out: str, vae: str | None = None, s
         manifest_path.write_text(json.dumps({"key": key, "complete": False}, indent=1))
 
     models = load_models(model, vae=vae, device=device)
-    scale = models.vae.config.scaling_factor
     images = unique_images(pairs)
     bad: dict[str, str] = {}
     n_shards = (len(images) + shard_size - 1) // shard_size
@@ -119,8 +119,8 @@ def build_cache(cfg: DataConfig, model: str, out: str, vae: str | None = None, s
                 continue
             (x,), (size,), (corner,) = pair_transform([img], cfg.resolution, 0.5, 0.5, False)
             uids.append(uid), pix.append(x), sizes.append(size), corners.append(corner)
-        lat = [models.vae.encode(torch.stack(pix[i:i + batch_size]).to(device, models.vae.dtype)).latent_dist.mean
-               .float().cpu() * scale for i in range(0, len(pix), batch_size)]
+        lat = [to_latents(models.vae, models.vae.encode(torch.stack(pix[i:i + batch_size]).to(device, models.vae.dtype))
+                          .latent_dist.mean.float().cpu()) for i in range(0, len(pix), batch_size)]
         c, h = models.vae.config.latent_channels, cfg.resolution // models.vae_scale_factor
         tensors = {"latents": torch.cat(lat) if lat else torch.zeros(0, c, h, h),
                    "original_size": torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),
@@ -141,8 +141,8 @@ def build_cache(cfg: DataConfig, model: str, out: str, vae: str | None = None, s
         for i in tqdm(range(0, len(prompts), batch_size), desc="caching prompts"):
             cond = encode_prompts(models, prompts[i:i + batch_size])
             embeds.append(cond.encoder_hidden_states.float().cpu())
-            if cond.text_embeds is not None:
-                pooled.append(cond.text_embeds.float().cpu())
+            if cond.pooled is not None:
+                pooled.append(cond.pooled.float().cpu())
         tensors = {"prompt_embeds": torch.cat(embeds)}
         if pooled:
             tensors["pooled_prompt_embeds"] = torch.cat(pooled)
