@@ -245,8 +245,12 @@ def test_training_from_the_latent_cache_matches_pixels(tiny_paths, tmp_path, arc
     assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-5)
     # from the cache the VAE and text encoders are freed for training, and loaded again for validation images
     assert run.parts.models.vae is None and run.parts.models.text_encoders == []
-    pixel_grid, cached_grid = (next((tmp_path / d / "validation").glob("step-*.png")) for d in ("pixels", "cached"))
-    assert pixel_grid.read_bytes() == cached_grid.read_bytes()
+    import numpy as np
+    from PIL import Image
+
+    grids = [np.asarray(Image.open(next((tmp_path / d / "validation").glob("step-*.png"))), dtype=np.float64)
+             for d in ("pixels", "cached")]
+    assert grids[0].shape == grids[1].shape and np.abs(grids[0] - grids[1]).mean() < 1.0  # same images (LoRAs ~1e-5 apart)
     assert a[0]["err_w"] == pytest.approx(b[0]["err_w"], rel=1e-4)
     with pytest.raises(NcpError, match="stale cache"):
         other = "sdxl" if arch == "sd15" else "sd15"
