@@ -184,11 +184,16 @@ def reset_peak(device: str) -> None:
         pass
 
 
+def status_gb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: its peak), in GB."""
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())[1]) / 2**20
+
+
 def peak_gb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
     try:
-        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())[1]) / 2**20
+        return status_gb("VmHWM")
     except (OSError, TypeError):
         import resource
 
@@ -450,7 +455,7 @@ def current_gb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.memory_allocated() / 2**30
     try:
-        return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text())[1]) / 2**20
+        return status_gb("VmRSS")
     except (OSError, TypeError):
         return 0.0
 
@@ -538,8 +543,7 @@ def main(argv: list[str] | None = None) -> dict:
                           a.dtype, a.compile_mode, combos, a.peak_tflops)
         print(format_fast(result))
         if a.json:
-            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.json).write_text(json.dumps(result, indent=2))
+            write_json(a.json, result)
         return result
     result = run(a.model, a.latent_size, a.pairs, a.steps, a.warmup, a.repeats, a.rank, a.device, a.profile, a.threads,
                  a.errors, a.dtype)
@@ -547,9 +551,13 @@ def main(argv: list[str] | None = None) -> dict:
     for name, table in result.get("profile", {}).items():
         print(f"\nprofile of one {name} step\n{table}")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(result, indent=2))
+        write_json(a.json, result)
     return result
+
+
+def write_json(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

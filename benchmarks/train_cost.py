@@ -17,7 +17,6 @@ example 5.7-6.7 s and 4.9 GB; both decode, VAE-encode and text-encode every step
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -87,6 +86,8 @@ def one_run(model: Path, cache: Path, pairs: int, out: Path, resolution: int, st
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from step_cost import write_json
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sd15", help="sd15 (random-weight SD1.5 architecture) or tiny (ncp.tiny)")
     p.add_argument("--work", default="outputs/train-cost", help="pipeline folder, cache and runs go here")
@@ -143,8 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nfastest setting vs the authors' script: {best / 9.7:.2f}-{best / 9.1:.2f}x")
     result = dict(settings=settings, summary=summary, model=a.model, resolution=a.resolution)
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(result, indent=2))
+        write_json(a.json, result)
     return result
 
 

@@ -25,3 +25,14 @@ def tiny_sdxl(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_paths(tiny_sd15, tiny_sdxl):
     return {"sd15": tiny_sd15, "sdxl": tiny_sdxl}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest single-threaded; on a loaded 2-core machine two threads ran 8x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

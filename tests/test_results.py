@@ -17,13 +17,7 @@ STEPS = 2  # denoising steps: enough to exercise the pipeline, cheap on CPU
 
 
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded; on a loaded 2-core machine two threads ran 8x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models run fastest single-threaded (conftest)
 
 
 @pytest.fixture(scope="module")

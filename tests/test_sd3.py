@@ -18,13 +18,7 @@ PROMPTS = ["a red circle on a white background", "a blue square"]
 LATENT = (16, 16, 16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded on the shared 2-core machine (as tests/test_results.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models run fastest single-threaded (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -224,23 +218,31 @@ def test_gradients_reach_only_lora(tiny_sd3, space):
     assert all(p.grad.abs().sum() > 0 for p in params)
 
 
-@pytest.mark.parametrize("step", ["ode", "sde"])
-def test_linearized_is_the_first_order_difference_in_float64(tiny_sd3, step):
-    """J_f(x_true) delta with delta = coef (v_hat - v) matches f(x_pol) - f(x_true) to first order (float64)."""
-    models, _, params, schedule, x0, cond, rnd = setup(tiny_sd3, step=step)
+def float64_predictions(path, step="ode"):
+    """A tiny SD3 whose LoRA is moved off zero, in float64, with its float64 base transformer (for f), and the
+    pair's x_t, velocity target and the policy's / reference's velocities (no gradient)."""
+    models, _, params, schedule, x0, cond, rnd = setup(path, step=step)
     with torch.no_grad():
         for i, p in enumerate(params):
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
     models.unet.double()
-    base = load_models(str(tiny_sd3), weight_dtype=torch.float64).unet
+    base = load_models(str(path), weight_dtype=torch.float64).unet
     x0, cond = x0.double(), cond.to(dtype=torch.float64)
     t, eps, z, tt = (x.repeat(2, *([1] * (x.dim() - 1))) for x in (rnd.t, rnd.eps, rnd.z, rnd.t_target))
     eps, z = eps.double(), z.double()
-    x_t = schedule.q_sample(x0, t, eps)
-    v = schedule.velocity(x0, eps)
-    with adapters_disabled(models.unet), torch.no_grad():
-        v_ref = models.unet(x_t, timestep=schedule.model_timestep(t), **cond.unet_kwargs()).sample
-    v_pol = models.unet(x_t, timestep=schedule.model_timestep(t), **cond.unet_kwargs()).sample
+    with torch.no_grad():
+        x_t = schedule.q_sample(x0, t, eps)
+        v = schedule.velocity(x0, eps)
+        v_pol = models.unet(x_t, timestep=schedule.model_timestep(t), **cond.unet_kwargs()).sample
+        with adapters_disabled(models.unet):
+            v_ref = models.unet(x_t, timestep=schedule.model_timestep(t), **cond.unet_kwargs()).sample
+    return base, schedule, x0, cond, (x_t, t, v, z, tt), (v_pol, v_ref)
+
+
+@pytest.mark.parametrize("step", ["ode", "sde"])
+def test_linearized_is_the_first_order_difference_in_float64(tiny_sd3, step):
+    """J_f(x_true) delta with delta = coef (v_hat - v) matches f(x_pol) - f(x_true) to first order (float64)."""
+    base, schedule, x0, cond, (x_t, t, v, z, tt), (v_pol, v_ref) = float64_predictions(tiny_sd3, step)
     cfg = ObjectiveConfig(loss="dpo")
     errs = {e: perceptual_errors(DiTPerceptualEncoder(base, blocks=2, error=e), schedule, cfg, x_t, t, v, z, tt, cond,
                                  x0, [v + 0.1 * (v_pol - v), v + 0.1 * (v_ref - v)]) for e in ("difference", "linearized")}
@@ -425,22 +427,9 @@ def test_bf16_linearized_error_stays_close_where_the_difference_drowns(tiny_sd3)
     """As for the U-Net (README "Precision of f"): with f in bf16, the linearized error stays within a few %
     of float64 while the difference of two rounded features is off by more than half its size; that is why
     configs/sd3_ncp_dpo.yaml (bf16) takes encoder.error=auto = linearized."""
-    models, _, params, schedule, x0, cond, rnd = setup(tiny_sd3)
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
-    models.unet.double()
-    base = load_models(str(tiny_sd3), weight_dtype=torch.float64).unet
-    x0, cond = x0.double(), cond.to(dtype=torch.float64)
-    t, eps, z, tt = (x.repeat(2, *([1] * (x.dim() - 1))) for x in (rnd.t, rnd.eps, rnd.z, rnd.t_target))
-    eps, z = eps.double(), z.double()
+    base, schedule, x0, cond, (x_t, t, v, z, tt), (v_pol, v_ref) = float64_predictions(tiny_sd3)
     cfg = ObjectiveConfig(loss="dpo")
     with torch.no_grad():
-        x_t = schedule.q_sample(x0, t, eps)
-        v = schedule.velocity(x0, eps)
-        v_pol = models.unet(x_t, timestep=schedule.model_timestep(t), **cond.unet_kwargs()).sample
-        with adapters_disabled(models.unet):
-            v_ref = models.unet(x_t, timestep=schedule.model_timestep(t), **cond.unet_kwargs()).sample
         hats = [v + 0.3 * (v_pol - v), v + 0.3 * (v_ref - v)]  # a policy 30% of a random model's error off
         exact = torch.stack(perceptual_errors(DiTPerceptualEncoder(base, blocks=2), schedule, cfg, x_t, t, v, z, tt,
                                               cond, x0, hats))
