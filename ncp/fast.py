@@ -1,7 +1,7 @@
 """The fast path (README "Fast path"): channels-last memory format, the SDPA attention backend and
 torch.compile, each a switch (train.channels_last, train.attention, train.compile). With them on, the
 losses and LoRA gradients equal the plain path's within float tolerance (tests/test_fast.py); the
-defaults are what `benchmarks/step_cost.py --fast` measured (benchmarks/RESULTS.md, section 4).
+defaults are what `benchmarks/step_cost.py --fast` measured (benchmarks/RESULTS.md, section 5).
 """
 
 from __future__ import annotations
