@@ -30,6 +30,7 @@ peak during the method's steps; "+GB" is that peak above what was resident befor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import json
@@ -49,6 +50,7 @@ from ncp.conditioning import Cond, build_cond  # noqa: E402
 from ncp.config import OptimConfig  # noqa: E402
 from ncp.diffusion import Schedule  # noqa: E402
 from ncp.encoder import ERRORS, PerceptualEncoder  # noqa: E402
+from ncp.fast import compile_stats, configure_inductor  # noqa: E402
 from ncp.encoder_dit import DiTPerceptualEncoder  # noqa: E402
 from ncp.flow import FlowSchedule  # noqa: E402
 from ncp.models import add_lora  # noqa: E402
@@ -242,22 +244,41 @@ def run(model: str = "tiny-sd15", latent_size: int = 32, pairs: int = 1, steps: 
     is far steadier: with 2 threads on 2 busy cores every op waits at an OpenMP barrier for a descheduled
     thread (measured here: a tiny U-Net forward 0.17 s with 1 thread, 3.6 s with 2).
     """
-    saved_threads = torch.get_num_threads()
+    with torch_threads(threads):
+        return _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors, dtype)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch CPU threads for a measurement (None: leave them), restored after."""
+    saved = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors, dtype)
+        yield
     finally:
-        torch.set_num_threads(saved_threads)
+        torch.set_num_threads(saved)
+
+
+def resolve(model: str, device: str | None, dtype: str | None, rank: int | None, errors):
+    """The defaults of a measurement: cuda if there is one; fp16 there for real-size models, else fp32; LoRA rank 64
+    (tiny models 8); the difference error first. Returns (device, torch dtype, rank, errors)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("fp16" if device.startswith("cuda") and not model.startswith("tiny-") else "fp32")
+    rank = rank or (8 if model.startswith("tiny-") else 64)
+    return (device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype], rank,
+            ("difference", *[e for e in errors if e != "difference"]))
+
+
+def flop_floor(loss: str, space: str, error: str, u_flops: int, e_flops: int) -> float:
+    """The method's FLOPs per pair in units of latent DPO's (the module docstring's cost model)."""
+    nu, ne = FLOOR[(loss, space)]
+    ne = LINEARIZED_FLOOR_E[loss] if error == "linearized" and space == "perceptual" else ne
+    return (nu * u_flops + ne * e_flops) / (6 * u_flops)
 
 
 def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors, dtype) -> dict:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None:
-        dtype = "fp16" if device.startswith("cuda") and not model.startswith("tiny-") else "fp32"
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    rank = rank or (8 if model.startswith("tiny-") else 64)
-    errors = ("difference", *[e for e in errors if e != "difference"])
+    device, dtype, rank, errors = resolve(model, device, dtype, rank, errors)
     unet, params, encoders, schedule, x0, cond = build(model, latent_size, pairs, rank, device, dtype, errors)
     optimizer, opt_name = make_optimizer(params)
     spec = methods(errors)
@@ -309,9 +330,7 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
     base = "latent DPO"
     rows = []
     for name, loss, space, error in spec:
-        nu, ne = FLOOR[(loss, space)]
-        ne = LINEARIZED_FLOOR_E[loss] if error == "linearized" else ne
-        floor = (nu * u_flops + ne * e_flops) / (6 * u_flops)
+        floor = flop_floor(loss, space, error, u_flops, e_flops)
         rows.append(dict(method=name, s_per_step=step_s[name], spread=[min(times[name]), max(times[name])],
                          ratio=step_s[name] / step_s[base], flop_floor=floor,
                          flop_counted=counted[name] / counted[base], step_gflop=counted[name] / 1e9,
@@ -334,17 +353,8 @@ def run_fast(model: str = "tiny-sd15", latent_size: int = 16, pairs: int = 1, st
              peak_tflops: float | None = None) -> dict:
     """Every (method, compile, channels-last) combination, interleaved; see the module docstring.
     combos: the (compile, channels_last) pairs to time (default all four; (False, False) must be one)."""
-    from ncp.fast import configure_inductor
-
-    saved_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or ("fp16" if device.startswith("cuda") and not model.startswith("tiny-") else "fp32")
-        torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-        rank = rank or (8 if model.startswith("tiny-") else 64)
-        errors = ("difference", *[e for e in errors if e != "difference"])
+    with torch_threads(threads):
+        device, torch_dtype, rank, errors = resolve(model, device, dtype, rank, errors)
         peak_flops = peak_tflops * 1e12 if peak_tflops else device_peak_flops(device, torch_dtype)
         unet, params, eager_f, schedule, x0, cond = build(model, latent_size, pairs, rank, device, torch_dtype, errors)
         optimizer, opt_name = make_optimizer(params)
@@ -415,28 +425,22 @@ def run_fast(model: str = "tiny-sd15", latent_size: int = 16, pairs: int = 1, st
                 peak = peak_gb(device)
                 peaks[key] = max(peaks[key][0], peak), max(peaks[key][1], peak - resident)
         median = {k: statistics.median(v) for k, v in times.items()}
-        floor_e = {"difference": 8, "linearized": 10}
         rows = []
         for method, combo in keys:
             name, space, error = method
             key, plain = (name, combo), (name, (False, False))
-            ne = 0 if space == "latent" else floor_e.get(error, 8)
             rows.append(dict(method=name, compile=combo[0], channels_last=combo[1], s_per_step=median[key],
                              spread=[min(times[key]), max(times[key])], ratio_to_plain=median[key] / median[plain],
                              ratio_to_latent_dpo=median[key] / median[("latent DPO", combo)],
-                             flop_floor=(6 * u_flops + ne * e_flops) / (6 * u_flops), first_step_s=first[key],
+                             flop_floor=flop_floor("dpo", space, error, u_flops, e_flops), first_step_s=first[key],
                              peak_gb=peaks[key][0], step_gb=peaks[key][1], loss=losses[key],
                              step_gflop=counted[name] / 1e9,
                              mfu=counted[name] / median[key] / peak_flops if peak_flops else None))
-        from ncp.fast import compile_stats
-
         setup = dict(model=model, latent_size=latent_size, pairs=pairs, steps=steps, repeats=repeats, rank=rank,
-                     device=device, dtype=dtype, optimizer=opt_name, threads=torch.get_num_threads(),
+                     device=device, dtype=str(torch_dtype).removeprefix("torch."), optimizer=opt_name, threads=torch.get_num_threads(),
                      torch=torch.__version__, compile_mode=compile_mode, errors=list(errors), peak_tflops=(
                          peak_flops / 1e12 if peak_flops else None), **compile_stats())
         return dict(setup=setup, rows=rows)
-    finally:
-        torch.set_num_threads(saved_threads)
 
 
 # dense half-precision tensor-core peaks (vendor data sheets, SXM parts), for the MFU column
