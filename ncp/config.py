@@ -17,6 +17,7 @@ import yaml
 
 from .data.config import DataConfig
 from .encoder import ERRORS, FEATURES
+from . import families
 from .errors import NcpError
 from .fast import ATTENTION, COMPILE_MODES
 from .models import LORA_TARGETS
@@ -131,8 +132,8 @@ class Config:
     def validate(self) -> None:
         self.objective.validate()
         self.data.validate()
-        if self.model.arch not in (None, "sd15", "sdxl", "sd3"):
-            raise NcpError(f"model.arch must be sd15, sdxl, sd3 or null, got {self.model.arch!r}")
+        if self.model.arch not in (None, *families.names()):
+            raise NcpError(f"model.arch must be {', '.join(families.names())} or null, got {self.model.arch!r}")
         if self.encoder.blocks is not None and self.encoder.blocks < 1:
             raise NcpError(f"encoder.blocks must be >= 1 or null, got {self.encoder.blocks}")
         if self.encoder.features not in FEATURES:
