@@ -1,4 +1,5 @@
-"""Model families: one module each (`sd15`, `sdxl`, `sd3`), one `Family` object each, found by name or by folder.
+"""Model families: one module each (`sd15`, `sdxl`, `sd3`), one `Family` object each (the module's `FAMILY`), found
+by name or by folder.
 
     family = families.detect("stabilityai/stable-diffusion-3.5-medium")   # or families.get("sd3")
     models = family.load(path, weight_dtype=torch.bfloat16)               # Models(family=family, ...)
@@ -8,13 +9,20 @@ The `Family` protocol is in `base.py`; ARCHITECTURE.md "Model families" describe
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from ..errors import NcpError
 from .base import Family, read_config
-from .sd3 import SD3
-from .sd15 import SD15
-from .sdxl import SDXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD15(), SDXL(), SD3())}
+
+def _discover() -> dict[str, Family]:
+    """Every module of this package but `base` defines `FAMILY`, its one instance: adding a family adds a module."""
+    modules = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base")
+    return {f.name: f for f in (importlib.import_module(f"{__name__}.{m}").FAMILY for m in modules)}
+
+
+FAMILIES: dict[str, Family] = _discover()
 DEFAULT = "sd15"  # a model card's family when neither model.arch nor the hub id names one
 
 __all__ = ["DEFAULT", "FAMILIES", "Family", "detect", "from_model_id", "get", "names", "of_denoiser", "read_config"]

@@ -112,6 +112,9 @@ class SD15(Family):
         return Cond(torch.randn(n, 77, denoiser.config.cross_attention_dim))
 
 
+FAMILY = SD15()
+
+
 def _ids(tokenizer, prompts, device):
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids.to(device)

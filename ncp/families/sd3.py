@@ -184,3 +184,6 @@ class SD3(Family):
         c = denoiser.config
         return Cond(torch.randn(n, 77 + T5_TOKENS, c.joint_attention_dim),
                     pooled_projections=torch.randn(n, c.pooled_projection_dim))
+
+
+FAMILY = SD3()

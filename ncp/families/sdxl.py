@@ -94,3 +94,6 @@ class SDXL(SD15):
         cond.text_embeds = torch.randn(n, pooled)
         cond.time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(n, 1)
         return cond
+
+
+FAMILY = SDXL()
