@@ -133,7 +133,8 @@ def build_models(cfg: Config, acc) -> Parts:
     if tc.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
     models.unet.train()
-    parts = Parts(models, models.family.noise_process(models.scheduler, cfg.objective), encoder, params, models.arch)
+    process = models.family.noise_process(models.scheduler, cfg.objective, cfg.data.resolution)
+    parts = Parts(models, process, encoder, params, models.arch)
     apply_fast_path(parts, tc)                        # train.channels_last, train.compile (README "Fast path")
     return parts
 

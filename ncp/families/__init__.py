@@ -46,7 +46,8 @@ def detect(folder, revision: str | None = None) -> Family:
     if len(found) != 1:
         what = "no known model family" if not found else f"several families ({', '.join(f.name for f in found)})"
         raise NcpError(f"model.pretrained={str(folder)!r}: {what} recognises this pipeline folder (known: "
-                       f"{', '.join(FAMILIES)}; each is detected from its unet/ or transformer/ config.json)")
+                       f"{', '.join(FAMILIES)}; each is detected from its unet/ or transformer/ config.json, which a hub id must have in "
+                       "the local cache or be able to download)")
     return found[0]
 
 

@@ -93,8 +93,9 @@ class Family:
         return to_latents(vae, mean)
 
     # -- the noise process and the denoiser --------------------------------------------------------------------
-    def noise_process(self, scheduler, objective_cfg):
-        """The process the objective runs (`ncp.diffusion.Schedule` or `ncp.flow.FlowSchedule`: one interface)."""
+    def noise_process(self, scheduler, objective_cfg, resolution: int | None = None):
+        """The process the objective runs (`ncp.diffusion.Schedule` or `ncp.flow.FlowSchedule`: one interface), from
+        the model's training scheduler; `resolution` (pixels) for a process whose shift depends on the image size."""
         raise NotImplementedError
 
     @staticmethod

@@ -65,7 +65,7 @@ class SD15(Family):
         return Cond(encoder(_ids(tokenizer, prompts, encoder.device))[0])
 
     # -- the noise process and f -------------------------------------------------------------------------------
-    def noise_process(self, scheduler, objective_cfg):
+    def noise_process(self, scheduler, objective_cfg, resolution=None):
         from ..diffusion import Schedule
 
         return Schedule.from_scheduler(scheduler)

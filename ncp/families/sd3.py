@@ -103,7 +103,7 @@ class SD3(Family):
 
         return Cond(prompt_embeds, pooled_projections=pooled)
 
-    def noise_process(self, scheduler, objective_cfg):
+    def noise_process(self, scheduler, objective_cfg, resolution=None):
         from ..flow import FlowSchedule
 
         return FlowSchedule.from_scheduler(scheduler, objective_cfg.flow_step)
