@@ -57,6 +57,7 @@ def train(cfg: Config, resume_command: str | None = None) -> Run:
                 acc.backward(loss)
             run.track(loss, metrics)
             if not acc.sync_gradients:
+                run.stop_within_step()                # a stop signal: checkpoint the accumulation so far, end the loop
                 continue
             if not run.step_optimizer():              # 19: clip, step; NaN and GradScaler policy
                 continue                              # the fp16 GradScaler skipped it: not a step, take the next batch

@@ -96,17 +96,50 @@ def test_sigterm_saves_a_checkpoint_and_resuming_equals_a_straight_run(tiny_sd15
     with pytest.raises(SystemExit) as stop:
         run_script("dpo", args(tiny_sd15, out, *COMMON))
     assert stop.value.code == 128 + signal.SIGTERM == 143
-    assert len(calls) == 6  # step 3 was finished, not abandoned halfway
-    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
-    assert (out / "checkpoints" / "checkpoint-00000003" / "ncp_state.json").exists()
+    assert len(calls) == 5  # stopped at the micro-step's end: an optimizer step can outlast the launcher's 30 s
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    ckpt = out / "checkpoints" / "checkpoint-00000002-micro001"
+    assert (ckpt / "ncp_state.json").exists() and (ckpt / "partial_step_0.safetensors").exists()
     err = capsys.readouterr().err
-    assert "stopped by SIGTERM at step 3" in err and "python train_ncp_dpo.py --config" in err
+    assert "stopped by SIGTERM at step 2 (micro-step 1 of step 3)" in err and "python train_ncp_dpo.py --config" in err
     assert err.strip().endswith("train.resume_from=latest")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
 
     monkeypatch.setattr(ncp.train, "compute_objective", real)
     run_script("dpo", args(tiny_sd15, out, *COMMON, "train.resume_from=latest"))
     assert_same_run(straight, out)
+
+
+def test_a_stop_within_an_optimizer_step_resumes_its_accumulation(tiny_sd15, tmp_path, monkeypatch):
+    """grad_accum=4, SIGTERM during step 2's second micro-step: the checkpoint holds the two micro-steps'
+    gradients, and the resumed run equals an uninterrupted one bit for bit (same fp32 gradients restored, the
+    same micro-batches and generator draws, the same summation order, one process: nothing is recomputed)."""
+    import ncp.train
+
+    common = ["train.max_steps=3", "train.checkpoint_every=100", "train.grad_accum=4", "objective.beta=50000"]
+    run_script("dpo", args(tiny_sd15, tmp_path / "straight", *common))
+    real, calls = ncp.train.compute_objective, []
+
+    def preempted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(ncp.train, "compute_objective", preempted)
+    with pytest.raises(SystemExit) as stop:
+        run_script("dpo", args(tiny_sd15, out, *common))
+    assert stop.value.code == 143 and len(calls) == 6
+    (ckpt,) = (out / "checkpoints").iterdir()
+    assert ckpt.name == "checkpoint-00000001-micro002"
+    state = json.loads((ckpt / "ncp_state.json").read_text())
+    assert (state["step"], state["micro"], state["batches_seen"]) == (1, 2, 6)
+    saved = load_file(str(ckpt / "partial_step_0.safetensors"))
+    assert saved["micro.loss"].shape == (2,) and any(k.startswith("grad.") and v.abs().sum() > 0 for k, v in saved.items())
+    monkeypatch.setattr(ncp.train, "compute_objective", real)
+    run_script("dpo", args(tiny_sd15, out, *common, "train.resume_from=latest"))
+    assert_same_run(tmp_path / "straight", out)
 
 
 def test_fp16_on_cpu_and_a_missing_tracker_are_refused(tiny_sd15, tmp_path):
