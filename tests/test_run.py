@@ -176,6 +176,48 @@ def test_sigterm_to_a_training_process(tiny_sd15, tmp_path):
     assert lines[-2].startswith(f"stopped by SIGTERM at step {step}") and lines[-1].endswith("train.resume_from=latest")
 
 
+BLOCKED_IN_CPP = """import sys, threading, torch, ncp.train
+from ncp.errors import run_cli
+real, calls = ncp.train.compute_objective, []
+def blocked(*a, **kw):
+    calls.append(1)
+    if len(calls) > 2:  # the main thread waits inside C++ (as in a long kernel), where Python runs no signal handler
+        done = torch.futures.Future()
+        threading.Timer(60, done.set_result, (None,)).start()
+        done.wait()
+    return real(*a, **kw)
+ncp.train.compute_objective = blocked
+run_cli(lambda: ncp.train.main(sys.argv[1:], "dpo", "NCP-DPO"))
+"""
+
+
+def test_a_second_ctrl_c_quits_at_once(tiny_sd15, tmp_path):
+    """Ctrl-C twice, the second 1.2 s after the first, while the main thread is inside one long C++ call: exit 130
+    within seconds, no checkpoint written, the last complete one intact."""
+    import time
+
+    out, log, script = tmp_path / "run", tmp_path / "stderr.txt", tmp_path / "blocked.py"
+    script.write_text(BLOCKED_IN_CPP)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(script), *args(tiny_sd15, out, "train.max_steps=100", "train.checkpoint_every=1")]
+    ckpt = out / "checkpoints" / "checkpoint-00000002" / "ncp_state.json"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=err, stdout=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not ckpt.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)  # into the third step's blocked call
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.2)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.time()
+        code = proc.wait(timeout=60)
+    assert code == 130 and time.time() - t0 < 10, log.read_text()[-2000:]  # the blocked call lasts 60 s
+    assert "second Ctrl-C: quitting now" in log.read_text()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-00000001", "checkpoint-00000002"]
+    assert json.loads(ckpt.read_text())["step"] == 2
+
+
 def test_sigterm_to_a_two_process_job(tiny_sd15, tmp_path):
     """A cluster's SIGTERM reaches the launcher and both processes (torchrun forwards it once more): they
     agree to stop after the same step and write one checkpoint with both processes' generators."""
