@@ -57,6 +57,7 @@ class Run:
         check that it was written with the same run-defining settings. Cheap: runs before the models load."""
         tc, out = cfg.train, Path(cfg.train.output_dir)
         shared = shared_folder(acc, out)
+        acc.project_configuration.save_on_each_node = not shared  # accelerate's optimizer / scheduler files
         if tc.overwrite and (acc.is_main_process if shared else acc.is_local_main_process) and out.exists():
             log.info("train.overwrite=true: clearing %s", out)
             shutil.rmtree(out)
@@ -297,7 +298,9 @@ class Run:
                 within = f" (micro-step {len(self._micro)} of step {self.step + 1})" if self._micro else ""
                 print(f"stopped by {signal.Signals(self.stop_signal).name} at step {self.step}{within}, checkpoint "
                       f"saved in {checkpoint_dirs(self.out)[-1]}. Resume with:\n  "
-                      f"{self.resume_command or 'train.resume_from=latest'}", file=sys.stderr, flush=True)
+                      f"{self.resume_command or 'train.resume_from=latest'}"
+                      + ("\n(on every machine, each with its own --machine_rank)" if "--machine_rank" in
+                         (self.resume_command or "") else ""), file=sys.stderr, flush=True)
             raise SystemExit(128 + self.stop_signal)
         hub = self.cfg.hub
         if acc.is_main_process and hub.repo_id:

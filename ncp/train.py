@@ -320,8 +320,12 @@ def resume_command(loss: str, argv: list[str]) -> str:
     script = f"train_ncp_{loss}.py"
     if "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # set by `accelerate launch`
         n = int(os.environ.get("WORLD_SIZE", "1"))
-        launcher = ["accelerate", "launch", "-q", "--num_processes", str(n), "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no"]
+        machines = n // int(os.environ.get("LOCAL_WORLD_SIZE", n))  # torchrun's processes per machine
+        launcher = ["accelerate", "launch", "-q", "--num_processes", str(n), "--num_machines", str(machines)]
+        if machines > 1:  # as printed, for the first machine; every machine runs it with its own --machine_rank
+            launcher += ["--machine_rank", "0", "--main_process_ip", os.environ.get("MASTER_ADDR", "HOST"),
+                         "--main_process_port", os.environ.get("MASTER_PORT", "29500")]
+        launcher += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     else:
         launcher = ["python"]
     return shlex.join([*launcher, script, *keep, "train.resume_from=latest"])
