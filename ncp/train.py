@@ -45,6 +45,8 @@ def train(cfg: Config, resume_command: str | None = None) -> Run:
     parts.unet, optimizer, lr_scheduler = acc.prepare(parts.models.unet, optimizer, lr_scheduler)
     generator = torch.Generator().manual_seed(tc.seed * 1_000_003 + 7919 * acc.process_index + 1)  # t, eps, z per process
     run.start(parts, optimizer, lr_scheduler, generator)  # restores a checkpoint, or writes the resolved config
+    if tc.validation_reward and acc.is_main_process:
+        validation_scorer(cfg, acc)                   # a reward model's download or load happens now, not mid-run
     with run.stop_on_signals(), attention_backend(tc.attention, acc.device, DTYPES[tc.mixed_precision]):
         for batch in run.batches(loader):             # 3-4: repeat; (x0_w, x0_l, c) ~ D
             x0, cond = encode(parts, batch, cfg.data.resolution)
@@ -73,8 +75,10 @@ def train(cfg: Config, resume_command: str | None = None) -> Run:
 # -- building the parts ----------------------------------------------------------------------------------------
 def make_accelerator(tc):
     """Processes, devices, mixed precision, gradient accumulation and trackers."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     out = Path(tc.output_dir)
     acc = Accelerator(
@@ -82,6 +86,9 @@ def make_accelerator(tc):
         log_with=None if tc.report_to == "none" else tc.report_to,
         step_scheduler_with_optimizer=False,  # Run steps the schedule itself, once per applied update
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        # the others wait at a barrier while the first process renders (and scores) the validation images:
+        # NCCL's and gloo's 600 s default would end the job on a slow validation
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=tc.process_timeout_s))],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s")  # libraries' loggers stay at WARNING
     log.setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
@@ -276,15 +283,20 @@ def score_validation_images(cfg: Config, acc, images, step: int) -> None:
     """Mean reward of the validation images (reward vs step during training, the paper's Figure 3)."""
     import json
 
-    from .evaluate import make_scorer
-
     name = cfg.train.validation_reward
-    scorer = _scorers.get(name) or _scorers.setdefault(name, make_scorer(name, str(acc.device)))
-    scores = scorer(images, list(cfg.train.validation_prompts))
+    scores = validation_scorer(cfg, acc)(images, list(cfg.train.validation_prompts))
     mean = sum(scores) / len(scores)
     acc.log({f"validation/{name}": mean}, step=step)
     with open(Path(cfg.train.output_dir) / "validation" / "rewards.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "reward": name, "mean": mean, "scores": scores}) + "\n")
+
+
+def validation_scorer(cfg: Config, acc):
+    """train.validation_reward's scorer, loaded once per process."""
+    from .evaluate import make_scorer
+
+    name = cfg.train.validation_reward
+    return _scorers.get(name) or _scorers.setdefault(name, make_scorer(name, str(acc.device)))
 
 
 _scorers: dict = {}  # reward models load once per process
