@@ -167,9 +167,13 @@ class Run:
         run takes the next batch); logged with the new scale. Skips at a scale below 1 are real overflows: bad.
         """
         acc, scaler = self.acc, self.acc.scaler
-        grad_norm = float(acc.clip_grad_norm_(self.parts.params, self.cfg.optim.max_grad_norm))  # unscales fp16 grads first
-        means = {k: torch.stack([m[k] for m in self._micro]).mean() for k in self._micro[0]}
-        means = {k: v.mean().item() for k, v in acc.gather_for_metrics(means).items()}
+        grad_norm = acc.clip_grad_norm_(self.parts.params, self.cfg.optim.max_grad_norm)  # unscales fp16 grads first
+        keys = list(self._micro[0])
+        means = torch.stack([torch.stack([m[k] for m in self._micro]).mean() for k in keys])
+        means = acc.gather_for_metrics(means).view(-1, len(keys)).mean(0)  # every process's micro-step means
+        # one read from the device per optimizer step: the metrics and the gradient norm together
+        *values, grad_norm = torch.cat([means, torch.as_tensor(grad_norm).float().reshape(1).to(means.device)]).tolist()
+        means = dict(zip(keys, values))
         self._micro = []
         bad = not math.isfinite(means["loss"]) or (scaler is None and not math.isfinite(grad_norm))
         if bad:

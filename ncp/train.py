@@ -41,6 +41,8 @@ def train(cfg: Config, resume_command: str | None = None) -> Run:
     loader = build_data(cfg, acc)                     # data first: a bad file fails before the models load
     max_steps = run.set_length(loader.sampler.batches_per_epoch)
     parts = build_models(cfg, acc)                    # 1-2: policy = base + LoRA, reference = LoRA off, f = frozen down path
+    if isinstance(parts.schedule, Schedule):          # DDPM tables on the device: no host copy per micro-step
+        parts.schedule = parts.schedule.to(acc.device)
     optimizer, lr_scheduler = build_optimizer(cfg, parts, acc, max_steps)
     parts.unet, optimizer, lr_scheduler = acc.prepare(parts.models.unet, optimizer, lr_scheduler)
     generator = torch.Generator().manual_seed(tc.seed * 1_000_003 + 7919 * acc.process_index + 1)  # t, eps, z per process
