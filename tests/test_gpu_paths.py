@@ -46,3 +46,24 @@ def test_tf32_is_off_inside_f_and_restored_after(tiny_sd15, one_torch_thread, er
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     assert seen == [(not off, not off)] and after == (True, True)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """scripts/gpu_check.sh --dry-run, the stages that exercise the training loop: the bf16 resume comparison
+    (bit for bit on CPU, losses varying, LoRA moved) and the host reads per micro-step (none: metrics are read
+    once per optimizer step). The other stages' dry run: `bash scripts/gpu_check.sh --dry-run` (about 8 min here)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks/gpu_check.py"), "--dry-run", "--stages", "resume",
+                           "syncs", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert proc.returncode == 0, (tmp_path / "gpu_check.md").read_text()[-3000:]
+    resume, syncs = report["stages"]["resume"], report["stages"]["syncs"]
+    assert resume["ok"] and all(resume["checks"].values()) and resume["loss_rel_diff"] == resume["lora_rel_diff"] == 0
+    assert syncs["ok"] and syncs["per_micro_step"] == 0
+    assert sum(v for k, v in syncs["windows"]["the optimizer step's micro-step"].items()) >= 1  # the counter counts
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.md"]
