@@ -44,10 +44,11 @@ def checkpoint_position(path: Path) -> tuple[int, int]:
 
 def shared_folder(accelerator, out: Path) -> bool:
     """Whether every machine sees the same `out`: the first process leaves a file there that the others look for."""
-    if accelerator.num_processes == 1 or accelerator.num_processes == int(os.environ.get("LOCAL_WORLD_SIZE", 0) or
-                                                                         accelerator.num_processes):
-        return True
-    probe = out / f".ncp-shared-{os.environ.get('MASTER_PORT', '')}-{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+    if accelerator.num_processes == int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)):
+        return True  # one machine
+    nonce = torch.tensor([int.from_bytes(os.urandom(7), "big") if accelerator.is_main_process else 0])
+    nonce = accelerator.reduce(nonce.to(accelerator.device), "sum").item()  # the first process's, everywhere
+    probe = out / f".ncp-shared-{nonce}"  # new each launch: a stale probe cannot pass for a shared folder
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         probe.write_text("")

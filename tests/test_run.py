@@ -79,20 +79,28 @@ def test_rerun_into_a_used_folder_is_refused_unless_overwrite(tiny_sd15, straigh
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-00000001"]
 
 
-def test_sigterm_saves_a_checkpoint_and_resuming_equals_a_straight_run(tiny_sd15, straight, tmp_path, monkeypatch,
-                                                                        capsys):
+def sigterm_at_call(monkeypatch, n: int):
+    """SIGTERM to this process at the n-th micro-step's objective; returns the real objective and the calls."""
     import ncp.train
 
     real, calls = ncp.train.compute_objective, []
 
-    def preempted_in_step_3(*a, **kw):  # call 5 is the first of step 3's two micro-steps
+    def preempted(*a, **kw):
         calls.append(1)
-        if len(calls) == 5:
+        if len(calls) == n:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*a, **kw)
 
+    monkeypatch.setattr(ncp.train, "compute_objective", preempted)
+    return real, calls
+
+
+def test_sigterm_saves_a_checkpoint_and_resuming_equals_a_straight_run(tiny_sd15, straight, tmp_path, monkeypatch,
+                                                                        capsys):
+    import ncp.train
+
+    real, calls = sigterm_at_call(monkeypatch, 5)  # call 5 is the first of step 3's two micro-steps
     out = tmp_path / "run"
-    monkeypatch.setattr(ncp.train, "compute_objective", preempted_in_step_3)
     with pytest.raises(SystemExit) as stop:
         run_script("dpo", args(tiny_sd15, out, *COMMON))
     assert stop.value.code == 128 + signal.SIGTERM == 143
@@ -118,16 +126,8 @@ def test_a_stop_within_an_optimizer_step_resumes_its_accumulation(tiny_sd15, tmp
 
     common = ["train.max_steps=3", "train.checkpoint_every=100", "train.grad_accum=4", "objective.beta=50000"]
     run_script("dpo", args(tiny_sd15, tmp_path / "straight", *common))
-    real, calls = ncp.train.compute_objective, []
-
-    def preempted(*a, **kw):
-        calls.append(1)
-        if len(calls) == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*a, **kw)
-
+    real, calls = sigterm_at_call(monkeypatch, 6)
     out = tmp_path / "run"
-    monkeypatch.setattr(ncp.train, "compute_objective", preempted)
     with pytest.raises(SystemExit) as stop:
         run_script("dpo", args(tiny_sd15, out, *common))
     assert stop.value.code == 143 and len(calls) == 6
