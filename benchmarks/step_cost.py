@@ -66,11 +66,12 @@ FLOOR = {("dpo", "latent"): (6, 0), ("dpo", "perceptual"): (6, 8), ("cpo", "late
 LINEARIZED_FLOOR_E = {"dpo": 10, "cpo": 6, "sft": 3}
 
 
-def methods(errors=("difference",)) -> list[tuple[str, str, str, str]]:
-    """(name, loss, space, encoder.error): METHODS, then each NCP method again per extra error mode."""
-    rows = [(name, loss, space, "difference") for name, loss, space in METHODS]
+def methods(errors=("difference",), losses=("dpo", "cpo", "sft")) -> list[tuple[str, str, str, str]]:
+    """(name, loss, space, encoder.error): METHODS of `losses`, then each NCP method again per extra error mode."""
+    kept = [(name, loss, space) for name, loss, space in METHODS if loss in losses]
+    rows = [(name, loss, space, "difference") for name, loss, space in kept]
     rows += [(f"{name} {error}", loss, space, error) for error in errors if error != "difference"
-             for name, loss, space in METHODS if space == "perceptual"]
+             for name, loss, space in kept if space == "perceptual"]
     return rows
 
 # --fast: (torch.compile, channels-last)
@@ -229,15 +230,17 @@ def loader_pairs_per_s(latent_size: int, pairs: int, batches: int = 8) -> float:
 
 def run(model: str = "tiny-sd15", latent_size: int = 32, pairs: int = 1, steps: int = 2, warmup: int = 1,
         repeats: int = 5, rank: int | None = None, device: str | None = None, profile: bool = False,
-        threads: int | None = None, errors=("difference",), dtype: str | None = None) -> dict:
-    """Measure every method; returns {"rows": [...], "setup": {...}} (rows in `methods(errors)` order).
+        threads: int | None = None, errors=("difference",), dtype: str | None = None,
+        losses=("dpo", "cpo", "sft")) -> dict:
+    """Measure every method of `losses` (dpo first: ratios are to latent DPO); returns {"rows": [...],
+    "setup": {...}} (rows in `methods(errors, losses)` order).
 
     threads: torch CPU threads for the run (restored after). On a CPU shared with other jobs, 1 thread
     is far steadier: with 2 threads on 2 busy cores every op waits at an OpenMP barrier for a descheduled
     thread (measured here: a tiny U-Net forward 0.17 s with 1 thread, 3.6 s with 2).
     """
     with torch_threads(threads):
-        return _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors, dtype)
+        return _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors, dtype, losses)
 
 
 @contextlib.contextmanager
@@ -269,11 +272,11 @@ def flop_floor(loss: str, space: str, error: str, u_flops: int, e_flops: int) ->
     return (nu * u_flops + ne * e_flops) / (6 * u_flops)
 
 
-def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors, dtype) -> dict:
+def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors, dtype, losses) -> dict:
     device, dtype, rank, errors = resolve(model, device, dtype, rank, errors)
     unet, params, encoders, schedule, x0, cond = build(model, latent_size, pairs, rank, device, dtype, errors)
     optimizer, opt_name = make_optimizer(params)
-    spec = methods(errors)
+    spec = methods(errors, ("dpo", *[loss for loss in losses if loss != "dpo"]))
     cfgs = {name: (ObjectiveConfig(loss=loss, space=space, beta=1.0), encoders[error]) for name, loss, space, error in spec}
 
     def randomness(i: int):

@@ -96,6 +96,7 @@ class TrainConfig:
     validation_reward: str | None = None  # score validation images each time: toy | pickscore (ncp.evaluate)
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops (after a checkpoint)
     report_to: str = "tensorboard"  # tensorboard | wandb | all | none: accelerate trackers (logs/ for tensorboard)
+    process_timeout_s: int = 1800  # how long processes wait for each other (validation runs on the first one alone)
 
 
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
@@ -108,7 +109,7 @@ RESUMABLE_CHANGES = ("model.arch", "train.output_dir", "train.max_steps", "train
                      "train.validate_every", "train.validation_prompts", "train.validation_steps",
                      "train.validation_guidance", "train.validation_reward", "train.max_bad_steps", "train.report_to",
                      "train.gradient_checkpointing", "train.compile", "train.compile_mode", "train.channels_last",
-                     "train.attention", "data.num_workers", "data.prepared_dir", "hub.")
+                     "train.attention", "train.process_timeout_s", "data.num_workers", "data.prepared_dir", "hub.")
 
 
 @dataclass
@@ -153,6 +154,7 @@ class Config:
                     "train.grad_accum": self.train.grad_accum, "train.max_steps": self.train.max_steps,
                     "train.checkpoint_every": self.train.checkpoint_every, "train.keep_checkpoints": self.train.keep_checkpoints,
                     "train.log_every": self.train.log_every, "train.max_bad_steps": self.train.max_bad_steps,
+                    "train.process_timeout_s": self.train.process_timeout_s,
                     "optim.lr": self.optim.lr}
         for key, value in positive.items():
             if value <= 0:

@@ -62,6 +62,10 @@ class Schedule:
         """The denoiser's (and f's) timestep input: the DDPM index itself."""
         return t
 
+    def to(self, device) -> "Schedule":
+        """The tables on `device`: indexed by a t there, they need no copy from the host per call."""
+        return Schedule(self.alphas_cumprod.to(device), self.betas.to(device))
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps  (q(x_t | x_0), Eq. 2)."""
         abar = self.alphas_cumprod

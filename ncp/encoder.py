@@ -35,6 +35,15 @@ def _tf32_off():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
+def _f_precision(error: str, dtype: torch.dtype):
+    """The switches f's call runs under. The fp32 and difference errors need f in real fp32 (its two features
+    are subtracted), so TF32 is off for them, matmul and cuDNN, and the U-Net's own TF32 setting comes back
+    after the call (cuDNN convolutions default to TF32 on CUDA). f's backward runs under the caller's setting."""
+    if error == "fp32" or (error == "difference" and dtype == torch.float32):
+        return _tf32_off()
+    return contextlib.nullcontext()
+
+
 def _contiguous_input(module, args):
     return (args[0].contiguous(), *args[1:])
 
@@ -135,8 +144,9 @@ class PerceptualEncoder(nn.Module):
 
     def _run(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         if not self.fp32:
-            return self._forward(x, t, cond)
-        with torch.autocast(x.device.type, enabled=False), _tf32_off():
+            with _f_precision(self.error, self.dtype):
+                return self._forward(x, t, cond)
+        with torch.autocast(x.device.type, enabled=False), _f_precision(self.error, self.dtype):
             return self._forward(x, t, cond.to(dtype=torch.float32))
 
     def compile(self, *args, **kwargs) -> None:

@@ -16,7 +16,7 @@ import copy
 import torch
 from torch import nn
 
-from .encoder import ERRORS, _tf32_off
+from .encoder import ERRORS, _f_precision
 from .errors import NcpError
 
 # Default K, measured (README "SD3", benchmarks/RESULTS.md section 4): the first quarter of the joint blocks
@@ -64,8 +64,9 @@ class DiTPerceptualEncoder(nn.Module):
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
         """x: (N, C, h, w) latents; timestep: (N,) the transformer's timestep (sigma * 1000); cond: N rows."""
         if not self.fp32:
-            return self._forward(x, timestep, cond)
-        with torch.autocast(x.device.type, enabled=False), _tf32_off():
+            with _f_precision(self.error, self.dtype):
+                return self._forward(x, timestep, cond)
+        with torch.autocast(x.device.type, enabled=False), _f_precision(self.error, self.dtype):
             return self._forward(x, timestep, cond.to(dtype=torch.float32))
 
     def jvp(self, x: torch.Tensor, timestep: torch.Tensor, cond, tangent: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ analogue of DDPM's t -> t-1 is t -> t+1, the next (smaller) sigma. The transform
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -44,6 +44,13 @@ class FlowSchedule:
         """Indices t that training draws from: 0 .. N-1 (N = the scheduler's num_train_timesteps)."""
         return len(self.sigmas) - 1
 
+    def to(self, device) -> "FlowSchedule":
+        """The tables on `device`: indexed by a t there, they need no copy from the host per call."""
+        return replace(self, sigmas=self.sigmas.to(device), timesteps=self.timesteps.to(device))
+
+    def _sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self.sigmas[t.to(self.sigmas.device)]
+
     def next_t(self, t: torch.Tensor) -> torch.Tensor:
         """t' = t + 1: the next, smaller sigma of the training discretisation (N: sigma = 0, the clean image)."""
         return t + 1
@@ -65,7 +72,7 @@ class FlowSchedule:
     def _coefs(self, t: torch.Tensor):
         """(sigma_t, sigma_t', c, a_v) per sample, float64: c is the std of the reverse step's noise
         (0 for the ODE step) and a_v = d x_t' / d v_hat."""
-        s, s_next = self.sigmas[t.cpu()], self.sigmas[t.cpu() + 1]
+        s, s_next = self._sigma(t), self._sigma(t + 1)
         if not self.stochastic:
             return s, s_next, torch.zeros_like(s), s_next - s
         # posterior q(x_t' | x_t, x0) of the Gaussian path alpha = 1 - sigma (DDIM with eta = 1, Song et al. 2021):
@@ -89,7 +96,7 @@ class FlowSchedule:
              reverse-step noise z shared by policy, reference and truth (as DDPM's); c = 0 at sigma_t' = 0.
         """
         if not self.stochastic:
-            dt = (self.sigmas[t.cpu() + 1].float() - self.sigmas[t.cpu()].float()).to(x_t.device)
+            dt = (self._sigma(t + 1).float() - self._sigma(t).float()).to(x_t.device)
             return x_t + dt.to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1))) * v
         s, s_next, c, _ = (x.to(x_t.device, x_t.dtype).view(-1, *([1] * (x_t.dim() - 1))) for x in self._coefs(t))
         x0_hat, eps_hat = x_t - s * v, x_t + (1 - s) * v

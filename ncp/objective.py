@@ -67,7 +67,10 @@ class Randomness:
     t_target: torch.Tensor  # (B,) long: timestep f is evaluated at (t-1, or uniform for target="uniform"; flow: t+1)
 
     def to(self, device) -> "Randomness":
-        return Randomness(*(x.to(device) for x in (self.t, self.eps, self.z, self.t_target)))
+        """Copies that do not wait for the device (from pinned memory to a GPU): a micro-step's draws cost no sync."""
+        pin = torch.device(device).type == "cuda"
+        return Randomness(*((x.pin_memory() if pin and x.device.type == "cpu" else x).to(device, non_blocking=True)
+                            for x in (self.t, self.eps, self.z, self.t_target)))
 
 
 def sample_randomness(num_pairs: int, latent_shape, num_timesteps: int, generator: torch.Generator,

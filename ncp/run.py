@@ -2,8 +2,8 @@
 
 `Run.open` guards the folder and finds the resume point before any model loads; `Run.start` restores the
 accelerate state (or writes the resolved config of a fresh run); the loop in `ncp.train.train` then calls
-`step_optimizer`, `log`, `checkpoint` and `finish`. SIGINT / SIGTERM make the run stop after the current
-optimizer step with a checkpoint and the command that resumes it.
+`stop_within_step`, `step_optimizer`, `log`, `checkpoint` and `finish`. SIGINT / SIGTERM make the run stop at the
+next micro-step with a checkpoint (the gradients accumulated so far included) and the command that resumes it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_dirs, find_checkpoint, read_state, register_state_hooks, save_checkpoint
+from .checkpoint import (checkpoint_dirs, checkpoint_position, find_checkpoint, load_partial_step, read_state,
+                         register_state_hooks, save_checkpoint, shared_folder)
 from .config import Config, changed_keys, save_config
 from .data.loader import endless_batches
 from .errors import NcpError
@@ -41,7 +43,9 @@ class Run:
         self.bad_steps = self.bad_in_a_row = self.scaler_skips = 0
         self._compiles_seen = self._recompiles_seen = 0
         self.signal_seen: int | None = None  # set by the handler at any time
-        self.stop_signal: int | None = None  # the same, agreed by all processes at an optimizer step's end
+        self.stop_signal: int | None = None  # the same, agreed by all processes at a micro-step's end
+        self.shared = True  # one train.output_dir seen by every machine (else each machine writes its own copy)
+        self._flag_group = None  # a CPU (gloo) group for the stop flag: agreeing needs no device sync
         self.max_steps = cfg.train.max_steps
         self._micro: list[dict] = []
         self.record: dict = {}
@@ -52,11 +56,19 @@ class Run:
         """Refuse a new run into a used folder, clear it with train.overwrite, find the checkpoint to resume and
         check that it was written with the same run-defining settings. Cheap: runs before the models load."""
         tc, out = cfg.train, Path(cfg.train.output_dir)
-        if tc.overwrite and acc.is_main_process and out.exists():
+        shared = shared_folder(acc, out)
+        acc.project_configuration.save_on_each_node = not shared  # accelerate's optimizer / scheduler files
+        if tc.overwrite and (acc.is_main_process if shared else acc.is_local_main_process) and out.exists():
             log.info("train.overwrite=true: clearing %s", out)
             shutil.rmtree(out)
         acc.wait_for_everyone()
         resume = find_checkpoint(tc.output_dir, tc.resume_from)
+        if acc.num_processes > 1:  # node-local folders: every machine must hold the same checkpoint
+            state = read_state(resume) if resume else {"step": -1}
+            found = acc.gather(torch.tensor([[state["step"], state.get("micro", 0)]], device=acc.device))
+            if not (found == found[0]).all():
+                raise NcpError(f"train.output_dir={out}: the machines hold different checkpoints to resume "
+                               f"(this one: {resume}); copy the newest checkpoint folder to every machine")
         if tc.resume_from == "latest" and resume is None:
             log.info("no checkpoint in %s: starting fresh", out / "checkpoints")
         if tc.resume_from is None:
@@ -70,7 +82,9 @@ class Run:
             if changed:
                 raise NcpError(f"cannot resume {resume}: settings that define the run changed ({'; '.join(changed)}). "
                                f"Set them back, or start a new run in another train.output_dir")
-        return cls(cfg, acc, resume, resume_command)
+        run = cls(cfg, acc, resume, resume_command)
+        run.shared = shared
+        return run
 
     # -- after the models load ---------------------------------------------------------------------------
     def set_length(self, batches_per_epoch: int) -> int:
@@ -85,13 +99,18 @@ class Run:
         `parts` is ncp.train.Parts with the prepared U-Net."""
         self.parts, self.optimizer, self.lr_scheduler, self.generator = parts, optimizer, lr_scheduler, generator
         tc, acc = self.cfg.train, self.acc
-        register_state_hooks(acc, parts.arch, generator)
+        register_state_hooks(acc, parts.arch, generator, self.shared)
+        if acc.num_processes > 1 and torch.distributed.get_backend() != "gloo":
+            self._flag_group = torch.distributed.new_group(backend="gloo")
         if self.resume_path is not None:
-            acc.load_state(str(self.resume_path))
+            acc.load_state(str(self.resume_path))  # also accelerate's micro-step count: accumulation resumes in place
             state = read_state(self.resume_path)
             self.step, self.batches_seen = state["step"], state["batches_seen"]
             self.bad_steps, self.scaler_skips = state["bad_steps"], state["scaler_skips"]
-            log.info("resumed from %s at step %d", self.resume_path, self.step)
+            if state.get("micro"):
+                self._micro = load_partial_step(self.resume_path, acc.process_index, parts.params, acc.device)
+            log.info("resumed from %s at step %d%s", self.resume_path, self.step,
+                     f", micro-step {state['micro']} of {tc.grad_accum}" if state.get("micro") else "")
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out / "config.yaml")  # resolved: the architecture is detected by now
@@ -131,6 +150,14 @@ class Run:
         """Keep this micro-step's loss and metrics; the optimizer step logs their mean."""
         self._micro.append({"loss": loss.detach().float(), **{k: v.detach().float().mean() for k, v in metrics.items()}})
 
+    def stop_within_step(self) -> bool:
+        """Between micro-steps of one optimizer step: on an agreed stop signal, checkpoint with the gradients
+        accumulated so far (an optimizer step of 8-64 micro-steps outlasts the 30 s launchers allow after SIGTERM)."""
+        self._agree_on_stop()
+        if self.stop_signal is not None:
+            self.checkpoint()
+        return self.stop_signal is not None
+
     def step_optimizer(self) -> bool:
         """Algorithm 1, line 19: clip and step the LoRA. Returns False when the fp16 GradScaler skipped the step.
 
@@ -140,9 +167,13 @@ class Run:
         run takes the next batch); logged with the new scale. Skips at a scale below 1 are real overflows: bad.
         """
         acc, scaler = self.acc, self.acc.scaler
-        grad_norm = float(acc.clip_grad_norm_(self.parts.params, self.cfg.optim.max_grad_norm))  # unscales fp16 grads first
-        means = {k: torch.stack([m[k] for m in self._micro]).mean() for k in self._micro[0]}
-        means = {k: v.mean().item() for k, v in acc.gather_for_metrics(means).items()}
+        grad_norm = acc.clip_grad_norm_(self.parts.params, self.cfg.optim.max_grad_norm)  # unscales fp16 grads first
+        keys = list(self._micro[0])
+        means = torch.stack([torch.stack([m[k] for m in self._micro]).mean() for k in keys])
+        means = acc.gather_for_metrics(means).view(-1, len(keys)).mean(0)  # every process's micro-step means
+        # one read from the device per optimizer step: the metrics and the gradient norm together
+        *values, grad_norm = torch.cat([means, torch.as_tensor(grad_norm).float().reshape(1).to(means.device)]).tolist()
+        means = dict(zip(keys, values))
         self._micro = []
         bad = not math.isfinite(means["loss"]) or (scaler is None and not math.isfinite(grad_norm))
         if bad:
@@ -206,21 +237,26 @@ class Run:
             write_metrics(self.out, [r], append=True)
 
     def checkpoint(self) -> Path:
-        state = {"step": self.step, "batches_seen": self.batches_seen, "bad_steps": self.bad_steps,
-                 "scaler_skips": self.scaler_skips, "fingerprint": self.cfg.fingerprint(self.acc.num_processes)}
-        return save_checkpoint(self.acc, self.out, state, self.cfg.train.keep_checkpoints)
+        """Between optimizer steps, or within one: then also each process's accumulated LoRA gradients and
+        micro-step metrics (ncp.checkpoint.save_partial_step)."""
+        state = {"step": self.step, "micro": len(self._micro), "batches_seen": self.batches_seen,
+                 "bad_steps": self.bad_steps, "scaler_skips": self.scaler_skips,
+                 "fingerprint": self.cfg.fingerprint(self.acc.num_processes)}
+        partial = (self.parts.params, self._micro) if self._micro else None
+        return save_checkpoint(self.acc, self.out, state, self.cfg.train.keep_checkpoints, self.shared, partial)
 
     @property
-    def last_checkpoint_step(self) -> int | None:
+    def saved_here(self) -> bool:
+        """The newest checkpoint is of the current position."""
         found = checkpoint_dirs(self.out)
-        return int(found[-1].name.split("-")[-1]) if found else None
+        return bool(found) and checkpoint_position(found[-1]) == (self.step, len(self._micro))
 
     # -- stopping ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def stop_on_signals(self):
-        """SIGINT / SIGTERM: finish the current optimizer step, then stop (the loop checkpoints and `finish`
-        exits with 128 + the signal). A second Ctrl-C quits at once; a repeated SIGTERM is ignored, because
-        launchers forward the one a cluster sends to the whole job (torchrun then allows 30 s before SIGKILL)."""
+        """SIGINT / SIGTERM: stop at the end of the current micro-step (the loop checkpoints and `finish` exits
+        with 128 + the signal). A repeated SIGTERM is ignored, because launchers forward the one a cluster sends
+        to the whole job (torchrun then allows 30 s before SIGKILL). A second Ctrl-C quits at once (`_quit_watch`)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -228,32 +264,34 @@ class Run:
 
         def handler(signum, frame):
             if self.signal_seen is None:
-                log.warning("%s: stopping after this step with a checkpoint%s", signal.Signals(signum).name,
-                            " (Ctrl-C again to quit now)" if signum == signal.SIGINT else "")
+                log.warning("%s: stopping at the end of this micro-step with a checkpoint%s",
+                            signal.Signals(signum).name, " (Ctrl-C again to quit now)" if signum == signal.SIGINT else "")
             self.signal_seen = self.signal_seen or signum
-            signal.signal(signal.SIGINT, previous[signal.SIGINT])
 
         for s in previous:
             signal.signal(s, handler)
         try:
-            yield
+            with _quit_watch():
+                yield
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
 
     def _agree_on_stop(self) -> None:
-        """Stop only between optimizer steps, and all processes together (they checkpoint together)."""
+        """Stop at a micro-step's end, all processes together (they checkpoint together). The flag travels on a
+        CPU group, so asking every micro-step costs no device synchronisation."""
         self.stop_signal = self.signal_seen
         if self.acc.num_processes > 1:
-            flag = torch.tensor([self.signal_seen or 0], device=self.acc.device)
-            self.stop_signal = int(self.acc.reduce(flag, "max").item()) or None
+            flag = torch.tensor([self.signal_seen or 0])  # the default group is gloo, or _flag_group is
+            torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=self._flag_group)
+            self.stop_signal = int(flag.item()) or None
 
     def finish(self) -> Path:
         """Final checkpoint and LoRA (diffusers format), then the optional Hub upload; after a stop signal, the
         command that resumes and exit 128 + signal (130 for Ctrl-C, 143 for SIGTERM)."""
         acc = self.acc
         self.progress.close()
-        if self.last_checkpoint_step != self.step:
+        if not self.saved_here:
             self.checkpoint()  # the last step's state, so resume_from=latest with a larger max_steps extends the run
         if acc.is_main_process:
             save_lora(acc.unwrap_model(self.parts.unet), self.out, self.parts.arch)
@@ -261,9 +299,12 @@ class Run:
         acc.end_training()
         if self.stop_signal is not None:
             if acc.is_main_process:
-                print(f"stopped by {signal.Signals(self.stop_signal).name} at step {self.step}, checkpoint saved in "
-                      f"{checkpoint_dirs(self.out)[-1]}. Resume with:\n  {self.resume_command or 'train.resume_from=latest'}",
-                      file=sys.stderr, flush=True)
+                within = f" (micro-step {len(self._micro)} of step {self.step + 1})" if self._micro else ""
+                print(f"stopped by {signal.Signals(self.stop_signal).name} at step {self.step}{within}, checkpoint "
+                      f"saved in {checkpoint_dirs(self.out)[-1]}. Resume with:\n  "
+                      f"{self.resume_command or 'train.resume_from=latest'}"
+                      + ("\n(on every machine, each with its own --machine_rank)" if "--machine_rank" in
+                         (self.resume_command or "") else ""), file=sys.stderr, flush=True)
             raise SystemExit(128 + self.stop_signal)
         hub = self.cfg.hub
         if acc.is_main_process and hub.repo_id:
@@ -272,3 +313,37 @@ class Run:
             log.info("uploaded to %s", push_to_hub(str(self.out), hub.repo_id, hub.private, license=hub.license))
         log.info("final LoRA: %s", self.out / LORA_FILE)
         return self.out / LORA_FILE
+
+
+QUIT_AFTER_S = 1.0  # a second SIGINT this soon is the launcher forwarding the first (torchrun does), not a person
+
+
+@contextlib.contextmanager
+def _quit_watch():
+    """A second Ctrl-C exits at once with 130, without a checkpoint (the last complete one stays: they are
+    renamed into place). Python runs signal handlers only between bytecodes, so a handler would wait for the
+    running forward/backward; the C-level handler writes each signal's number to a wakeup pipe, and a thread
+    reading it can exit while the main thread is still inside a kernel."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    old = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+
+    def watch():
+        first = None
+        while data := os.read(read, 64):
+            for signum in data:
+                if signum != signal.SIGINT:
+                    continue
+                now = time.monotonic()
+                if first is not None and now - first >= QUIT_AFTER_S:
+                    os.write(2, b"second Ctrl-C: quitting now, without a checkpoint\n")
+                    os._exit(128 + signal.SIGINT)
+                first = first if first is not None else now
+        os.close(read)
+
+    threading.Thread(target=watch, name="ncp-quit-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(old)
+        os.close(write)  # the thread reads EOF and ends

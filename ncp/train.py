@@ -39,10 +39,13 @@ def train(cfg: Config, resume_command: str | None = None) -> Run:
     loader = build_data(cfg, acc)                     # data first: a bad file fails before the models load
     max_steps = run.set_length(loader.sampler.batches_per_epoch)
     parts = build_models(cfg, acc)                    # 1-2: policy = base + LoRA, reference = LoRA off, f = frozen down path
+    parts.schedule = parts.schedule.to(acc.device)   # the process's tables on the device: no host copy per micro-step
     optimizer, lr_scheduler = build_optimizer(cfg, parts, acc, max_steps)
     parts.unet, optimizer, lr_scheduler = acc.prepare(parts.models.unet, optimizer, lr_scheduler)
     generator = torch.Generator().manual_seed(tc.seed * 1_000_003 + 7919 * acc.process_index + 1)  # t, eps, z per process
     run.start(parts, optimizer, lr_scheduler, generator)  # restores a checkpoint, or writes the resolved config
+    if tc.validation_reward and acc.is_main_process:
+        validation_scorer(cfg, acc)                   # a reward model's download or load happens now, not mid-run
     with run.stop_on_signals(), attention_backend(tc.attention, acc.device, DTYPES[tc.mixed_precision]):
         for batch in run.batches(loader):             # 3-4: repeat; (x0_w, x0_l, c) ~ D
             x0, cond = encode(parts, batch, cfg.data.resolution)
@@ -55,6 +58,7 @@ def train(cfg: Config, resume_command: str | None = None) -> Run:
                 acc.backward(loss)
             run.track(loss, metrics)
             if not acc.sync_gradients:
+                run.stop_within_step()                # a stop signal: checkpoint the accumulation so far, end the loop
                 continue
             if not run.step_optimizer():              # 19: clip, step; NaN and GradScaler policy
                 continue                              # the fp16 GradScaler skipped it: not a step, take the next batch
@@ -70,8 +74,10 @@ def train(cfg: Config, resume_command: str | None = None) -> Run:
 # -- building the parts ----------------------------------------------------------------------------------------
 def make_accelerator(tc):
     """Processes, devices, mixed precision, gradient accumulation and trackers."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     out = Path(tc.output_dir)
     acc = Accelerator(
@@ -79,6 +85,9 @@ def make_accelerator(tc):
         log_with=None if tc.report_to == "none" else tc.report_to,
         step_scheduler_with_optimizer=False,  # Run steps the schedule itself, once per applied update
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        # the others wait at a barrier while the first process renders (and scores) the validation images:
+        # NCCL's and gloo's 600 s default would end the job on a slow validation
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=tc.process_timeout_s))],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s")  # libraries' loggers stay at WARNING
     log.setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
@@ -241,15 +250,20 @@ def score_validation_images(cfg: Config, acc, images, step: int) -> None:
     """Mean reward of the validation images (reward vs step during training, the paper's Figure 3)."""
     import json
 
-    from .evaluate import make_scorer
-
     name = cfg.train.validation_reward
-    scorer = _scorers.get(name) or _scorers.setdefault(name, make_scorer(name, str(acc.device)))
-    scores = scorer(images, list(cfg.train.validation_prompts))
+    scores = validation_scorer(cfg, acc)(images, list(cfg.train.validation_prompts))
     mean = sum(scores) / len(scores)
     acc.log({f"validation/{name}": mean}, step=step)
     with open(Path(cfg.train.output_dir) / "validation" / "rewards.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "reward": name, "mean": mean, "scores": scores}) + "\n")
+
+
+def validation_scorer(cfg: Config, acc):
+    """train.validation_reward's scorer, loaded once per process."""
+    from .evaluate import make_scorer
+
+    name = cfg.train.validation_reward
+    return _scorers.get(name) or _scorers.setdefault(name, make_scorer(name, str(acc.device)))
 
 
 _scorers: dict = {}  # reward models load once per process
@@ -285,8 +299,12 @@ def resume_command(loss: str, argv: list[str]) -> str:
     script = f"train_ncp_{loss}.py"
     if "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # set by `accelerate launch`
         n = int(os.environ.get("WORLD_SIZE", "1"))
-        launcher = ["accelerate", "launch", "-q", "--num_processes", str(n), "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no"]
+        machines = n // int(os.environ.get("LOCAL_WORLD_SIZE", n))  # torchrun's processes per machine
+        launcher = ["accelerate", "launch", "-q", "--num_processes", str(n), "--num_machines", str(machines)]
+        if machines > 1:  # as printed, for the first machine; every machine runs it with its own --machine_rank
+            launcher += ["--machine_rank", "0", "--main_process_ip", os.environ.get("MASTER_ADDR", "HOST"),
+                         "--main_process_port", os.environ.get("MASTER_PORT", "29500")]
+        launcher += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     else:
         launcher = ["python"]
     return shlex.join([*launcher, script, *keep, "train.resume_from=latest"])

@@ -79,34 +79,67 @@ def test_rerun_into_a_used_folder_is_refused_unless_overwrite(tiny_sd15, straigh
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-00000001"]
 
 
-def test_sigterm_saves_a_checkpoint_and_resuming_equals_a_straight_run(tiny_sd15, straight, tmp_path, monkeypatch,
-                                                                        capsys):
+def sigterm_at_call(monkeypatch, n: int):
+    """SIGTERM to this process at the n-th micro-step's objective; returns the real objective and the calls."""
     import ncp.train
 
     real, calls = ncp.train.compute_objective, []
 
-    def preempted_in_step_3(*a, **kw):  # call 5 is the first of step 3's two micro-steps
+    def preempted(*a, **kw):
         calls.append(1)
-        if len(calls) == 5:
+        if len(calls) == n:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*a, **kw)
 
+    monkeypatch.setattr(ncp.train, "compute_objective", preempted)
+    return real, calls
+
+
+def test_sigterm_saves_a_checkpoint_and_resuming_equals_a_straight_run(tiny_sd15, straight, tmp_path, monkeypatch,
+                                                                        capsys):
+    import ncp.train
+
+    real, calls = sigterm_at_call(monkeypatch, 5)  # call 5 is the first of step 3's two micro-steps
     out = tmp_path / "run"
-    monkeypatch.setattr(ncp.train, "compute_objective", preempted_in_step_3)
     with pytest.raises(SystemExit) as stop:
         run_script("dpo", args(tiny_sd15, out, *COMMON))
     assert stop.value.code == 128 + signal.SIGTERM == 143
-    assert len(calls) == 6  # step 3 was finished, not abandoned halfway
-    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
-    assert (out / "checkpoints" / "checkpoint-00000003" / "ncp_state.json").exists()
+    assert len(calls) == 5  # stopped at the micro-step's end: an optimizer step can outlast the launcher's 30 s
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    ckpt = out / "checkpoints" / "checkpoint-00000002-micro001"
+    assert (ckpt / "ncp_state.json").exists() and (ckpt / "partial_step_0.safetensors").exists()
     err = capsys.readouterr().err
-    assert "stopped by SIGTERM at step 3" in err and "python train_ncp_dpo.py --config" in err
+    assert "stopped by SIGTERM at step 2 (micro-step 1 of step 3)" in err and "python train_ncp_dpo.py --config" in err
     assert err.strip().endswith("train.resume_from=latest")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
 
     monkeypatch.setattr(ncp.train, "compute_objective", real)
     run_script("dpo", args(tiny_sd15, out, *COMMON, "train.resume_from=latest"))
     assert_same_run(straight, out)
+
+
+def test_a_stop_within_an_optimizer_step_resumes_its_accumulation(tiny_sd15, tmp_path, monkeypatch):
+    """grad_accum=4, SIGTERM during step 2's second micro-step: the checkpoint holds the two micro-steps'
+    gradients, and the resumed run equals an uninterrupted one bit for bit (same fp32 gradients restored, the
+    same micro-batches and generator draws, the same summation order, one process: nothing is recomputed)."""
+    import ncp.train
+
+    common = ["train.max_steps=3", "train.checkpoint_every=100", "train.grad_accum=4", "objective.beta=50000"]
+    run_script("dpo", args(tiny_sd15, tmp_path / "straight", *common))
+    real, calls = sigterm_at_call(monkeypatch, 6)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        run_script("dpo", args(tiny_sd15, out, *common))
+    assert stop.value.code == 143 and len(calls) == 6
+    (ckpt,) = (out / "checkpoints").iterdir()
+    assert ckpt.name == "checkpoint-00000001-micro002"
+    state = json.loads((ckpt / "ncp_state.json").read_text())
+    assert (state["step"], state["micro"], state["batches_seen"]) == (1, 2, 6)
+    saved = load_file(str(ckpt / "partial_step_0.safetensors"))
+    assert saved["micro.loss"].shape == (2,) and any(k.startswith("grad.") and v.abs().sum() > 0 for k, v in saved.items())
+    monkeypatch.setattr(ncp.train, "compute_objective", real)
+    run_script("dpo", args(tiny_sd15, out, *common, "train.resume_from=latest"))
+    assert_same_run(tmp_path / "straight", out)
 
 
 def test_fp16_on_cpu_and_a_missing_tracker_are_refused(tiny_sd15, tmp_path):
@@ -141,6 +174,48 @@ def test_sigterm_to_a_training_process(tiny_sd15, tmp_path):
     assert (out / "checkpoints" / f"checkpoint-{step:08d}" / "ncp_state.json").exists()
     lines = log.read_text().strip().splitlines()
     assert lines[-2].startswith(f"stopped by SIGTERM at step {step}") and lines[-1].endswith("train.resume_from=latest")
+
+
+BLOCKED_IN_CPP = """import sys, threading, torch, ncp.train
+from ncp.errors import run_cli
+real, calls = ncp.train.compute_objective, []
+def blocked(*a, **kw):
+    calls.append(1)
+    if len(calls) > 2:  # the main thread waits inside C++ (as in a long kernel), where Python runs no signal handler
+        done = torch.futures.Future()
+        threading.Timer(60, done.set_result, (None,)).start()
+        done.wait()
+    return real(*a, **kw)
+ncp.train.compute_objective = blocked
+run_cli(lambda: ncp.train.main(sys.argv[1:], "dpo", "NCP-DPO"))
+"""
+
+
+def test_a_second_ctrl_c_quits_at_once(tiny_sd15, tmp_path):
+    """Ctrl-C twice, the second 1.2 s after the first, while the main thread is inside one long C++ call: exit 130
+    within seconds, no checkpoint written, the last complete one intact."""
+    import time
+
+    out, log, script = tmp_path / "run", tmp_path / "stderr.txt", tmp_path / "blocked.py"
+    script.write_text(BLOCKED_IN_CPP)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(script), *args(tiny_sd15, out, "train.max_steps=100", "train.checkpoint_every=1")]
+    ckpt = out / "checkpoints" / "checkpoint-00000002" / "ncp_state.json"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=err, stdout=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not ckpt.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)  # into the third step's blocked call
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.2)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.time()
+        code = proc.wait(timeout=60)
+    assert code == 130 and time.time() - t0 < 10, log.read_text()[-2000:]  # the blocked call lasts 60 s
+    assert "second Ctrl-C: quitting now" in log.read_text()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-00000001", "checkpoint-00000002"]
+    assert json.loads(ckpt.read_text())["step"] == 2
 
 
 def test_sigterm_to_a_two_process_job(tiny_sd15, tmp_path):

@@ -1,16 +1,20 @@
 """configs/accelerate/: every file is a valid accelerate config that `accelerate launch --config_file` runs.
 
 The 8-GPU file also launches the two-process training test (tests/test_train.py); here the other two start
-real processes on CPU (ACCELERATE_USE_CPU=1: gloo) with only the process counts overridden.
+real processes on CPU (ACCELERATE_USE_CPU=1: gloo) with only the process counts overridden. Two "machines" on
+localhost, each with its own working directory, train, stop, and resume from node-local output folders.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +64,51 @@ def test_accelerate_launch_accepts_the_file(tmp_path, name, extra, ranks):
     # the processes share one stdout, so two lines can arrive interleaved: find the records, not lines
     assert sorted(re.findall(r"rank \d+ of \d+ [A-Z_]+?(?=rank|\s|$)", proc.stdout)) == \
         [f"rank {r} of {ranks} {kind}" for r in range(ranks)]
+
+
+def test_two_machines_with_node_local_output_dirs(tiny_sd15, tmp_path):
+    """Two machine ranks on localhost, each in its own directory with a relative train.output_dir: both folders
+    get complete checkpoints, a SIGTERM to both stops them together, the resume command names 2 machines, and
+    resuming on both continues the run."""
+    from test_train import args, metrics
+
+    port, nodes = free_port(), [tmp_path / "node0", tmp_path / "node1"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}
+
+    def launch(rank, *extra):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+               "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(ROOT / "train_ncp_dpo.py"), *args(tiny_sd15, "run", "train.grad_accum=2", "train.checkpoint_every=2",
+                                                     "train.report_to=none", *extra)]
+        with open(nodes[rank] / "stderr.txt", "a") as err:
+            return subprocess.Popen(cmd, env=env, cwd=nodes[rank], stderr=err, stdout=subprocess.DEVNULL,
+                                    start_new_session=True)
+
+    for node in nodes:
+        node.mkdir()
+    procs = [launch(r, "train.max_steps=100000") for r in (0, 1)]
+    deadline = time.time() + 240
+    while not ((nodes[0] / "run/metrics.jsonl").exists() and len(metrics(nodes[0] / "run")) >= 3) \
+            and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    for p in procs:
+        os.killpg(p.pid, signal.SIGTERM)
+    codes = [p.wait(timeout=120) for p in procs]
+    text = (nodes[0] / "stderr.txt").read_text()
+    assert all(c != 0 for c in codes), text[-3000:]  # stopped by the signal (the launcher reports it as 1)
+    last = [sorted((n / "run" / "checkpoints").glob("checkpoint-*"))[-1] for n in nodes]
+    assert last[0].name == last[1].name, text[-3000:]
+    for rank, ckpt in enumerate(last):  # each machine's own complete copy, with its own process's files
+        assert (ckpt / "ncp_state.json").exists() and (ckpt / "pytorch_lora_weights.safetensors").exists()
+        assert [p.name for p in ckpt.glob("generator_*")] == [f"generator_{rank}.safetensors"]
+    assert re.search(r"--num_processes 2 --num_machines 2 --machine_rank 0 --main_process_ip 127.0.0.1", text), \
+        text[-3000:]
+    step = json.loads((last[0] / "ncp_state.json").read_text())["step"]
+    procs = [launch(r, f"train.max_steps={step + 2}", "train.resume_from=latest") for r in (0, 1)]
+    codes = [p.wait(timeout=240) for p in procs]
+    text = (nodes[0] / "stderr.txt").read_text()
+    assert codes == [0, 0], text[-3000:]
+    assert [r["step"] for r in metrics(nodes[0] / "run")][-3:] == [step, step + 1, step + 2]
+    assert f"resumed from run/checkpoints/{last[0].name}" in text

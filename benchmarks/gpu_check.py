@@ -1,0 +1,396 @@
+"""The GPU check: what the CPU tests cannot cover, in one run of at most 8 minutes on one H200, into ONE markdown
+and ONE JSON file (benchmarks/gpu/gpu_check.md / .json). Every stage asserts what would make it pass vacuously.
+
+  resume      fp16 training stopped halfway and resumed equals a straight run (losses, loss scale, LoRA), on a
+              model whose fp16 features are normal numbers; the losses vary and the LoRA moved
+  cost-sd15   benchmarks/step_cost.py for latent DPO and NCP-DPO per encoder.error at the paper configs' per-GPU
+  cost-sdxl   batch (SD1.5 16 pairs at 512 px; SDXL and SD3.5 Medium 2 pairs at 1024 px), random weights from the
+  cost-sd3    architectures' configs: s/step, peak memory, MFU
+  fidelity    cosine between the LoRA gradient in half precision (fp16 with a GradScaler-like loss scale; bf16) and
+              in fp32, at the config's beta and loss normalisation (mean over the batch, / grad_accum)
+  syncs       host-device synchronisations of one optimizer step of the training loop
+              (torch.cuda.set_sync_debug_mode("warn")), per micro-step
+  precision   benchmarks/precision.py --device cuda on the SD1.5 architecture
+  fast        step_cost.py --fast at 512 px: compile x channels-last, MFU
+
+Stages run in that order, each in its own process (a crash or an out-of-memory stays in its stage), each under a
+time limit, all under one deadline (--budget-s): a stage the deadline cuts off is reported as not run.
+--dry-run runs every stage on CPU with tiny models and sizes (bf16 for the half precision; compile left out).
+
+    bash scripts/gpu_check.sh                       # on the GPU machine
+    bash scripts/gpu_check.sh --dry-run             # CPU, a few minutes: the code runs
+    python benchmarks/gpu_check.py --dry-run --stages resume syncs --out /tmp/check
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# stage: (seconds it may take on the GPU, in the dry run)
+STAGES = {"resume": (100, 200), "cost-sd15": (60, 60), "cost-sdxl": (75, 60), "cost-sd3": (75, 60),
+          "fidelity": (40, 60), "syncs": (40, 90), "precision": (60, 60), "fast": (150, 90)}
+BUDGET_S = 480
+# paper configs (configs/*_ncp_dpo.yaml): per-GPU pairs, latent side, beta, grad_accum
+PAPER = {"sd15": (16, 64, 2500, 8), "sdxl": (2, 128, 2500, 64), "sd3": (2, 128, 2500, 64)}
+FP16_MIN_NORMAL = 6.1e-5
+MIN_COS = 0.99  # as benchmarks/precision.py's rule
+
+
+# ---------------------------------------------------------------- stages
+def stage_resume(dry: bool) -> dict:
+    """Straight run vs the same run stopped at half its steps and resumed: equal within `tol`."""
+    from safetensors.torch import load_file
+
+    from ncp.metrics import read_metrics
+    from ncp.tiny import build_tiny_pipeline
+
+    precision, steps, tol = ("bf16", 4, 0.0) if dry else ("fp16", 16, 1e-4)  # CPU: bit for bit; GPU: cuDNN's
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-resume-"))
+    model = build_tiny_pipeline(work / "tiny-sd15", "sd15")
+    scale = feature_scale(model, "cpu" if dry else "cuda", torch.bfloat16 if dry else torch.float16)
+    if scale["median_abs"] < 100 * FP16_MIN_NORMAL or scale["subnormal_share"] > 0.01:
+        return dict(ok=False, feature_scale=scale, summary=f"f's features are too small for fp16 ({scale}): the "
+                                                          "resume comparison would hold vacuously")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    common = [sys.executable, str(ROOT / "train_ncp_dpo.py"), "--config", str(ROOT / "configs/tiny_sd15_ncp_dpo.yaml"),
+              f"model.pretrained={model}", f"train.mixed_precision={precision}", "train.grad_accum=2",
+              "train.batch_size=2", "data.toy_num_pairs=32", "train.checkpoint_every=1000", "train.validate_every=0",
+              "train.validation_prompts=[]", "train.report_to=none", "objective.beta=5000"]
+    for out, extra in ((work / "straight", [f"train.max_steps={steps}"]),
+                       (work / "resumed", [f"train.max_steps={steps // 2}"]),
+                       (work / "resumed", [f"train.max_steps={steps}", "train.resume_from=latest"])):
+        proc = subprocess.run([*common, f"train.output_dir={out}", *extra], env=env, cwd=work,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"training failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    a, b = read_metrics(work / "straight"), read_metrics(work / "resumed")
+    la, lb = (load_file(str(work / run / "pytorch_lora_weights.safetensors")) for run in ("straight", "resumed"))
+    loss_diff = max(abs(x["loss"] - y["loss"]) / max(abs(x["loss"]), 1e-12) for x, y in zip(a, b))
+    lora_diff = max(((la[k] - lb[k]).abs().max() / la[k].abs().max().clamp_min(1e-12)).item() for k in la)
+    moved = max(la[k].abs().max().item() for k in la if ".lora.up." in k)  # B (up) starts at zero (lora.init)
+    losses = [r["loss"] for r in a]
+    scaler_same = all(x.get(k) == y.get(k) for x, y in zip(a, b) for k in ("loss_scale", "scaler_skips"))
+    checks = {"same steps": [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1)),
+              f"losses within {tol:g}": loss_diff <= tol, f"LoRA within {tol:g}": lora_diff <= tol,
+              "loss scale and skips equal": scaler_same, "losses vary": max(losses) - min(losses) > 1e-6,
+              "LoRA moved": moved > 0, "losses finite": all(math.isfinite(x) for x in losses)}
+    return dict(ok=all(checks.values()), checks=checks, precision=precision, steps=steps, loss_rel_diff=loss_diff,
+                lora_rel_diff=lora_diff, lora_b_max=moved, losses=losses, feature_scale=scale,
+                loss_scale=a[-1].get("loss_scale"), scaler_skips=a[-1].get("scaler_skips"),
+                summary=f"{precision}, {steps} steps, stopped at {steps // 2}: max relative difference loss "
+                        f"{loss_diff:.3g}, LoRA {lora_diff:.3g}; losses {min(losses):.4f}..{max(losses):.4f}; "
+                        f"LoRA-B max {moved:.3g}; " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items()))
+
+
+def feature_scale(model: Path, device: str, dtype: torch.dtype) -> dict:
+    """Median |f(x_t)| and the share of f's features below fp16's smallest normal number, in `dtype`."""
+    from ncp.conditioning import build_cond
+    from ncp.encoder import PerceptualEncoder
+    from ncp.models import load_models
+
+    models = load_models(str(model), weight_dtype=dtype, device=device)
+    f = PerceptualEncoder(models.unet)
+    cond = build_cond(models, ["a red circle on a white background"] * 2)
+    size = models.unet.config.sample_size
+    with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype):
+        h = f(torch.randn(4, 4, size, size, device=device), torch.tensor([10, 300, 600, 900], device=device), cond)
+    h = h.float().abs()
+    return dict(median_abs=h.median().item(), subnormal_share=(h < FP16_MIN_NORMAL).float().mean().item())
+
+
+def stage_cost(model: str, dry: bool) -> dict:
+    """step_cost.py at the config's per-GPU batch, latent DPO and NCP-DPO per error mode: time, peak, MFU."""
+    import step_cost
+
+    from ncp.encoder import ERRORS
+
+    pairs, latent, _, _ = PAPER[model]
+    kw = dict(model=f"tiny-{model}", latent_size=8, pairs=1, device="cpu", dtype="fp32", threads=1) if dry else \
+        dict(model=model, latent_size=latent, pairs=pairs, device="cuda", dtype="fp16")
+    r = step_cost.run(steps=1, warmup=1, repeats=2, errors=ERRORS, losses=("dpo",), **kw)
+    peak = step_cost.device_peak_flops(kw["device"], torch.float16)
+    for row in r["rows"]:
+        row["mfu"] = row["step_gflop"] * 1e9 / row["s_per_step"] / peak if peak else None
+    lines = [f"{kw['model']}, {kw['latent_size'] * 8} px, {kw['pairs']} pair(s) per GPU, {r['setup']['dtype']}, "
+             f"{r['setup']['device']}", "", "| method | s/step | GFLOP/step | MFU | peak GB |", "|---|---|---|---|---|"]
+    lines += [f"| {row['method']} | {row['s_per_step']:.3f} | {row['step_gflop']:.1f} | {percent(row['mfu'])} | "
+              f"{row['peak_gb']:.2f} |" for row in r["rows"]]
+    ok = all(math.isfinite(row["loss"]) for row in r["rows"])
+    return dict(ok=ok, result=r, summary="\n".join(lines))
+
+
+def percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def gradient_fidelity(model: str, latent_size: int, pairs: int, accum: int, beta: float, halves, device: str,
+                      errors, scales=(2.0**16, 2.0**8, 1.0)) -> dict:
+    """Cosine between the LoRA gradient of one micro-step in each half precision of `halves` and in fp32, per
+    encoder.error, at the config's beta and normalisation (the loss is the batch mean; accelerate divides it by
+    grad_accum before backward). fp16 multiplies the loss by a GradScaler-like scale (each of `scales`; 2^16 is
+    the GradScaler's initial one) and unscales after: below fp16's normal range gradients lose bits or vanish.
+    Same weights, LoRA, data and draws in every precision."""
+    from step_cost import build
+
+    from ncp.objective import ObjectiveConfig, compute_objective, randomness_for
+
+    cfg = ObjectiveConfig(loss="dpo", space="perceptual", beta=beta)
+    grads = {}  # (precision, scale, error) -> flat gradient
+    for dtype in (torch.float32, *halves):
+        unet, params, encoders, schedule, x0, cond = build(model, latent_size, pairs, 8 if "tiny" in model else 64,
+                                                           device, dtype, errors)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # a policy some distance from the reference (B starts at zero)
+            for p in params:
+                p.add_(1e-3 * torch.randn(p.shape, generator=gen).to(p.device))
+        rnd = randomness_for(cfg, schedule, pairs, x0.shape[1:], torch.Generator().manual_seed(2)).to(device)
+        name = str(dtype).removeprefix("torch.")
+        for error in errors:
+            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+                loss, _ = compute_objective(unet, encoders[error], schedule, x0, cond, rnd, cfg)
+            for scale in scales if dtype == torch.float16 else (1.0,):
+                for p in params:
+                    p.grad = None
+                (loss / accum * scale).backward(retain_graph=True)
+                grads[(name, scale, error)] = torch.cat([p.grad.flatten().double() / scale for p in params])
+        del unet, params, encoders, loss
+    out = {}
+    for (name, scale, error), g in grads.items():
+        if name != "float32":
+            g32 = grads[("float32", 1.0, error)]
+            out[f"{name}{f' x{scale:g}' if name == 'float16' else ''} {error}"] = dict(
+                precision=name, scale=scale, error=error, cos=torch.nn.functional.cosine_similarity(g32, g, dim=0).item(),
+                norm_ratio=(g.norm() / g32.norm()).item(), zero_share=(g == 0).double().mean().item())
+    return out
+
+
+def stage_fidelity(dry: bool) -> dict:
+    from ncp.encoder import ERRORS
+
+    pairs, latent, beta, accum = PAPER["sd15"]
+    if dry:  # fp16 on CPU kernels: accelerate refuses fp16 training there, but the arithmetic is fp16's
+        rows = gradient_fidelity("tiny-sd15", 8, pairs, accum, beta, (torch.float16, torch.bfloat16), "cpu", ERRORS)
+    else:  # fewer pairs than the config's 16, with its normalisation (1 / 16 / accum): fp32 beside fp16 must fit
+        rows = gradient_fidelity("sd15", latent, 4, accum * 4, beta, (torch.float16, torch.bfloat16), "cuda", ERRORS)
+    lines = [f"beta {beta}, loss / (batch {pairs} x grad_accum {accum}), "
+             f"{'tiny-sd15 CPU' if dry else 'SD1.5 architecture 512 px cuda'}", "",
+             "| precision (fp16: loss scale) | encoder.error | cos vs fp32 | norm ratio | zero share |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {name.rsplit(' ', 1)[0]} | {r['error']} | {r['cos']:.5f} | {r['norm_ratio']:.4f} | {r['zero_share']:.3g} |"
+              for name, r in rows.items()]
+    # the GradScaler's scale is as large as fp16 allows without overflow, so its initial 2^16 is the row that trains
+    low = [name for name, r in rows.items() if not r["cos"] >= MIN_COS and r["scale"] >= 2.0**16 and
+           not (r["error"] == "difference" and r["precision"] != "float32")]
+    lines += ["", f"below cos {MIN_COS} at the training scale, for the errors auto picks in half precision "
+                  f"(linearized, fp32): {', '.join(low) if low else 'none'}"]
+    return dict(ok=not low, rows=rows, summary="\n".join(lines))
+
+
+@contextlib.contextmanager
+def micro_step_window(first: int, count: int, enter, leave):
+    """Call enter() as the training loop takes micro-batch `first` (1-based) and leave() as it takes batch
+    first + count, i.e. around micro-steps first..first+count-1, all of their work included."""
+    import ncp.run
+
+    real = ncp.run.Run.batches
+
+    def batches(self, loader):
+        for i, batch in enumerate(real(self, loader), start=1):
+            if i == first:
+                enter()
+            if i == first + count:
+                leave()
+            yield batch
+        if first <= i < first + count:
+            leave()
+
+    ncp.run.Run.batches = batches
+    try:
+        yield
+    finally:
+        ncp.run.Run.batches = real
+
+
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__")
+
+
+@contextlib.contextmanager
+def counting_host_reads(counts: dict):
+    """Count Tensor.item / tolist / float() / int() / bool() calls (each a device sync on a GPU) into counts."""
+    real = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counted(name):
+        def call(self, *a, **kw):
+            if counts.get("on"):
+                counts[name] = counts.get(name, 0) + 1
+            return real[name](self, *a, **kw)
+        return call
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, counted(name))
+    try:
+        yield
+    finally:
+        for name, fn in real.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def stage_syncs(dry: bool, accum: int = 4) -> dict:
+    """One optimizer step (step 2: micro-steps accum+1..2 accum) of the real training loop; on CUDA every
+    synchronising call is a warning of torch.cuda.set_sync_debug_mode("warn"), on CPU the host reads of tensors
+    are counted. Also counted apart: the last micro-step (the optimizer step's own syncs) vs the others."""
+    import ncp.train
+    from accelerate.state import AcceleratorState
+
+    from ncp.tiny import build_tiny_pipeline
+
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-syncs-"))
+    model = build_tiny_pipeline(work / "tiny-sd15", "sd15")
+    argv = ["--config", str(ROOT / "configs/tiny_sd15_ncp_dpo.yaml"), f"model.pretrained={model}",
+            f"train.output_dir={work / 'run'}", f"train.grad_accum={accum}", "train.max_steps=3",
+            "train.checkpoint_every=1000", "train.validation_prompts=[]", "train.report_to=none", "train.batch_size=2",
+            "data.toy_num_pairs=32", f"train.mixed_precision={'no' if dry else 'fp16'}"]
+    windows = {}
+
+    def run_window(first: int, count: int) -> dict:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        counts: dict = {}
+        if dry:
+            with counting_host_reads(counts), micro_step_window(first, count, lambda: counts.update(on=True),
+                                                                 lambda: counts.update(on=False)):
+                ncp.train.main(argv + ["train.overwrite=true"], "dpo", "NCP-DPO")
+            counts.pop("on", None)
+            return counts
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with micro_step_window(first, count, lambda: torch.cuda.set_sync_debug_mode("warn"),
+                                   lambda: torch.cuda.set_sync_debug_mode("default")):
+                ncp.train.main(argv + ["train.overwrite=true"], "dpo", "NCP-DPO")
+        syncs = [str(w.message).splitlines()[0] for w in seen if "synchroniz" in str(w.message).lower()]
+        return {"syncs": len(syncs), "first": sorted(set(syncs))[:5]}
+
+    windows["micro-steps without the optimizer step"] = run_window(accum + 1, accum - 1)
+    windows["the optimizer step's micro-step"] = run_window(2 * accum, 1)
+    per_micro = sum(v for k, v in windows["micro-steps without the optimizer step"].items() if k != "first")
+    kind = "host reads of tensors (CPU)" if dry else "CUDA synchronisations"
+    lines = [f"tiny SD1.5, grad_accum {accum}, {'fp32 CPU' if dry else 'fp16 cuda'}: {kind}", "",
+             "| window | count |", "|---|---|"]
+    lines += [f"| {k} | {json.dumps(v)} |" for k, v in windows.items()]
+    return dict(ok=per_micro == 0 if dry else None, windows=windows, per_micro_step=per_micro / (accum - 1),
+                summary="\n".join(lines))
+
+
+def stage_precision(dry: bool) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="gpu-check-precision-"))
+    args = ["--model", "sd15", "--out", str(out)] + (["--smoke", "--threads", "1"] if dry else
+                                                     ["--device", "cuda", "--pairs-per-bucket", "8"])
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/precision.py"), *args], check=True,
+                   stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    saved = json.loads((out / "precision.json").read_text())
+    return dict(ok=True, result=saved, summary=(out / "precision.md").read_text().strip())
+
+
+def stage_fast(dry: bool) -> dict:
+    import step_cost
+
+    from ncp.encoder import ERRORS
+
+    if dry:  # compiling on CPU takes minutes: the dry run times the eager paths only
+        kw = dict(model="tiny-sd15", latent_size=8, device="cpu", dtype="fp32", threads=1,
+                  combos=[(False, False), (False, True)])
+    else:
+        kw = dict(model="sd15", latent_size=64, device="cuda", dtype="fp16",
+                  combos=[(False, False), (False, True), (True, False)])
+    r = step_cost.run_fast(pairs=1, steps=2, repeats=2, errors=ERRORS[:2], **kw)
+    return dict(ok=all(math.isfinite(row["loss"]) for row in r["rows"]), result=r, summary=step_cost.format_fast(r))
+
+
+def run_stage(name: str, dry: bool) -> dict:
+    if name.startswith("cost-"):
+        return stage_cost(name.removeprefix("cost-"), dry)
+    return {"resume": stage_resume, "fidelity": stage_fidelity, "syncs": stage_syncs, "precision": stage_precision,
+            "fast": stage_fast}[name](dry)
+
+
+# ---------------------------------------------------------------- the driver
+def write_report(out: Path, stem: str, setup: dict, results: dict) -> tuple[Path, Path]:
+    verdict = {True: "pass", False: "FAIL", None: "measured"}
+    lines = [f"# GPU check{' (dry run, CPU)' if setup['dry_run'] else ''}", "",
+             f"{setup['device']}, torch {setup['torch']}, {setup['date']}, {setup['seconds']:.0f} s of a "
+             f"{setup['budget_s']} s budget", "", "| stage | result | seconds |", "|---|---|---|"]
+    lines += [f"| {name} | {r.get('status') or verdict[r.get('ok')]} | {r.get('seconds', 0):.0f} |"
+              for name, r in results.items()]
+    for name, r in results.items():
+        lines += ["", f"## {name}", "", r.get("summary") or r.get("error") or r.get("status", "")]
+    out.mkdir(parents=True, exist_ok=True)
+    md, js = out / f"{stem}.md", out / f"{stem}.json"
+    md.write_text("\n".join(lines) + "\n")
+    js.write_text(json.dumps(dict(setup=setup, stages=results), indent=1, default=str))
+    return md, js
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="every stage on CPU with tiny models and sizes")
+    p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
+    p.add_argument("--out", help="folder of gpu_check.md / .json (default benchmarks/gpu; dry run outputs/gpu-check-dry)")
+    p.add_argument("--budget-s", type=int, default=BUDGET_S, help="deadline for all stages")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one stage in this process, JSON to --out
+    a = p.parse_args(argv)
+    if a.one:
+        t0 = time.perf_counter()
+        result = run_stage(a.one, a.dry_run)
+        result["seconds"] = time.perf_counter() - t0
+        Path(a.out).write_text(json.dumps(result, default=str))
+        return 0
+    if not a.dry_run and not torch.cuda.is_available():
+        p.error("no CUDA device: run it on the GPU machine, or --dry-run here")
+    out = Path(a.out or ("outputs/gpu-check-dry" if a.dry_run else ROOT / "benchmarks/gpu"))
+    t_start, results = time.perf_counter(), {}
+    for name in a.stages:
+        left = a.budget_s - (time.perf_counter() - t_start)
+        limit = min(STAGES[name][1 if a.dry_run else 0] * (3 if a.dry_run else 1), left)
+        if limit < 10:
+            results[name] = dict(ok=False, status="not run: the deadline was reached")
+            continue
+        part = Path(tempfile.mkstemp(suffix=f"-{name}.json")[1])
+        cmd = [sys.executable, __file__, "--one", name, "--out", str(part)] + (["--dry-run"] if a.dry_run else [])
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        if a.dry_run:
+            env["OMP_NUM_THREADS"] = "1"
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=limit)
+            results[name] = json.loads(part.read_text()) if proc.returncode == 0 else dict(
+                ok=False, status="crashed", error="```\n" + (proc.stderr or proc.stdout)[-3000:] + "\n```")
+        except subprocess.TimeoutExpired:
+            results[name] = dict(ok=False, status=f"not finished in {limit:.0f} s")
+        results[name]["seconds"] = time.perf_counter() - t0
+        print(f"{name}: {results[name].get('status') or results[name].get('ok')} "
+              f"({results[name]['seconds']:.0f} s)", flush=True)
+    setup = dict(dry_run=a.dry_run, stages=a.stages, budget_s=a.budget_s, seconds=time.perf_counter() - t_start,
+                 torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                 device=torch.cuda.get_device_name() if torch.cuda.is_available() and not a.dry_run else "CPU")
+    md, js = write_report(out, "gpu_check", setup, results)
+    print(f"wrote {md} and {js}")
+    return 0 if all(r.get("ok") is not False for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
