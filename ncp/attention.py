@@ -21,6 +21,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 _sdpa = F.scaled_dot_product_attention  # the kernel-dispatching original
 # elements of one block's score matrix (per tangent): 2^24 = 64 MB in fp32, a few of them live at once
@@ -162,8 +163,9 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     """`F.scaled_dot_product_attention` with the blockwise forward-mode rule; what it does not cover (dropout,
     causal, grouped-query attention) goes to the original, whose math kernel has a forward-AD formula."""
     if dropout_p or is_causal or enable_gqa or query.shape[:-2] != key.shape[:-2]:
-        return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                     enable_gqa=enable_gqa)
+        with sdpa_kernel([SDPBackend.MATH]):
+            return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                         enable_gqa=enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     return _SDPA.apply(query, key, value, attn_mask, scale)
 

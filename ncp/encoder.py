@@ -16,12 +16,15 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .attention import blockwise_sdpa
 from .errors import NcpError
 from .models import adapters_disabled
 
 FEATURES = ("last", "mid", "multiscale")
 ERRORS = ("difference", "linearized", "fp32")
+LINEARIZE = ("vmap", "blockwise", "math")  # how `linearize` runs f's jvp; vmap unless a benchmark says otherwise
 
 
 @contextlib.contextmanager
@@ -33,6 +36,26 @@ def _tf32_off():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def linearize(fn, x: torch.Tensor, tangents: list[torch.Tensor], path: str = "vmap") -> list[torch.Tensor]:
+    """[J_fn(x) t for t in tangents] by torch.func.jvp. path (LINEARIZE):
+      vmap       one primal fn(x) for all tangents (vmap over the tangent only), attention by `ncp.attention`'s
+                 blockwise rule (no whole score matrix with its tangent);
+      blockwise  one jvp per tangent (the primal again each time), blockwise attention;
+      math       one jvp per tangent through SDPA's math kernel (PyTorch's own rule: every score matrix and its
+                 tangent at once; kept to measure against).
+    The fused SDPA kernels have no forward-AD formula (PyTorch 2.13), hence the math kernel or the custom rule."""
+    x = x.detach().contiguous()
+    tangents = [tan.to(x.dtype).contiguous() for tan in tangents]
+    jvp = lambda tan: torch.func.jvp(fn, (x,), (tan,))[1]  # noqa: E731
+    if path == "math":
+        with sdpa_kernel([SDPBackend.MATH]):
+            return [jvp(tan) for tan in tangents]
+    with blockwise_sdpa():
+        if path == "blockwise" or len(tangents) == 1:
+            return [jvp(tan) for tan in tangents]
+        return list(torch.func.vmap(jvp)(torch.stack(tangents)).unbind(0))
 
 
 def _contiguous_input(module, args):
@@ -66,6 +89,7 @@ class PerceptualEncoder(nn.Module):
         self.features, self.pool = features, pool
         self.config = unet.config
         self.error = error
+        self.linearize = "vmap"  # LINEARIZE: how jvp runs (a benchmark's switch, not a setting)
         keep = ["time_proj", "time_embedding", "time_embed_act", "conv_in", "down_blocks"]
         if unet.config.addition_embed_type == "text_time":
             keep += ["add_time_proj", "add_embedding"]
@@ -143,25 +167,20 @@ class PerceptualEncoder(nn.Module):
         """torch.compile the feature computation; the switches around it (LoRA off) stay eager."""
         self._forward = torch.compile(self._forward, *args, **kwargs)
 
-    def jvp(self, x: torch.Tensor, t: torch.Tensor, cond, tangent: torch.Tensor) -> torch.Tensor:
-        """J_f(x) tangent, by forward-mode AD (torch.func.jvp), in this copy's precision; differentiable
-        in `tangent` (reverse over forward). The primal x gets no gradient. SDPA runs its math kernel:
-        the fused CPU/GPU attention kernels have no forward-AD formula (PyTorch 2.13). GroupNorm inputs are
-        made contiguous: group_norm's forward-AD formula fails on a strided primal (a VAE mean, which is a
+    def jvp(self, x: torch.Tensor, t: torch.Tensor, cond, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """[J_f(x) tangent for each tangent], by forward-mode AD (`linearize`), in this copy's precision;
+        differentiable in the tangents (reverse over forward). The primal x gets no gradient. GroupNorm inputs
+        are made contiguous: group_norm's forward-AD formula fails on a strided primal (a VAE mean, which is a
         channel slice of the posterior's parameters, or a channels-last activation)."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         norms = [m for name in self._keep if getattr(self, name) is not None
                  for m in getattr(self, name).modules() if isinstance(m, nn.GroupNorm)]
         hooks = [m.register_forward_pre_hook(_contiguous_input) for m in norms]
         try:  # the LoRA switch sets requires_grad, which a functorch transform forbids: switch outside it
-            with self._as_base(), sdpa_kernel([SDPBackend.MATH]):
-                _, out = torch.func.jvp(lambda x_: self._run(x_, t, cond), (x.detach().contiguous(),),
-                                        (tangent.to(x.dtype).contiguous(),))
+            with self._as_base():
+                return linearize(lambda x_: self._run(x_, t, cond), x, tangents, self.linearize)
         finally:
             for h in hooks:
                 h.remove()
-        return out
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         emb = self._embedding(t, cond)

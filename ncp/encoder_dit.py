@@ -16,7 +16,7 @@ import copy
 import torch
 from torch import nn
 
-from .encoder import ERRORS, _tf32_off
+from .encoder import ERRORS, _tf32_off, linearize
 from .errors import NcpError
 
 # Default K, measured (README "SD3", benchmarks/RESULTS.md section 4): the first quarter of the joint blocks
@@ -43,6 +43,7 @@ class DiTPerceptualEncoder(nn.Module):
         if not 1 <= blocks <= num_layers:
             raise NcpError(f"encoder.blocks must be between 1 and the transformer's {num_layers} joint blocks, got {blocks}")
         self.blocks, self.pool, self.error = blocks, pool, error
+        self.linearize = "vmap"  # ncp.encoder.LINEARIZE: how jvp runs (a benchmark's switch, not a setting)
         self.config = transformer.config
         self.pos_embed = copy.deepcopy(transformer.pos_embed)
         self.time_text_embed = copy.deepcopy(transformer.time_text_embed)
@@ -68,15 +69,9 @@ class DiTPerceptualEncoder(nn.Module):
         with torch.autocast(x.device.type, enabled=False), _tf32_off():
             return self._forward(x, timestep, cond.to(dtype=torch.float32))
 
-    def jvp(self, x: torch.Tensor, timestep: torch.Tensor, cond, tangent: torch.Tensor) -> torch.Tensor:
-        """J_f(x) tangent by forward-mode AD, as PerceptualEncoder.jvp (SDPA on its math kernel: the fused
-        kernels have no forward-AD formula in PyTorch 2.13)."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([SDPBackend.MATH]):
-            _, out = torch.func.jvp(lambda x_: self(x_, timestep, cond), (x.detach().contiguous(),),
-                                    (tangent.to(x.dtype).contiguous(),))
-        return out
+    def jvp(self, x: torch.Tensor, timestep: torch.Tensor, cond, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """[J_f(x) tangent for each tangent] by forward-mode AD, as PerceptualEncoder.jvp (`ncp.encoder.linearize`)."""
+        return linearize(lambda x_: self(x_, timestep, cond), x, tangents, self.linearize)
 
     def _forward(self, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
         # as SD3Transformer2DModel.forward (diffusers 0.42), stopped after block K

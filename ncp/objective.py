@@ -141,16 +141,17 @@ def perceptual_errors(encoder, schedule: Schedule, cfg: ObjectiveConfig, x_t, t,
                            - f_true) ** 2) for e in eps_hats]
     if cfg.target != "prev":
         raise NcpError("encoder.error=linearized needs objective.target=prev (the one-step DDPM target)")
-    errs = []
+    tangents, scales = [], []
     for e in eps_hats:
         e = _wide(e)
         coef = schedule.step_v_coef(t) if isinstance(schedule, FlowSchedule) else schedule.ddpm_step_eps_coef(t)
         coef = coef.to(e.dtype).view(-1, *([1] * (e.dim() - 1)))
         delta = coef * (e - eps.to(e.dtype))
         rms = mean_flat(delta.detach() ** 2).sqrt().clamp(min=torch.finfo(e.dtype).tiny)
-        tangent = delta / rms.view_as(coef)
-        errs.append(rms ** 2 * mean_flat(_wide(encoder.jvp(x_true, t_target, cond, tangent)) ** 2))
-    return errs
+        tangents.append(delta / rms.view_as(coef))
+        scales.append(rms ** 2)
+    # one primal f(x_true) for every tangent (the policy's and the reference's in the same call)
+    return [s * mean_flat(_wide(j) ** 2) for s, j in zip(scales, encoder.jvp(x_true, t_target, cond, tangents))]
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
