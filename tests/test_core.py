@@ -376,3 +376,29 @@ def test_bf16_linearized_error_stays_close_where_the_difference_drowns(tiny_sd15
     rel = {e: (h.double() - exact).abs() / exact for e, h in half.items()}
     assert rel["linearized"].max() < 2e-2, rel
     assert rel["difference"].min() > 0.5, rel
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_linearize_paths_give_the_math_kernels_errors_and_gradient(tiny_paths, arch, monkeypatch):
+    """f's jvp with one primal for both tangents (vmap) and with blockwise attention, in blocks that split the
+    queries unevenly, gives the errors and the LoRA gradient of PyTorch's math-kernel jvp (float64)."""
+    from ncp import attention
+
+    monkeypatch.setattr(attention, "BLOCK_ELEMENTS", 30000)  # blocks of a few queries, the last one short
+    models, base, x0, cond, rnd = float64_policy(tiny_paths[arch])
+    schedule, cfg = Schedule.from_scheduler(models.scheduler), ObjectiveConfig(loss="dpo")
+    params = [p for p in models.unet.parameters() if p.requires_grad]
+    encoder = PerceptualEncoder(base, error="linearized")
+    results = {}
+    for path in ("math", "blockwise", "vmap"):
+        encoder.linearize = path
+        (x_t, t, eps, z, t_target), eps_hats = predictions(models, schedule, x0, cond, rnd, 0.3)
+        errs = perceptual_errors(encoder, schedule, cfg, x_t, t, eps, z, t_target, cond, x0, eps_hats)
+        grad = torch.autograd.grad(errs[0].sum(), params)
+        results[path] = torch.stack(errs).detach(), torch.cat([g.flatten() for g in grad])
+    err_m, grad_m = results["math"]
+    assert grad_m.norm() > 0
+    for path in ("blockwise", "vmap"):
+        err, grad = results[path]
+        assert torch.allclose(err, err_m, rtol=1e-10, atol=0), path
+        assert torch.allclose(grad, grad_m, rtol=1e-9, atol=1e-12 * grad_m.abs().max()), path

@@ -442,3 +442,57 @@ def test_bf16_linearized_error_stays_close_where_the_difference_drowns(tiny_sd3)
             rel[error] = (half.double() - exact).abs() / exact
     assert rel["linearized"].max() < 5e-2, rel
     assert rel["difference"].median() > 0.5, rel
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("error", ["difference", "linearized"])
+def test_policy_equal_to_reference_is_log2_at_batch_sizes_1_2_3(tiny_sd3, error, precision):
+    """The policy's and the reference's errors come from calls of the same shape (linearized: one jvp with both
+    tangents): bitwise equal at any batch size."""
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16}[precision]
+    models, encoder, _, schedule, _, _, _ = setup(tiny_sd3, error=error, dtype=dtype)
+    cfg = ObjectiveConfig(loss="dpo", beta=2500.0)
+    for pairs in (1, 2, 3):
+        cond = build_cond(models, PROMPTS[:1] * pairs, target_size=(32, 32)).to(dtype=dtype)
+        x0 = torch.randn(2 * pairs, *LATENT, generator=torch.Generator().manual_seed(pairs))
+        rnd = randomness_for(cfg, schedule, pairs, LATENT, torch.Generator().manual_seed(pairs))
+        with torch.autocast("cpu", dtype=dtype, enabled=precision != "no"):
+            loss, metrics = compute_objective(models.unet, encoder, schedule, x0, cond, rnd, cfg)
+        assert abs(loss.item() - math.log(2)) < 1e-6, pairs
+        assert torch.equal(metrics["implicit_acc"], torch.full((pairs,), 0.5)), pairs
+        assert torch.equal(metrics["err_w"], metrics["ref_err_w"]) and (metrics["err_w"] > 0).all()
+
+
+def test_linearize_paths_give_the_math_kernels_errors_and_gradient(tiny_sd3, monkeypatch):
+    """SD3's joint attention: f's jvp with one primal for both tangents (vmap) and with blockwise attention over
+    uneven query blocks gives the errors and the LoRA gradient of PyTorch's math-kernel jvp (float64)."""
+    from ncp import attention
+
+    monkeypatch.setattr(attention, "BLOCK_ELEMENTS", 30000)
+    models, _, params, schedule, x0, cond, rnd = setup(tiny_sd3)
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    models.unet.double()
+    base = load_models(str(tiny_sd3), weight_dtype=torch.float64).unet
+    encoder = DiTPerceptualEncoder(base, blocks=2, error="linearized")
+    x0, cond, cfg = x0.double(), cond.to(dtype=torch.float64), ObjectiveConfig(loss="dpo")
+    t, eps, z, tt = (x.repeat(2, *([1] * (x.dim() - 1))) for x in (rnd.t, rnd.eps, rnd.z, rnd.t_target))
+    eps, z = eps.double(), z.double()
+    x_t = schedule.q_sample(x0, t, eps)
+    v = schedule.velocity(x0, eps)
+    results = {}
+    for path in ("math", "blockwise", "vmap"):
+        encoder.linearize = path
+        v_pol = models.unet(x_t, timestep=schedule.model_timestep(t), **cond.unet_kwargs()).sample
+        with torch.no_grad(), adapters_disabled(models.unet):
+            v_ref = models.unet(x_t, timestep=schedule.model_timestep(t), **cond.unet_kwargs()).sample
+        errs = perceptual_errors(encoder, schedule, cfg, x_t, t, v, z, tt, cond, x0, [v_pol, v_ref])
+        grad = torch.autograd.grad(errs[0].sum(), params)
+        results[path] = torch.stack(errs).detach(), torch.cat([g.flatten() for g in grad])
+    err_m, grad_m = results["math"]
+    assert grad_m.norm() > 0 and not torch.equal(err_m[0], err_m[1])
+    for path in ("blockwise", "vmap"):
+        err, grad = results[path]
+        assert torch.allclose(err, err_m, rtol=1e-10, atol=0), path
+        assert torch.allclose(grad, grad_m, rtol=1e-9, atol=1e-12 * grad_m.abs().max()), path
