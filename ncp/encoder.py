@@ -68,6 +68,9 @@ class PerceptualEncoder(nn.Module):
     average-pooled to the smallest resolution, each scaled so every state weighs the same in the
     mean squared error whatever its channel count (the authors' SD1.5 setting). pool: spatial mean.
 
+    batch_calls: difference / fp32 run f on the true, the policy's and the reference's points in one call of 3x the
+    batch (`ncp.objective.perceptual_errors`) rather than three calls.
+
     share: run the U-Net's own modules (LoRA off) rather than a copy; False, or error=fp32 in a half-precision
     run, keeps a copy that `.to(dtype)` can cast on its own.
 
@@ -78,7 +81,8 @@ class PerceptualEncoder(nn.Module):
     x_{t-1} of policy and truth differ by 1e-4..1e-3 of their size, so half-precision rounding of
     f(x_pol) and f(x_true) separately can exceed their difference (benchmarks/precision.py)."""
 
-    def __init__(self, unet, features: str = "last", pool: bool = False, error: str = "difference", share: bool = True):
+    def __init__(self, unet, features: str = "last", pool: bool = False, error: str = "difference", share: bool = True,
+                 batch_calls: bool = False):
         super().__init__()
         if features not in FEATURES:
             raise NcpError(f"encoder.features must be one of {FEATURES}, got {features!r}")
@@ -88,7 +92,7 @@ class PerceptualEncoder(nn.Module):
             raise NcpError("build the perceptual encoder from the base U-Net before adding LoRA")
         self.features, self.pool = features, pool
         self.config = unet.config
-        self.error = error
+        self.error, self.batch_calls = error, batch_calls
         self.linearize = "vmap"  # LINEARIZE: how jvp runs (a benchmark's switch, not a setting)
         keep = ["time_proj", "time_embedding", "time_embed_act", "conv_in", "down_blocks"]
         if unet.config.addition_embed_type == "text_time":

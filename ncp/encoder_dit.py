@@ -30,9 +30,10 @@ def default_blocks(num_layers: int) -> int:
 
 class DiTPerceptualEncoder(nn.Module):
     """blocks: K, the number of joint blocks kept (None = `default_blocks`); pool: mean over image tokens.
-    error: as PerceptualEncoder's (difference | linearized | fp32). Build it before LoRA is added."""
+    error, batch_calls: as PerceptualEncoder's. Build it before LoRA is added."""
 
-    def __init__(self, transformer, blocks: int | None = None, pool: bool = False, error: str = "difference"):
+    def __init__(self, transformer, blocks: int | None = None, pool: bool = False, error: str = "difference",
+                 batch_calls: bool = False):
         super().__init__()
         if error not in ERRORS:
             raise NcpError(f"encoder.error must be one of {ERRORS}, got {error!r}")
@@ -42,7 +43,7 @@ class DiTPerceptualEncoder(nn.Module):
         blocks = default_blocks(num_layers) if blocks is None else blocks
         if not 1 <= blocks <= num_layers:
             raise NcpError(f"encoder.blocks must be between 1 and the transformer's {num_layers} joint blocks, got {blocks}")
-        self.blocks, self.pool, self.error = blocks, pool, error
+        self.blocks, self.pool, self.error, self.batch_calls = blocks, pool, error, batch_calls
         self.linearize = "vmap"  # ncp.encoder.LINEARIZE: how jvp runs (a benchmark's switch, not a setting)
         self.config = transformer.config
         self.pos_embed = copy.deepcopy(transformer.pos_embed)

@@ -130,15 +130,20 @@ def perceptual_errors(encoder, schedule: Schedule, cfg: ObjectiveConfig, x_t, t,
       fresh t' moves the point by the whole prediction error, no small step to linearize.
       Flow (SD3): eps / eps_hats are velocities, delta = (sigma_t' - sigma_t) (v_hat - v) for the ODE step.
 
-    Every prediction gets its own encoder call of the same batch size in the same grad mode: with
+    Every prediction gets its own encoder call of the same batch size in the same grad mode (or, with
+    `encoder.batch_calls`, one call of all three points; linearized: one jvp with both tangents): with
     policy = reference the errors are then bitwise equal (loss log 2, accuracy 1/2 at any batch size).
     Gradients reach eps_hat (the policy's) only through f's activations, never f's weights."""
     x_true = _x_target(schedule, cfg, x_t, t, eps, z, t_target, x0=x0).detach()
     t_target = model_timestep(schedule, t_target)  # f takes what the denoiser takes
     if encoder.error != "linearized":
-        f_true = _wide(encoder(x_true, t_target, cond))
-        return [mean_flat((_wide(encoder(_x_target(schedule, cfg, x_t, t, e, z, t_target), t_target, cond))
-                           - f_true) ** 2) for e in eps_hats]
+        points = [x_true] + [_x_target(schedule, cfg, x_t, t, e, z, t_target) for e in eps_hats]
+        if encoder.batch_calls:  # one call: policy and reference still share its shape and grad mode
+            n = len(points)
+            feats = _wide(encoder(torch.cat(points), t_target.repeat(n), cond.repeat(n))).chunk(n)
+        else:
+            feats = [_wide(encoder(x, t_target, cond)) for x in points]
+        return [mean_flat((f - feats[0]) ** 2) for f in feats[1:]]
     if cfg.target != "prev":
         raise NcpError("encoder.error=linearized needs objective.target=prev (the one-step DDPM target)")
     tangents, scales = [], []

@@ -147,8 +147,10 @@ def build_encoder(cfg: Config, models: Models):
 
         if cfg.encoder.features != "last":
             raise NcpError(f"encoder.features={cfg.encoder.features!r} is for U-Nets; sd3 uses encoder.blocks (K)")
-        return DiTPerceptualEncoder(models.unet, cfg.encoder.blocks, cfg.encoder.pool, cfg.encoder.error)
-    return PerceptualEncoder(models.unet, cfg.encoder.features, cfg.encoder.pool, cfg.encoder.error)
+        return DiTPerceptualEncoder(models.unet, cfg.encoder.blocks, cfg.encoder.pool, cfg.encoder.error,
+                                    batch_calls=cfg.encoder.batch_calls)
+    return PerceptualEncoder(models.unet, cfg.encoder.features, cfg.encoder.pool, cfg.encoder.error,
+                             batch_calls=cfg.encoder.batch_calls)
 
 
 def build_schedule(cfg: Config, models: Models):
