@@ -58,6 +58,32 @@ def linearize(fn, x: torch.Tensor, tangents: list[torch.Tensor], path: str = "vm
         return list(torch.func.vmap(jvp)(torch.stack(tangents)).unbind(0))
 
 
+@contextlib.contextmanager
+def as_base(base):
+    """A denoiser's shared modules as the frozen base: its LoRA off, and no gradient checkpointing in them (a
+    checkpointed block recomputes during backward, when the LoRA is on again). None (f holds a copy): nothing."""
+    if base is None:
+        yield
+        return
+    blocks = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False)]
+    for m in blocks:
+        m.gradient_checkpointing = False
+    try:
+        with adapters_disabled(base) if getattr(base, "_hf_peft_config_loaded", False) else contextlib.nullcontext():
+            yield
+    finally:
+        for m in blocks:
+            m.gradient_checkpointing = True
+
+
+def refuse_cast(encoder, denoiser: str, args, kwargs) -> None:
+    """A shared f runs the denoiser's own weights: casting f alone would do nothing, so it is refused."""
+    dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+    if encoder._base is not None and dtype is not None and dtype != encoder.dtype:
+        raise NcpError(f"this encoder runs the {denoiser}'s own weights: cast the {denoiser}, or build the encoder "
+                       "with share=False to cast a copy of its own")
+
+
 def _contiguous_input(module, args):
     return (args[0].contiguous(), *args[1:])
 
@@ -114,11 +140,7 @@ class PerceptualEncoder(nn.Module):
         self.eval()
 
     def to(self, *args, **kwargs):
-        """A shared f runs the U-Net's own weights: casting f alone would do nothing, so it is refused."""
-        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
-        if self._base is not None and dtype is not None and dtype != self.dtype:
-            raise NcpError("this encoder runs the U-Net's own weights: cast the U-Net, or build the encoder with "
-                           "share=False to cast a copy of its own")
+        refuse_cast(self, "U-Net", args, kwargs)
         return super().to(*args, **kwargs)
 
     @property
@@ -138,23 +160,8 @@ class PerceptualEncoder(nn.Module):
             emb = emb + self.add_embedding(add)
         return emb if self.time_embed_act is None else self.time_embed_act(emb)
 
-    @contextlib.contextmanager
     def _as_base(self):
-        """The shared modules as the frozen base: the U-Net's LoRA off, and no gradient checkpointing in them
-        (a checkpointed block recomputes during backward, when the LoRA is on again)."""
-        base = self._base
-        if base is None:
-            yield
-            return
-        blocks = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False)]
-        for m in blocks:
-            m.gradient_checkpointing = False
-        try:
-            with adapters_disabled(base) if getattr(base, "_hf_peft_config_loaded", False) else contextlib.nullcontext():
-                yield
-        finally:
-            for m in blocks:
-                m.gradient_checkpointing = True
+        return as_base(self._base)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         """x: (N, C, h, w) latents at timestep t (N,); cond: ncp.conditioning.Cond with N rows."""
