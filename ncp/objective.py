@@ -137,13 +137,13 @@ def perceptual_errors(encoder, schedule: Schedule, cfg: ObjectiveConfig, x_t, t,
     x_true = _x_target(schedule, cfg, x_t, t, eps, z, t_target, x0=x0).detach()
     t_target = model_timestep(schedule, t_target)  # f takes what the denoiser takes
     if encoder.error != "linearized":
-        points = [x_true] + [_x_target(schedule, cfg, x_t, t, e, z, t_target) for e in eps_hats]
+        points = [_x_target(schedule, cfg, x_t, t, e, z, t_target) for e in eps_hats] + [x_true]
         if encoder.batch_calls:  # one call: policy and reference still share its shape and grad mode
             n = len(points)
             feats = _wide(encoder(torch.cat(points), t_target.repeat(n), cond.repeat(n))).chunk(n)
         else:
             feats = [_wide(encoder(x, t_target, cond)) for x in points]
-        return [mean_flat((f - feats[0]) ** 2) for f in feats[1:]]
+        return [mean_flat((f - feats[-1]) ** 2) for f in feats[:-1]]
     if cfg.target != "prev":
         raise NcpError("encoder.error=linearized needs objective.target=prev (the one-step DDPM target)")
     tangents, scales = [], []
