@@ -11,6 +11,8 @@ DPO stands the ratio of FLOPs (torch.utils.flop_counter), in two forms:
           With encoder.error=linearized (--errors) each policy image costs a jvp (primal + tangent, 2E)
           and a backward through the tangent (E), each reference image a jvp (2E), and f(x_true) is not
           needed: 10E (DPO), 6E (CPO), 3E (SFT). encoder.error=fp32 has the difference's FLOPs, in fp32.
+          (This counts one jvp per prediction; the default runs one primal for the policy's and the
+          reference's tangents, one E less per image: 8E for DPO. The counted column measures it.)
   counted the FLOPs of one whole training step of that method, backward included.
 It also times the toy data loader, to show that feeding a step costs a small fraction of the step.
 
