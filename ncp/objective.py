@@ -137,13 +137,14 @@ def perceptual_errors(encoder, schedule: Schedule, cfg: ObjectiveConfig, x_t, t,
     x_true = _x_target(schedule, cfg, x_t, t, eps, z, t_target, x0=x0).detach()
     t_target = model_timestep(schedule, t_target)  # f takes what the denoiser takes
     if encoder.error != "linearized":
-        points = [_x_target(schedule, cfg, x_t, t, e, z, t_target) for e in eps_hats] + [x_true]
-        if encoder.batch_calls:  # one call: policy and reference still share its shape and grad mode
-            n = len(points)
-            feats = _wide(encoder(torch.cat(points), t_target.repeat(n), cond.repeat(n))).chunk(n)
+        points = [_x_target(schedule, cfg, x_t, t, e, z, t_target) for e in eps_hats]
+        if getattr(encoder, "batch_calls", False):  # one call, [policy; reference; true]: policy and reference at the rows they take alone
+            n = len(points) + 1
+            *feats, f_true = _wide(encoder(torch.cat(points + [x_true]), t_target.repeat(n), cond.repeat(n))).chunk(n)
         else:
+            f_true = _wide(encoder(x_true, t_target, cond))
             feats = [_wide(encoder(x, t_target, cond)) for x in points]
-        return [mean_flat((f - feats[-1]) ** 2) for f in feats[:-1]]
+        return [mean_flat((f - f_true) ** 2) for f in feats]
     if cfg.target != "prev":
         raise NcpError("encoder.error=linearized needs objective.target=prev (the one-step DDPM target)")
     tangents, scales = [], []
