@@ -11,6 +11,8 @@ DPO stands the ratio of FLOPs (torch.utils.flop_counter), in two forms:
           With encoder.error=linearized (--errors) each policy image costs a jvp (primal + tangent, 2E)
           and a backward through the tangent (E), each reference image a jvp (2E), and f(x_true) is not
           needed: 10E (DPO), 6E (CPO), 3E (SFT). encoder.error=fp32 has the difference's FLOPs, in fp32.
+          (This counts one jvp per prediction; the default runs one primal for the policy's and the
+          reference's tangents, one E less per image: 8E for DPO. The counted column measures it.)
   counted the FLOPs of one whole training step of that method, backward included.
 It also times the toy data loader, to show that feeding a step costs a small fraction of the step.
 
@@ -19,6 +21,17 @@ It also times the toy data loader, to show that feeding a step costs a small fra
     python benchmarks/step_cost.py --model sd15 --latent-size 16 --errors difference linearized fp32   # per mode
     python benchmarks/step_cost.py --model sd3 --latent-size 16 --pairs 1 --steps 1 --repeats 3   # SD3.5 Medium MMDiT
     python benchmarks/step_cost.py --model sd15 --latent-size 16 --fast --errors difference linearized  # fast path
+
+--modes times one NCP-DPO step per way of computing the perceptual error, each in a child process of its own (the
+peak is that process's, nothing left over from another mode), one after another: latent (latent DPO, the base),
+difference (three f calls), difference-batched (one call of 3x the batch: encoder.batch_calls), linearized-math
+(PyTorch's jvp through SDPA's math kernel, one per tangent), linearized-blockwise (ncp.attention's blockwise rule, one
+jvp per tangent) and linearized (blockwise, one primal for both tangents: what encoder.error=linearized runs).
+--part errors times only the perceptual part (f's calls and the backward through them into a stand-in policy
+prediction), the U-Net left out; --blocks K builds an SD3 transformer of K joint blocks (f = all K):
+
+    python benchmarks/step_cost.py --model sd15 --latent-size 64 --modes latent difference linearized --warmup 1 --repeats 1
+    python benchmarks/step_cost.py --model sd3 --blocks 2 --part errors --latent-size 64 --modes difference linearized
 
 --fast times latent DPO and NCP-DPO (per --errors mode) under every combination of torch.compile on/off and
 channels-last on/off, interleaved on the same U-Net, LoRA, data and randomness (the weights change memory format
@@ -36,6 +49,7 @@ import ctypes
 import json
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +60,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a clean checkout
 
-from ncp.conditioning import Cond, build_cond  # noqa: E402
+from ncp.conditioning import build_cond  # noqa: E402
 from ncp import families  # noqa: E402
 from ncp.config import EncoderConfig, OptimConfig  # noqa: E402
 from ncp.encoder import ERRORS  # noqa: E402
@@ -109,7 +123,7 @@ FULL_SIZE = {"sd15": ("UNet2DConditionModel", SD15_UNET, "DDPMScheduler", SCHEDU
 
 # ---------------------------------------------------------------- the model, data and randomness
 def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtype: torch.dtype,
-          errors=("difference",)):
+          errors=("difference",), blocks: int | None = None):
     """(unet with LoRA, LoRA params, {error: encoder}, schedule, x0, cond) for `pairs` pairs on `device`."""
     import diffusers
 
@@ -128,6 +142,10 @@ def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtyp
         cond = build_cond(models, toy_prompts(pairs), target_size=(8 * latent_size,) * 2)
     else:
         denoiser_class, config, scheduler_class, scheduler_config = FULL_SIZE[model]
+        if blocks is not None:  # a transformer of K blocks, all of them f
+            if "num_layers" not in config:
+                raise SystemExit(f"--blocks is for transformers, not --model {model}")
+            config = dict(config, num_layers=blocks)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             unet = getattr(diffusers, denoiser_class)(**config)
@@ -136,7 +154,7 @@ def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtyp
         # random text: only its shape matters here
         cond = family.example_cond(unet, pairs, 8 * latent_size).repeat(2).to(device=device, dtype=dtype)
     # before LoRA: f is the frozen base (U-Net: its down path; MMDiT: its first K joint blocks, default K)
-    encoders = {e: family.encoder(unet, EncoderConfig(error=e)) for e in errors}
+    encoders = {e: family.encoder(unet, EncoderConfig(error=e, blocks=blocks)) for e in errors}
     params = add_lora(unet, rank)
     unet.train()
     x0 = torch.randn(n, unet.config.in_channels, latent_size, latent_size, device=device)
@@ -342,6 +360,117 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
     return result
 
 
+# --modes: (encoder.error, how f's jvp runs (ncp.encoder.LINEARIZE), encoder.batch_calls); "latent" is latent DPO
+MODES = {"latent": None, "difference": ("difference", "vmap", False), "difference-batched": ("difference", "vmap", True),
+         "linearized-math": ("linearized", "math", False), "linearized-blockwise": ("linearized", "blockwise", False),
+         "linearized": ("linearized", "vmap", False)}
+
+
+def run_modes(model: str = "tiny-sd15", latent_size: int = 16, pairs: int = 1, warmup: int = 1, repeats: int = 1,
+              modes=("latent", "difference", "linearized"), part: str = "step", blocks: int | None = None,
+              rank: int | None = None, device: str | None = None, threads: int | None = None,
+              dtype: str | None = None) -> dict:
+    """Each mode in a child process of its own, one after another (module docstring); rows in `modes` order."""
+    rows = []
+    for mode in modes:
+        argv = [sys.executable, __file__, "--child-mode", mode, "--model", model, "--latent-size", str(latent_size),
+                "--pairs", str(pairs), "--warmup", str(warmup), "--repeats", str(repeats), "--part", part]
+        for flag, value in (("--blocks", blocks), ("--rank", rank), ("--device", device), ("--threads", threads),
+                            ("--dtype", dtype)):
+            if value is not None:
+                argv += [flag, str(value)]
+        out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"  {mode}: {rows[-1]['s_per_step']:.2f} s/step, peak {rows[-1]['peak_gb']:.2f} GB", file=sys.stderr)
+    first = {r["mode"]: r for r in rows}
+    for r in rows:
+        for base in ("latent", "difference"):
+            if base in first:
+                r[f"time_vs_{base}"] = r["s_per_step"] / first[base]["s_per_step"]
+                r[f"peak_vs_{base}"] = r["peak_gb"] / first[base]["peak_gb"]
+                r[f"step_gb_vs_{base}"] = r["step_gb"] / first[base]["step_gb"]
+    setup = dict(model=model, latent_size=latent_size, pairs=pairs, warmup=warmup, repeats=repeats, part=part,
+                 blocks=blocks, **{k: rows[0][k] for k in ("rank", "device", "dtype", "threads", "torch")})
+    return dict(setup=setup, rows=rows)
+
+
+def child_mode(mode: str, model: str, latent_size: int, pairs: int, warmup: int, repeats: int, part: str,
+               blocks: int | None, rank: int | None, device: str | None, threads: int | None, dtype: str | None) -> dict:
+    """One mode of `run_modes`, in this process: median step time, the process's peak and that peak above what was
+    resident before the steps (the step's own memory)."""
+    from ncp.losses import dpo_loss
+    from ncp.objective import perceptual_errors
+
+    with torch_threads(threads):
+        device, torch_dtype, rank, _ = resolve(model, device, dtype, rank, ())
+        error, path, batched = MODES[mode] or ("difference", "vmap", False)
+        unet, params, encoders, schedule, x0, cond = build(model, latent_size, pairs, rank, device, torch_dtype,
+                                                           (error,), blocks)
+        encoder = encoders[error]
+        encoder.linearize, encoder.batch_calls = path, batched
+        optimizer, _ = make_optimizer(params)
+        cfg = ObjectiveConfig(loss="dpo", space="latent" if mode == "latent" else "perceptual", beta=1.0)
+        amp = torch.autocast(torch.device(device).type, dtype=torch_dtype, enabled=torch_dtype != torch.float32)
+
+        def step(i: int) -> float:
+            rnd = randomness_for(cfg, schedule, pairs, x0.shape[1:], torch.Generator().manual_seed(i)).to(device)
+            if part == "errors":  # f's part alone: stand-in predictions near the truth, the policy's a leaf
+                t, eps, z, tt = (x.repeat(2, *([1] * (x.dim() - 1))) for x in (rnd.t, rnd.eps, rnd.z, rnd.t_target))
+                x_t = schedule.q_sample(x0, t, eps)
+                eps = schedule.target(x0, eps)
+                g = torch.Generator().manual_seed(i + 1)
+                pol, ref = (eps + 0.1 * torch.randn(eps.shape, generator=g) for _ in range(2))
+                pol.requires_grad_()
+                with amp:
+                    errs = perceptual_errors(encoder, schedule, cfg, x_t, t, eps, z, tt, cond, x0, [pol, ref])
+                    loss = dpo_loss(*errs[0].chunk(2), *errs[1].chunk(2), cfg.beta)[0].mean()
+                loss.backward()
+                return loss.item()
+            optimizer.zero_grad(set_to_none=True)
+            with amp:
+                loss, _ = compute_objective(unet, encoder, schedule, x0, cond, rnd, cfg)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            return loss.item()
+
+        for i in range(warmup):
+            step(i)
+        reset_peak(device)
+        resident = current_gb(device)
+        times = []
+        for r in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            loss = step(1000 + r)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        peak = peak_gb(device)
+        return dict(mode=mode, s_per_step=statistics.median(times), spread=[min(times), max(times)], peak_gb=peak,
+                    step_gb=peak - resident, loss=loss, rank=rank, device=device,
+                    dtype=str(torch_dtype).removeprefix("torch."), threads=torch.get_num_threads(), torch=torch.__version__)
+
+
+def format_modes(result: dict) -> str:
+    s = result["setup"]
+    arch = f"transformer of {s['blocks']} joint blocks" if s["blocks"] else (
+        "transformer" if s["model"].endswith("sd3") else "U-Net")
+    what = "NCP-DPO step (objective, backward, clip, AdamW8bit)" if s["part"] == "step" else \
+        "perceptual part only (f's calls + backward into the policy's prediction)"
+    lines = [f"modes: {s['model']} {arch}, {s['latent_size']}x{s['latent_size']} latents, {s['pairs']} pair(s), {what}, "
+             f"LoRA rank {s['rank']}, {s['device']} {s['dtype']} ({s['threads']} threads), {s['warmup']} warmup + "
+             f"median of {s['repeats']}, one child process per mode",
+             "",
+             "| mode | s/step | time vs difference | time vs latent DPO | peak GB | +GB (step) | peak vs difference | +GB vs difference |",
+             "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda r, k: f"{r[k]:.2f}x" if k in r else "-"  # noqa: E731
+    for r in result["rows"]:
+        lines.append(f"| {r['mode']} | {r['s_per_step']:.2f} | {fmt(r, 'time_vs_difference')} | {fmt(r, 'time_vs_latent')} | "
+                     f"{r['peak_gb']:.2f} | {r['step_gb']:.2f} | {fmt(r, 'peak_vs_difference')} | "
+                     f"{fmt(r, 'step_gb_vs_difference')} |")
+    return "\n".join(lines)
+
+
 def run_fast(model: str = "tiny-sd15", latent_size: int = 16, pairs: int = 1, steps: int = 1, repeats: int = 3,
              rank: int | None = None, device: str | None = None, threads: int | None = None, errors=("difference",),
              dtype: str | None = None, compile_mode: str = "default", combos=None,
@@ -532,10 +661,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--combos", nargs="+", choices=list(COMBOS), help="--fast: the combinations to time (default all)")
     p.add_argument("--peak-tflops", type=float, help="--fast: the device's peak for the MFU column (known GPUs: "
                                                         "GPU_PEAK_TFLOPS in this file)")
+    p.add_argument("--modes", nargs="+", choices=list(MODES),
+                   help="one NCP-DPO step per perceptual-error mode, a child process each (module docstring)")
+    p.add_argument("--part", choices=["step", "errors"], default="step", help="--modes: the whole step or f's part only")
+    p.add_argument("--blocks", type=int, help="--model sd3: a transformer of this many joint blocks (f = all of them)")
+    p.add_argument("--child-mode", choices=list(MODES), help=argparse.SUPPRESS)
     p.add_argument("--json", help="write the result here")
     a = p.parse_args(argv)
-    if a.warmup < 1 or a.steps < 1 or a.repeats < 1:
-        p.error("--warmup, --steps and --repeats must be >= 1")
+    if a.child_mode:
+        print(json.dumps(child_mode(a.child_mode, a.model, a.latent_size, a.pairs, a.warmup, a.repeats, a.part,
+                                    a.blocks, a.rank, a.device, a.threads, a.dtype)))
+        return {}
+    if a.modes:
+        result = run_modes(a.model, a.latent_size, a.pairs, a.warmup, a.repeats, a.modes, a.part, a.blocks, a.rank,
+                           a.device, a.threads, a.dtype)
+        print(format_modes(result))
+        if a.json:
+            write_json(a.json, result)
+        return result
+    if a.warmup < (0 if a.modes or a.child_mode else 1) or a.steps < 1 or a.repeats < 1:
+        p.error("--warmup, --steps and --repeats must be >= 1 (--modes: --warmup >= 0)")
     if a.fast:
         combos = [COMBOS[c] for c in ["plain", *[c for c in a.combos if c != "plain"]]] if a.combos else None
         result = run_fast(a.model, a.latent_size, a.pairs, a.steps, a.repeats, a.rank, a.device, a.threads, a.errors,

@@ -46,6 +46,7 @@ class EncoderConfig:
     pool: bool = False  # spatial mean-pool the features before the distance (sd3: mean over image tokens)
     blocks: int | None = None  # sd3: joint transformer blocks in f; None = a quarter of them (measured, README "SD3")
     error: str = "auto"  # difference | linearized | fp32 | auto (chosen by train.mixed_precision): README "Precision of f"
+    batch_calls: bool = False  # difference / fp32: f on true, policy and reference x_{t'} in one call of 3x the batch
 
 
 @dataclass
@@ -109,7 +110,7 @@ RESUMABLE_CHANGES = ("model.arch", "train.output_dir", "train.max_steps", "train
                      "train.validate_every", "train.validation_prompts", "train.validation_steps",
                      "train.validation_guidance", "train.validation_reward", "train.max_bad_steps", "train.report_to",
                      "train.gradient_checkpointing", "train.compile", "train.compile_mode", "train.channels_last",
-                     "train.attention", "train.process_timeout_s", "data.num_workers", "data.prepared_dir", "hub.")
+                     "train.attention", "train.process_timeout_s", "encoder.batch_calls", "data.num_workers", "data.prepared_dir", "hub.")
 
 
 @dataclass

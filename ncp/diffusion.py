@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import NcpError
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:

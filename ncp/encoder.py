@@ -16,12 +16,15 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .attention import blockwise_sdpa
 from .errors import NcpError
 from .models import adapters_disabled
 
 FEATURES = ("last", "mid", "multiscale")
 ERRORS = ("difference", "linearized", "fp32")
+LINEARIZE = ("vmap", "blockwise", "math")  # how `linearize` runs f's jvp; vmap unless a benchmark says otherwise
 
 
 @contextlib.contextmanager
@@ -44,6 +47,52 @@ def _f_precision(error: str, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
+def linearize(fn, x: torch.Tensor, tangents: list[torch.Tensor], path: str = "vmap") -> list[torch.Tensor]:
+    """[J_fn(x) t for t in tangents] by torch.func.jvp. path (LINEARIZE):
+      vmap       one primal fn(x) for all tangents (vmap over the tangent only), attention by `ncp.attention`'s
+                 blockwise rule (no whole score matrix with its tangent);
+      blockwise  one jvp per tangent (the primal again each time), blockwise attention;
+      math       one jvp per tangent through SDPA's math kernel (PyTorch's own rule: every score matrix and its
+                 tangent at once; kept to measure against).
+    The fused SDPA kernels have no forward-AD formula (PyTorch 2.13), hence the math kernel or the custom rule."""
+    x = x.detach().contiguous()
+    tangents = [tan.to(x.dtype).contiguous() for tan in tangents]
+    jvp = lambda tan: torch.func.jvp(fn, (x,), (tan,))[1]  # noqa: E731
+    if path == "math":
+        with sdpa_kernel([SDPBackend.MATH]):
+            return [jvp(tan) for tan in tangents]
+    with blockwise_sdpa():
+        if path == "blockwise" or len(tangents) == 1:
+            return [jvp(tan) for tan in tangents]
+        return list(torch.func.vmap(jvp)(torch.stack(tangents)).unbind(0))
+
+
+@contextlib.contextmanager
+def as_base(base):
+    """A denoiser's shared modules as the frozen base: its LoRA off, and no gradient checkpointing in them (a
+    checkpointed block recomputes during backward, when the LoRA is on again). None (f holds a copy): nothing."""
+    if base is None:
+        yield
+        return
+    blocks = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False)]
+    for m in blocks:
+        m.gradient_checkpointing = False
+    try:
+        with adapters_disabled(base) if getattr(base, "_hf_peft_config_loaded", False) else contextlib.nullcontext():
+            yield
+    finally:
+        for m in blocks:
+            m.gradient_checkpointing = True
+
+
+def refuse_cast(encoder, denoiser: str, args, kwargs) -> None:
+    """A shared f runs the denoiser's own weights: casting f alone would do nothing, so it is refused."""
+    dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+    if encoder._base is not None and dtype is not None and dtype != encoder.dtype:
+        raise NcpError(f"this encoder runs the {denoiser}'s own weights: cast the {denoiser}, or build the encoder "
+                       "with share=False to cast a copy of its own")
+
+
 def _contiguous_input(module, args):
     return (args[0].contiguous(), *args[1:])
 
@@ -53,6 +102,9 @@ class PerceptualEncoder(nn.Module):
     "mid" = after the mid block; "multiscale" = every down-path state and the mid block output,
     average-pooled to the smallest resolution, each scaled so every state weighs the same in the
     mean squared error whatever its channel count (the authors' SD1.5 setting). pool: spatial mean.
+
+    batch_calls: difference / fp32 run f on the true, the policy's and the reference's points in one call of 3x the
+    batch (`ncp.objective.perceptual_errors`) rather than three calls.
 
     share: run the U-Net's own modules (LoRA off) rather than a copy; False, or error=fp32 in a half-precision
     run, keeps a copy that `.to(dtype)` can cast on its own.
@@ -64,7 +116,8 @@ class PerceptualEncoder(nn.Module):
     x_{t-1} of policy and truth differ by 1e-4..1e-3 of their size, so half-precision rounding of
     f(x_pol) and f(x_true) separately can exceed their difference (benchmarks/precision.py)."""
 
-    def __init__(self, unet, features: str = "last", pool: bool = False, error: str = "difference", share: bool = True):
+    def __init__(self, unet, features: str = "last", pool: bool = False, error: str = "difference", share: bool = True,
+                 batch_calls: bool = False):
         super().__init__()
         if features not in FEATURES:
             raise NcpError(f"encoder.features must be one of {FEATURES}, got {features!r}")
@@ -74,7 +127,8 @@ class PerceptualEncoder(nn.Module):
             raise NcpError("build the perceptual encoder from the base U-Net before adding LoRA")
         self.features, self.pool = features, pool
         self.config = unet.config
-        self.error = error
+        self.error, self.batch_calls = error, batch_calls
+        self.linearize = "vmap"  # LINEARIZE: how jvp runs (a benchmark's switch, not a setting)
         keep = ["time_proj", "time_embedding", "time_embed_act", "conv_in", "down_blocks"]
         if unet.config.addition_embed_type == "text_time":
             keep += ["add_time_proj", "add_embedding"]
@@ -95,11 +149,7 @@ class PerceptualEncoder(nn.Module):
         self.eval()
 
     def to(self, *args, **kwargs):
-        """A shared f runs the U-Net's own weights: casting f alone would do nothing, so it is refused."""
-        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
-        if self._base is not None and dtype is not None and dtype != self.dtype:
-            raise NcpError("this encoder runs the U-Net's own weights: cast the U-Net, or build the encoder with "
-                           "share=False to cast a copy of its own")
+        refuse_cast(self, "U-Net", args, kwargs)
         return super().to(*args, **kwargs)
 
     @property
@@ -119,23 +169,8 @@ class PerceptualEncoder(nn.Module):
             emb = emb + self.add_embedding(add)
         return emb if self.time_embed_act is None else self.time_embed_act(emb)
 
-    @contextlib.contextmanager
     def _as_base(self):
-        """The shared modules as the frozen base: the U-Net's LoRA off, and no gradient checkpointing in them
-        (a checkpointed block recomputes during backward, when the LoRA is on again)."""
-        base = self._base
-        if base is None:
-            yield
-            return
-        blocks = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False)]
-        for m in blocks:
-            m.gradient_checkpointing = False
-        try:
-            with adapters_disabled(base) if getattr(base, "_hf_peft_config_loaded", False) else contextlib.nullcontext():
-                yield
-        finally:
-            for m in blocks:
-                m.gradient_checkpointing = True
+        return as_base(self._base)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         """x: (N, C, h, w) latents at timestep t (N,); cond: ncp.conditioning.Cond with N rows."""
@@ -153,25 +188,20 @@ class PerceptualEncoder(nn.Module):
         """torch.compile the feature computation; the switches around it (LoRA off) stay eager."""
         self._forward = torch.compile(self._forward, *args, **kwargs)
 
-    def jvp(self, x: torch.Tensor, t: torch.Tensor, cond, tangent: torch.Tensor) -> torch.Tensor:
-        """J_f(x) tangent, by forward-mode AD (torch.func.jvp), in this copy's precision; differentiable
-        in `tangent` (reverse over forward). The primal x gets no gradient. SDPA runs its math kernel:
-        the fused CPU/GPU attention kernels have no forward-AD formula (PyTorch 2.13). GroupNorm inputs are
-        made contiguous: group_norm's forward-AD formula fails on a strided primal (a VAE mean, which is a
+    def jvp(self, x: torch.Tensor, t: torch.Tensor, cond, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """[J_f(x) tangent for each tangent], by forward-mode AD (`linearize`), in this copy's precision;
+        differentiable in the tangents (reverse over forward). The primal x gets no gradient. GroupNorm inputs
+        are made contiguous: group_norm's forward-AD formula fails on a strided primal (a VAE mean, which is a
         channel slice of the posterior's parameters, or a channels-last activation)."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         norms = [m for name in self._keep if getattr(self, name) is not None
                  for m in getattr(self, name).modules() if isinstance(m, nn.GroupNorm)]
         hooks = [m.register_forward_pre_hook(_contiguous_input) for m in norms]
         try:  # the LoRA switch sets requires_grad, which a functorch transform forbids: switch outside it
-            with self._as_base(), sdpa_kernel([SDPBackend.MATH]):
-                _, out = torch.func.jvp(lambda x_: self._run(x_, t, cond), (x.detach().contiguous(),),
-                                        (tangent.to(x.dtype).contiguous(),))
+            with self._as_base():
+                return linearize(lambda x_: self._run(x_, t, cond), x, tangents, self.linearize)
         finally:
             for h in hooks:
                 h.remove()
-        return out
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         emb = self._embedding(t, cond)

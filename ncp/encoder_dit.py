@@ -1,11 +1,12 @@
-"""The perceptual encoder f for an MMDiT (SD3 / SD3.5): a frozen copy of the transformer's first stages.
+"""The perceptual encoder f for an MMDiT (SD3 / SD3.5): the frozen base transformer's first stages.
 
 f(x_{t'}, t', c) runs the patch embedding (with its positional embedding), the timestep + pooled-text
 embedding, the context embedder and the first K joint transformer blocks, and returns the image tokens'
 hidden states after block K (N, tokens, D), or their mean over tokens. This is the transformer's analogue
 of the U-Net's down path: the stages that read the noisy latent in the context of the timestep and the
-prompt. Only these modules are copied: no later block, no output norm or projection is kept in memory.
-Its weights never get gradients; gradients flow through its activations. Same interface as
+prompt. As the U-Net's f, it runs the transformer's own modules with the LoRA switched off (no copy of the
+K blocks: 624M parameters, 2.3 GB fp32, for SD3.5 Medium's 6); share=False, or error=fp32 in a half-precision run, keeps a copy
+of these modules only. Its weights never get gradients; gradients flow through its activations. Same interface as
 `ncp.encoder.PerceptualEncoder` (forward, jvp, error modes, dtype), so `ncp.objective` uses either.
 """
 
@@ -16,7 +17,7 @@ import copy
 import torch
 from torch import nn
 
-from .encoder import ERRORS, _f_precision
+from .encoder import ERRORS, _f_precision, as_base, linearize, refuse_cast
 from .errors import NcpError
 
 # Default K, measured (README "SD3", benchmarks/RESULTS.md section 4): the first quarter of the joint blocks
@@ -30,9 +31,10 @@ def default_blocks(num_layers: int) -> int:
 
 class DiTPerceptualEncoder(nn.Module):
     """blocks: K, the number of joint blocks kept (None = `default_blocks`); pool: mean over image tokens.
-    error: as PerceptualEncoder's (difference | linearized | fp32). Build it before LoRA is added."""
+    error, batch_calls: as PerceptualEncoder's. Build it before LoRA is added."""
 
-    def __init__(self, transformer, blocks: int | None = None, pool: bool = False, error: str = "difference"):
+    def __init__(self, transformer, blocks: int | None = None, pool: bool = False, error: str = "difference",
+                 batch_calls: bool = False, share: bool = True):
         super().__init__()
         if error not in ERRORS:
             raise NcpError(f"encoder.error must be one of {ERRORS}, got {error!r}")
@@ -42,16 +44,28 @@ class DiTPerceptualEncoder(nn.Module):
         blocks = default_blocks(num_layers) if blocks is None else blocks
         if not 1 <= blocks <= num_layers:
             raise NcpError(f"encoder.blocks must be between 1 and the transformer's {num_layers} joint blocks, got {blocks}")
-        self.blocks, self.pool, self.error = blocks, pool, error
+        self.blocks, self.pool, self.error, self.batch_calls = blocks, pool, error, batch_calls
+        self.linearize = "vmap"  # ncp.encoder.LINEARIZE: how jvp runs (a benchmark's switch, not a setting)
         self.config = transformer.config
-        self.pos_embed = copy.deepcopy(transformer.pos_embed)
-        self.time_text_embed = copy.deepcopy(transformer.time_text_embed)
-        self.context_embedder = copy.deepcopy(transformer.context_embedder)
-        self.transformer_blocks = nn.ModuleList(copy.deepcopy(b) for b in transformer.transformer_blocks[:blocks])
-        if self.fp32:
-            self.float()
+        modules = dict(pos_embed=transformer.pos_embed, time_text_embed=transformer.time_text_embed,
+                       context_embedder=transformer.context_embedder,
+                       transformer_blocks=nn.ModuleList(transformer.transformer_blocks[:blocks]))
+        self._base = None  # the transformer whose modules f runs (None: f holds a copy)
+        if not share or (self.fp32 and transformer.dtype != torch.float32):
+            for name, module in modules.items():  # its own copy, registered: .float() and .to() reach it
+                setattr(self, name, copy.deepcopy(module))
+            if self.fp32:
+                self.float()
+        else:  # the base's own modules, unregistered: f adds no parameters and no memory
+            object.__setattr__(self, "_base", transformer)
+            for name, module in modules.items():
+                object.__setattr__(self, name, module)
         self.requires_grad_(False)
         self.eval()
+
+    def to(self, *args, **kwargs):
+        refuse_cast(self, "transformer", args, kwargs)
+        return super().to(*args, **kwargs)
 
     @property
     def fp32(self) -> bool:
@@ -63,21 +77,20 @@ class DiTPerceptualEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
         """x: (N, C, h, w) latents; timestep: (N,) the transformer's timestep (sigma * 1000); cond: N rows."""
+        with as_base(self._base):
+            return self._run(x, timestep, cond)
+
+    def _run(self, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
         if not self.fp32:
             with _f_precision(self.error, self.dtype):
                 return self._forward(x, timestep, cond)
         with torch.autocast(x.device.type, enabled=False), _f_precision(self.error, self.dtype):
             return self._forward(x, timestep, cond.to(dtype=torch.float32))
 
-    def jvp(self, x: torch.Tensor, timestep: torch.Tensor, cond, tangent: torch.Tensor) -> torch.Tensor:
-        """J_f(x) tangent by forward-mode AD, as PerceptualEncoder.jvp (SDPA on its math kernel: the fused
-        kernels have no forward-AD formula in PyTorch 2.13)."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([SDPBackend.MATH]):
-            _, out = torch.func.jvp(lambda x_: self(x_, timestep, cond), (x.detach().contiguous(),),
-                                    (tangent.to(x.dtype).contiguous(),))
-        return out
+    def jvp(self, x: torch.Tensor, timestep: torch.Tensor, cond, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """[J_f(x) tangent for each tangent] by forward-mode AD, as PerceptualEncoder.jvp (`ncp.encoder.linearize`)."""
+        with as_base(self._base):  # the LoRA switch sets requires_grad, which a functorch transform forbids
+            return linearize(lambda x_: self._run(x_, timestep, cond), x, tangents, self.linearize)
 
     def _forward(self, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
         # as SD3Transformer2DModel.forward (diffusers 0.42), stopped after block K

@@ -127,27 +127,34 @@ def perceptual_errors(encoder, schedule: Schedule, cfg: ObjectiveConfig, x_t, t,
       fresh t' moves the point by the whole prediction error, no small step to linearize.
       Flow (SD3): eps / eps_hats are velocities, delta = (sigma_t' - sigma_t) (v_hat - v) for the ODE step.
 
-    Every prediction gets its own encoder call of the same batch size in the same grad mode: with
+    Every prediction gets its own encoder call of the same batch size in the same grad mode (or, with
+    `encoder.batch_calls`, one call of all three points; linearized: one jvp with both tangents): with
     policy = reference the errors are then bitwise equal (loss log 2, accuracy 1/2 at any batch size).
     Gradients reach eps_hat (the policy's) only through f's activations, never f's weights."""
     x_true = _x_target(schedule, cfg, x_t, t, eps, z, t_target, x0=x0).detach()
     t_target = model_timestep(schedule, t_target)  # f takes what the denoiser takes
     if encoder.error != "linearized":
-        f_true = _wide(encoder(x_true, t_target, cond))
-        return [mean_flat((_wide(encoder(_x_target(schedule, cfg, x_t, t, e, z, t_target), t_target, cond))
-                           - f_true) ** 2) for e in eps_hats]
+        points = [_x_target(schedule, cfg, x_t, t, e, z, t_target) for e in eps_hats]
+        if getattr(encoder, "batch_calls", False):  # one call, [policy; reference; true]: policy and reference at the rows they take alone
+            n = len(points) + 1
+            *feats, f_true = _wide(encoder(torch.cat(points + [x_true]), t_target.repeat(n), cond.repeat(n))).chunk(n)
+        else:
+            f_true = _wide(encoder(x_true, t_target, cond))
+            feats = [_wide(encoder(x, t_target, cond)) for x in points]
+        return [mean_flat((f - f_true) ** 2) for f in feats]
     if cfg.target != "prev":
         raise NcpError("encoder.error=linearized needs objective.target=prev (the one-step DDPM target)")
-    errs = []
+    tangents, scales = [], []
     for e in eps_hats:
         e = _wide(e)
         coef = schedule.step_coef(t)
         coef = coef.to(e.dtype).view(-1, *([1] * (e.dim() - 1)))
         delta = coef * (e - eps.to(e.dtype))
         rms = mean_flat(delta.detach() ** 2).sqrt().clamp(min=torch.finfo(e.dtype).tiny)
-        tangent = delta / rms.view_as(coef)
-        errs.append(rms ** 2 * mean_flat(_wide(encoder.jvp(x_true, t_target, cond, tangent)) ** 2))
-    return errs
+        tangents.append(delta / rms.view_as(coef))
+        scales.append(rms ** 2)
+    # one primal f(x_true) for every tangent (the policy's and the reference's in the same call)
+    return [s * mean_flat(_wide(j) ** 2) for s, j in zip(scales, encoder.jvp(x_true, t_target, cond, tangents))]
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,24 @@ def test_step_cost_prints_every_method_with_finite_figures(tmp_path, capsys):
     assert 0 < result["setup"]["encoder_share"] < 1 and result["setup"]["loader_pairs_per_s"] > 0
 
 
+@pytest.mark.parametrize("part", ["step", "errors"])
+def test_step_cost_modes_run_each_mode_in_its_own_process(tmp_path, capsys, part):
+    """--modes: one child process per perceptual-error mode; ratios to difference and latent DPO side by side."""
+    step_cost = load("step_cost")
+    out = tmp_path / "modes.json"
+    modes = ["latent", "difference", "linearized-math", "linearized"] if part == "step" else ["difference", "linearized"]
+    step_cost.main(["--model", "tiny-sd15", "--latent-size", "8", "--modes", *modes, "--part", part, "--warmup", "0",
+                    "--repeats", "1", "--threads", "1", "--json", str(out)])
+    rows = table_rows(capsys.readouterr().out)
+    by = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(by) == modes and set(modes) <= set(rows)
+    assert by["difference"]["time_vs_difference"] == 1.0 and by["difference"]["peak_vs_difference"] == 1.0
+    for r in by.values():
+        assert r["s_per_step"] > 0 and r["peak_gb"] > 0 and math.isfinite(r["loss"])
+    if part == "step":
+        assert by["latent"]["time_vs_latent"] == 1.0 and by["linearized"]["time_vs_latent"] > 0
+
+
 def test_step_cost_fast_times_the_plain_and_the_fast_path(capsys):
     """--fast on the tiny U-Net, plain and compiled + channels-last (the graphs tests/test_fast.py compiles too)."""
     step_cost = load("step_cost")

@@ -376,3 +376,69 @@ def test_bf16_linearized_error_stays_close_where_the_difference_drowns(tiny_sd15
     rel = {e: (h.double() - exact).abs() / exact for e, h in half.items()}
     assert rel["linearized"].max() < 2e-2, rel
     assert rel["difference"].min() > 0.5, rel
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_linearize_paths_give_the_math_kernels_errors_and_gradient(tiny_paths, arch, monkeypatch):
+    """f's jvp with one primal for both tangents (vmap) and with blockwise attention, in blocks that split the
+    queries unevenly, gives the errors and the LoRA gradient of PyTorch's math-kernel jvp (float64)."""
+    from ncp import attention
+
+    monkeypatch.setattr(attention, "BLOCK_ELEMENTS", 30000)  # blocks of a few queries, the last one short
+    models, base, x0, cond, rnd = float64_policy(tiny_paths[arch])
+    schedule, cfg = Schedule.from_scheduler(models.scheduler), ObjectiveConfig(loss="dpo")
+    params = [p for p in models.unet.parameters() if p.requires_grad]
+    encoder = PerceptualEncoder(base, error="linearized")
+    results = {}
+    for path in ("math", "blockwise", "vmap"):
+        encoder.linearize = path
+        (x_t, t, eps, z, t_target), eps_hats = predictions(models, schedule, x0, cond, rnd, 0.3)
+        errs = perceptual_errors(encoder, schedule, cfg, x_t, t, eps, z, t_target, cond, x0, eps_hats)
+        grad = torch.autograd.grad(errs[0].sum(), params)
+        results[path] = torch.stack(errs).detach(), torch.cat([g.flatten() for g in grad])
+    err_m, grad_m = results["math"]
+    assert grad_m.norm() > 0
+    for path in ("blockwise", "vmap"):
+        err, grad = results[path]
+        assert torch.allclose(err, err_m, rtol=1e-10, atol=0), path
+        assert torch.allclose(grad, grad_m, rtol=1e-9, atol=1e-12 * grad_m.abs().max()), path
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_batched_calls_give_the_separate_calls_errors_gradient_and_log2(tiny_sd15, precision):
+    """encoder.batch_calls: f on the true, the policy's and the reference's points in one call of 3x the batch
+    gives the errors and LoRA gradient of three calls, and log 2 / accuracy 1/2 at 1, 2, 3 pairs with
+    policy = reference (both in the same call)."""
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16}[precision]
+    models = load_models(str(tiny_sd15), weight_dtype=dtype)
+    encoder = PerceptualEncoder(models.unet, features="multiscale")
+    params = add_lora(models.unet, rank=4)
+    models.unet.train()
+    schedule, cfg = Schedule.from_scheduler(models.scheduler), ObjectiveConfig(loss="dpo", beta=2500.0)
+    amp = lambda: torch.autocast("cpu", dtype=dtype, enabled=precision != "no")  # noqa: E731
+    for pairs in (1, 2, 3):
+        cond = build_cond(models, PROMPTS[:1] * pairs, target_size=(32, 32))
+        x0 = torch.randn(2 * pairs, 4, 16, 16, generator=torch.Generator().manual_seed(pairs))
+        rnd = sample_randomness(pairs, (4, 16, 16), 1000, torch.Generator().manual_seed(pairs))
+        encoder.batch_calls = True
+        with amp():
+            loss, metrics = compute_objective(models.unet, encoder, schedule, x0, cond, rnd, cfg)
+        assert abs(loss.item() - math.log(2)) < 1e-6, pairs
+        assert torch.equal(metrics["implicit_acc"], torch.full((pairs,), 0.5)), pairs
+        assert torch.equal(metrics["err_w"], metrics["ref_err_w"]) and (metrics["err_w"] > 0).all()
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(p.dtype))
+    results = {}
+    for batched in (False, True):
+        encoder.batch_calls = batched
+        with amp():
+            loss, metrics = compute_objective(models.unet, encoder, schedule, x0, cond, rnd, cfg)
+        grad = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+        results[batched] = torch.cat([metrics["err_w"], metrics["ref_err_w"]]), grad
+    (err_s, grad_s), (err_b, grad_b) = results[False], results[True]
+    assert not torch.equal(err_s[:3], err_s[3:])  # the policy is off the reference
+    tol = 1e-5 if precision == "no" else 2e-2
+    assert torch.allclose(err_b, err_s, rtol=tol, atol=0)
+    # the gradient goes through beta * (err - ref_err): the cancellation makes its rounding ~100x the errors'
+    assert (grad_b - grad_s).norm() <= 100 * tol * grad_s.norm()

@@ -144,7 +144,7 @@ def test_logit_normal_timesteps_concentrate_in_the_middle():
 def test_encoder_is_the_first_k_blocks_of_the_base_transformer(tiny_sd3):
     models = load_models(str(tiny_sd3))
     tr = models.unet
-    encoder = DiTPerceptualEncoder(tr, blocks=2)
+    encoder = DiTPerceptualEncoder(tr, blocks=2, share=False)  # a copy: what it holds is its own
     names = {n.split(".")[0] for n, _ in encoder.named_parameters()}
     assert names == {"pos_embed", "time_text_embed", "context_embedder", "transformer_blocks"}
     assert len(encoder.transformer_blocks) == 2 and len(tr.transformer_blocks) == 4  # no block after K is kept
@@ -423,6 +423,41 @@ def test_toy_alignment_sd3_smoke(tmp_path):
     assert [c["loss"] for c in result["summary"]["comparisons"]] == ["DPO"]
 
 
+def test_encoder_shares_the_transformers_modules_and_stays_the_base(tiny_sd3):
+    """f runs the transformer's own first K blocks (no copy: the same storage) with the LoRA off, so it gives the
+    copying encoder's features even with a trained LoRA and under gradient checkpointing; gradients flow through
+    its activations, never into its weights; a cast of f alone is refused; fp32 in a bf16 run keeps a copy."""
+    models = load_models(str(tiny_sd3))
+    tr = models.unet
+    shared, copied = DiTPerceptualEncoder(tr, blocks=2), DiTPerceptualEncoder(tr, blocks=2, share=False)
+    assert not list(shared.parameters())  # holds nothing of its own
+    ptrs = lambda enc: [p.data_ptr() for name in ("pos_embed", "time_text_embed", "context_embedder",  # noqa: E731
+                                                  "transformer_blocks") for p in getattr(enc, name).parameters()]
+    base_ptrs = {p.data_ptr() for p in tr.parameters()}
+    assert ptrs(shared) and set(ptrs(shared)) <= base_ptrs and not set(ptrs(copied)) & base_ptrs
+    cond = build_cond(models, PROMPTS, target_size=(32, 32)).index(slice(0, 2))
+    x, ts = torch.randn(2, *LATENT), torch.tensor([900.0, 40.0])
+    before = shared(x, ts, cond)
+    assert torch.equal(before, copied(x, ts, cond))
+    params = add_lora(tr, rank=4)
+    with torch.no_grad():
+        for p in params:
+            p.normal_()  # a trained LoRA (B != 0): the policy moves, f does not
+    tr.enable_gradient_checkpointing()
+    tr.train()
+    x_grad = x.clone().requires_grad_(True)
+    after = shared(x_grad, ts, cond)
+    assert torch.equal(after, before)
+    after.square().sum().backward()
+    assert x_grad.grad.abs().sum() > 0 and all(p.grad is None for p in tr.parameters())
+    assert tr.gradient_checkpointing  # switched back on after f
+    with pytest.raises(NcpError, match="runs the transformer's own weights"):
+        shared.to(torch.bfloat16)
+    half = load_models(str(tiny_sd3), weight_dtype=torch.bfloat16).unet
+    copy32 = DiTPerceptualEncoder(half, blocks=2, error="fp32")
+    assert copy32.dtype == torch.float32 and copy32.transformer_blocks[0] is not half.transformer_blocks[0]
+
+
 def test_bf16_linearized_error_stays_close_where_the_difference_drowns(tiny_sd3):
     """As for the U-Net (README "Precision of f"): with f in bf16, the linearized error stays within a few %
     of float64 while the difference of two rounded features is off by more than half its size; that is why
@@ -435,10 +470,64 @@ def test_bf16_linearized_error_stays_close_where_the_difference_drowns(tiny_sd3)
                                               cond, x0, hats))
         rel = {}
         for error in ("difference", "linearized"):
-            encoder = DiTPerceptualEncoder(base, blocks=2, error=error).to(torch.bfloat16)
+            encoder = DiTPerceptualEncoder(base, blocks=2, error=error, share=False).to(torch.bfloat16)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 half = torch.stack(perceptual_errors(encoder, schedule, cfg, x_t.float(), t, v.float(), z.float(), tt,
                                                      cond.to(dtype=torch.bfloat16), x0.float(), [h.float() for h in hats]))
             rel[error] = (half.double() - exact).abs() / exact
     assert rel["linearized"].max() < 5e-2, rel
     assert rel["difference"].median() > 0.5, rel
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("error", ["difference", "linearized"])
+def test_policy_equal_to_reference_is_log2_at_batch_sizes_1_2_3(tiny_sd3, error, precision):
+    """The policy's and the reference's errors come from calls of the same shape (linearized: one jvp with both
+    tangents): bitwise equal at any batch size."""
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16}[precision]
+    models, encoder, _, schedule, _, _, _ = setup(tiny_sd3, error=error, dtype=dtype)
+    cfg = ObjectiveConfig(loss="dpo", beta=2500.0)
+    for pairs in (1, 2, 3):
+        cond = build_cond(models, PROMPTS[:1] * pairs, target_size=(32, 32)).to(dtype=dtype)
+        x0 = torch.randn(2 * pairs, *LATENT, generator=torch.Generator().manual_seed(pairs))
+        rnd = randomness_for(cfg, schedule, pairs, LATENT, torch.Generator().manual_seed(pairs))
+        with torch.autocast("cpu", dtype=dtype, enabled=precision != "no"):
+            loss, metrics = compute_objective(models.unet, encoder, schedule, x0, cond, rnd, cfg)
+        assert abs(loss.item() - math.log(2)) < 1e-6, pairs
+        assert torch.equal(metrics["implicit_acc"], torch.full((pairs,), 0.5)), pairs
+        assert torch.equal(metrics["err_w"], metrics["ref_err_w"]) and (metrics["err_w"] > 0).all()
+
+
+def test_linearize_paths_give_the_math_kernels_errors_and_gradient(tiny_sd3, monkeypatch):
+    """SD3's joint attention: f's jvp with one primal for both tangents (vmap) and with blockwise attention over
+    uneven query blocks gives the errors and the LoRA gradient of PyTorch's math-kernel jvp (float64)."""
+    from ncp import attention
+
+    monkeypatch.setattr(attention, "BLOCK_ELEMENTS", 30000)
+    models, _, params, schedule, x0, cond, rnd = setup(tiny_sd3)
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    models.unet.double()
+    base = load_models(str(tiny_sd3), weight_dtype=torch.float64).unet
+    encoder = DiTPerceptualEncoder(base, blocks=2, error="linearized")
+    x0, cond, cfg = x0.double(), cond.to(dtype=torch.float64), ObjectiveConfig(loss="dpo")
+    t, eps, z, tt = (x.repeat(2, *([1] * (x.dim() - 1))) for x in (rnd.t, rnd.eps, rnd.z, rnd.t_target))
+    eps, z = eps.double(), z.double()
+    x_t = schedule.q_sample(x0, t, eps)
+    v = schedule.velocity(x0, eps)
+    results = {}
+    for path in ("math", "blockwise", "vmap"):
+        encoder.linearize = path
+        v_pol = models.unet(x_t, timestep=schedule.model_timestep(t), **cond.unet_kwargs()).sample
+        with torch.no_grad(), adapters_disabled(models.unet):
+            v_ref = models.unet(x_t, timestep=schedule.model_timestep(t), **cond.unet_kwargs()).sample
+        errs = perceptual_errors(encoder, schedule, cfg, x_t, t, v, z, tt, cond, x0, [v_pol, v_ref])
+        grad = torch.autograd.grad(errs[0].sum(), params)
+        results[path] = torch.stack(errs).detach(), torch.cat([g.flatten() for g in grad])
+    err_m, grad_m = results["math"]
+    assert grad_m.norm() > 0 and not torch.equal(err_m[0], err_m[1])
+    for path in ("blockwise", "vmap"):
+        err, grad = results[path]
+        assert torch.allclose(err, err_m, rtol=1e-10, atol=0), path
+        assert torch.allclose(grad, grad_m, rtol=1e-9, atol=1e-12 * grad_m.abs().max()), path

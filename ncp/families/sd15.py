@@ -75,7 +75,8 @@ class SD15(Family):
         by default)."""
         from ..encoder import PerceptualEncoder
 
-        return PerceptualEncoder(denoiser, encoder_cfg.features, encoder_cfg.pool, encoder_cfg.error)
+        return PerceptualEncoder(denoiser, encoder_cfg.features, encoder_cfg.pool, encoder_cfg.error,
+                                 batch_calls=encoder_cfg.batch_calls)
 
     def pipeline_extras(self, model_cfg) -> dict:
         return dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -114,7 +114,8 @@ class SD3(Family):
 
         if encoder_cfg.features != "last":
             raise NcpError(f"encoder.features={encoder_cfg.features!r} is for U-Nets; sd3 uses encoder.blocks (K)")
-        return DiTPerceptualEncoder(denoiser, encoder_cfg.blocks, encoder_cfg.pool, encoder_cfg.error)
+        return DiTPerceptualEncoder(denoiser, encoder_cfg.blocks, encoder_cfg.pool, encoder_cfg.error,
+                                    batch_calls=encoder_cfg.batch_calls)
 
     def lora_targets(self, denoiser, targets):
         """The default (image-stream) targets gain the context stream's projections, so both streams of every joint
