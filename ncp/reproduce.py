@@ -90,7 +90,7 @@ def resolved_runs(s: dict, out: Path) -> dict:
 
 # ---------------------------------------------------------------- estimate
 def count_prompts(spec: dict) -> int:
-    """Prompts of a set for the estimate: a file's lines, or the size of a named set (method-notes.md)."""
+    """Prompts of a set for the estimate: a file's lines, or the size of a named set (docs/method.md, "Evaluation prompts")."""
     kind = str(spec.get("prompts"))
     full = {"parti": 1632, "pickapic": 500, "hpsv2": 3200}
     size = sum(1 for line in Path(kind).read_text().splitlines() if line.strip()) if Path(kind).is_file() else full.get(kind, 0)
