@@ -46,8 +46,8 @@ class ModelConfig:
 class EncoderConfig:
     features: str = "last"  # last down block (authors' SDXL); "multiscale" = authors' SD1.5 (down + mid + all states)
     pool: bool = False  # spatial mean-pool the features before the distance (sd3: mean over image tokens)
-    blocks: int | None = None  # sd3: joint transformer blocks in f; None = a quarter of them (measured, README "SD3")
-    error: str = "auto"  # difference | linearized | fp32 | auto (chosen by train.mixed_precision): README "Precision of f"
+    blocks: int | None = None  # sd3: joint transformer blocks in f; None = a quarter of them (measured, docs/sd3.md)
+    error: str = "auto"  # difference | linearized | fp32 | auto (chosen by train.mixed_precision): docs/precision.md
 
 
 @dataclass
@@ -81,9 +81,9 @@ class TrainConfig:
     max_epochs: float | None = None  # if set, the run length in passes over the data (overrides max_steps)
     mixed_precision: str = "no"  # no | fp16 | bf16: frozen weights in this precision, LoRA stays fp32
     gradient_checkpointing: bool = False  # trade compute for memory on the policy U-Net
-    compile: bool = False  # torch.compile the U-Net and f (README "Fast path": minutes of compiling first)
+    compile: bool = False  # torch.compile the U-Net and f (docs/training.md "Fast path": minutes of compiling first)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune(-no-cudagraphs)
-    channels_last: bool = False  # channels-last weights for the U-Net, VAE and f (README "Fast path")
+    channels_last: bool = False  # channels-last weights for the U-Net, VAE and f (docs/training.md "Fast path")
     attention: str = "auto"  # SDPA backend: auto (PyTorch picks) | flash | efficient | cudnn | math
     checkpoint_every: int = 500  # optimizer steps between checkpoints
     keep_checkpoints: int = 3  # oldest are deleted beyond this many

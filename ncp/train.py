@@ -139,7 +139,7 @@ def build_models(cfg: Config, acc) -> Parts:
         models.unet.enable_gradient_checkpointing()
     models.unet.train()
     parts = Parts(models, build_schedule(cfg, models), encoder, params, models.arch)
-    apply_fast_path(parts, tc)                        # train.channels_last, train.compile (README "Fast path")
+    apply_fast_path(parts, tc)                        # train.channels_last, train.compile (docs/training.md "Fast path")
     return parts
 
 
