@@ -208,6 +208,30 @@ def per_prompt(scores: np.ndarray) -> np.ndarray:
     return scores.mean(axis=(0, 2))
 
 
+def write_toy_mirror(folder: Path, captions: list[str], n: int) -> Path:
+    """The first n toy pairs (stream PAIRS_SEED) of `captions` in the Pick-a-Pic v2 schema (caption, uids, labels,
+    PNG bytes in jpg_0 / jpg_1; image 0 wins), as one train parquet shard: a local stand-in for a hub mirror."""
+    import io
+
+    import pandas as pd
+
+    def png(img) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+
+    keep, rows, i = set(captions), [], 0
+    while len(rows) < n:
+        caption, win, lose = toy_pair(PAIRS_SEED, i, 32)
+        if caption in keep:
+            rows.append((caption, f"w{i}", f"l{i}", 1.0, 0.0, png(win), png(lose)))
+        i += 1
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["caption", "image_0_uid", "image_1_uid", "label_0", "label_1", "jpg_0", "jpg_1"]) \
+        .to_parquet(folder / "data" / "train-00000-of-00001.parquet")
+    return folder
+
+
 # ---------------------------------------------------------------- the shipped base
 BASE_FILE = Path(__file__).parent / "assets" / "toy_sd15_base.safetensors"
 PARTS = ("unet", "vae", "text_encoder")  # what pretraining sets; tokenizer and scheduler come from ncp.tiny
@@ -270,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--retrain", action="store_true", help="pretrain the base again instead (about 5 minutes)")
     p.add_argument("--save-weights", help="with --retrain: the safetensors file to write (default <out>-work/base.safetensors)")
     a = p.parse_args(argv)
-    torch.set_num_threads(min(torch.get_num_threads(), 2))  # tiny models: more threads only contend
+    torch.set_num_threads(1)  # tiny models: on a shared CPU a second thread mostly waits
     weights = a.weights
     if a.retrain:  # pretrain in <out>-work, then assemble from the fp16 file as a shipped base is
         work = Path(a.out).with_name(Path(a.out).name + "-work")
