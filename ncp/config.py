@@ -34,7 +34,7 @@ AUTO_ERROR = {"no": "difference", "fp16": "linearized", "bf16": "linearized"}
 
 @dataclass
 class ModelConfig:
-    pretrained: str = "outputs/tiny-sd15"  # hub id or local diffusers folder; the quickstart's tiny SD1.5
+    pretrained: str = "outputs/tiny-sd15"  # hub id or local diffusers folder; default: python -m ncp.tiny --out outputs/tiny-sd15
     arch: str | None = None  # sd15 | sdxl | sd3; None = detect from the pipeline folder (set it to guard against mix-ups)
     vae: str | None = None  # VAE override, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16
     revision: str | None = None  # hub revision, for reproducible downloads

@@ -140,6 +140,7 @@ def before_after(base: Path, run: Path, prompts: list[str], seeds: list[int], st
     import torch
     from PIL import Image, ImageDraw
 
+    from ncp.data.toy import toy_reward
     from ncp.generate import load_pipeline, render
     from ncp.toy_base import GUIDANCE
 
@@ -149,19 +150,20 @@ def before_after(base: Path, run: Path, prompts: list[str], seeds: list[int], st
         before = render(pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, GUIDANCE, 32)
         pipe.load_lora_weights(str(run), adapter_name="ncp_quickstart")
         after = render(pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, GUIDANCE, 32)
-    cell, label, gap, head = 32 * scale, 290, 12, 24
-    width = label + 2 * len(seeds) * cell + gap
-    grid = Image.new("RGB", (width, head + len(prompts) * cell), "white")
+    cell, pad, label, gap, head = 32 * scale, 2, 290, 16, 24
+    step = cell + pad
+    grid = Image.new("RGB", (label + 2 * len(seeds) * step + gap, head + len(prompts) * step), "white")
     draw = ImageDraw.Draw(grid)
     draw.text((label, 6), "base", fill="black")
-    draw.text((label + len(seeds) * cell + gap, 6), "after NCP-DPO (same seeds)", fill="black")
+    draw.text((label + len(seeds) * step + gap, 6), "after NCP-DPO (same seeds)", fill="black")
     for i, prompt in enumerate(prompts):
-        y = head + i * cell
-        draw.text((6, y + cell // 2 - 6), prompt, fill="black")
-        for j in range(len(seeds)):
-            for k, images in enumerate((before, after)):
-                x = label + k * (len(seeds) * cell + gap) + j * cell
-                grid.paste(images[i * len(seeds) + j].resize((cell, cell), Image.NEAREST), (x, y))
+        y, shown = head + i * step, slice(i * len(seeds), (i + 1) * len(seeds))
+        rewards = [np.mean([toy_reward(img, prompt) for img in images[shown]]) for images in (before, after)]
+        draw.text((6, y + cell // 2 - 12), prompt, fill="black")
+        draw.text((6, y + cell // 2 + 4), f"toy reward {rewards[0]:.3f} -> {rewards[1]:.3f}", fill="gray")
+        for k, images in enumerate((before, after)):
+            for j, image in enumerate(images[shown]):
+                grid.paste(image.resize((cell, cell), Image.NEAREST), (label + k * (len(seeds) * step + gap) + j * step, y))
     grid.save(path)
     return path
 
@@ -185,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"quickstart: run folder {out}\nquickstart: training NCP-DPO on toy pairs of {len(split['train'])} train "
           f"captions:\n  {shlex.join(cmd)}", flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    if subprocess.run(cmd, env=env).returncode != 0:
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]  # `accelerate launch` of this Python's env
+    if subprocess.run(launcher + cmd[2:], env=env).returncode != 0:
         raise SystemExit(1)  # the training command printed its own error
     t_train = time.perf_counter()
     prompts, seeds = split["test"], list(range(a.seeds))
