@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(1)  # the training command printed its own error
     t_train = time.perf_counter()
     prompts, seeds = split["test"], list(range(a.seeds))
+    (out / "prompts.txt").write_text("\n".join(prompts) + "\n")  # the held-out captions, for the next commands
     print(f"quickstart: scoring the base and every checkpoint on {len(prompts)} held-out captions x {len(seeds)} seeds",
           flush=True)
     scores = score_run(base, out / "run", prompts, seeds, a.sample_steps)
@@ -217,11 +218,11 @@ def next_steps(out: Path, base: Path) -> str:
     return f"""
 Next:
   tensorboard --logdir {run}/logs                   # loss, implicit accuracy, errors per step
-  python -m ncp.generate --model {base} --lora {run} --prompts prompts.txt --seeds 0 1 --steps 8 --resolution 32 --out {out}/gen
-  python -m ncp.evaluate --index {out}/gen/index.jsonl --reward toy --out {out}/eval
+  python -m ncp.generate --model {base} --lora {run} --prompts {out}/prompts.txt --seeds 0 1 --steps 8 --guidance 1 --resolution 32 --device cpu --out {out}/gen
+  python -m ncp.evaluate --index {out}/gen/index.jsonl --reward toy --out {out}/eval   # win rate over the base
   accelerate launch -q --num_processes 4 train_ncp_dpo.py --config configs/sd15_ncp_dpo.yaml   # the paper's SD1.5 run, 4 GPUs
   accelerate launch -q --num_processes 4 train_ncp_dpo.py --config configs/sdxl_ncp_dpo.yaml   # SDXL
-(prompts.txt: one toy caption a line, e.g. "a red circle on a white background"; every config: configs/, README.md)"""
+Every config: configs/; the guide: README.md and docs/."""
 
 
 if __name__ == "__main__":

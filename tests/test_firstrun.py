@@ -157,7 +157,7 @@ def test_new_run_dir_never_reuses_a_folder(tmp_path):
     assert first != second and first.is_dir() and second.is_dir() and first.parent == second.parent == tmp_path
 
 
-def test_quickstart_shortened_writes_the_table_curve_and_grid(tmp_path, monkeypatch):
+def test_quickstart_shortened_writes_the_table_curve_and_grid(tmp_path, monkeypatch, capsys):
     """The quickstart's steps at smoke size: the shipped toy base, NCP-DPO through `accelerate launch
     train_ncp_dpo.py`, scoring with intervals, reward_curve.png, before_after.png, the next commands."""
     from PIL import Image
@@ -180,3 +180,8 @@ def test_quickstart_shortened_writes_the_table_curve_and_grid(tmp_path, monkeypa
     assert grid.size[0] > 2 * 2 * 96 and grid.size[1] > 6 * 96  # 6 prompts x (2 base + 2 aligned seeds), upscaled
     assert json.loads((out / "results.json").read_text())["rows"] == result["rows"]
     assert (out / "run" / "pytorch_lora_weights.safetensors").is_file()
+    printed = capsys.readouterr().out
+    for nxt in ("tensorboard --logdir", f"python -m ncp.generate --model {tmp_path / 'base'} --lora {out / 'run'} "
+                f"--prompts {out / 'prompts.txt'}", "python -m ncp.evaluate --index", "configs/sd15_ncp_dpo.yaml"):
+        assert nxt in printed
+    assert len((out / "prompts.txt").read_text().splitlines()) == 18  # the held-out captions
