@@ -176,7 +176,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sample-steps", type=int, default=8, help="sampler steps per image")
     p.add_argument("overrides", nargs="*", help="config overrides for the training run, key.sub=value")
     a = p.parse_args(argv)
+    import torch
+
     from ncp.toy_base import split_captions, write_train_pairs
+
+    # tiny models: one thread each; on a busy 2-core machine a second thread made a tiny U-Net forward 20x slower
+    # (benchmarks/RESULTS.md, Machine), and a single one costs little on an idle one
+    torch.set_num_threads(1)
 
     t0 = time.perf_counter()
     out = new_run_dir(Path(a.out))
@@ -186,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     cmd = train_command(out, base, pairs, a.overrides)
     print(f"quickstart: run folder {out}\nquickstart: training NCP-DPO on toy pairs of {len(split['train'])} train "
           f"captions:\n  {shlex.join(cmd)}", flush=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]  # `accelerate launch` of this Python's env
     if subprocess.run(launcher + cmd[2:], env=env).returncode != 0:
         raise SystemExit(1)  # the training command printed its own error
