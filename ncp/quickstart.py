@@ -32,7 +32,7 @@ from ncp.errors import NcpError, run_cli
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "quickstart_ncp_dpo.yaml"
 BASE_DIR = Path("outputs/toy-sd15-base")
-SEEDS = list(range(8))  # image seeds per test caption: 18 x 8 = 144 images per point
+SEEDS = list(range(4))  # image seeds per held-out caption: 18 x 4 = 72 images per point (scoring is most of the time)
 SHOW = dict(prompts=6, seeds=4, scale=3)  # before_after.png: first 6 test captions x 4 seeds, 32 px shown at 96
 
 
