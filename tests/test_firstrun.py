@@ -72,6 +72,7 @@ def test_local_paths_and_hub_ids_are_told_apart(tmp_path, monkeypatch):
 def test_a_missing_model_folder_is_one_line_at_once(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
+    monkeypatch.chdir(tmp_path)  # relative paths as on a fresh clone
     t0 = time.perf_counter()
     with pytest.raises(NcpError, match=r"^model.pretrained=outputs/tiny-sdxl: no such folder\. .*"
                                        r"`python -m ncp.tiny --arch sdxl --out outputs/tiny-sdxl`"):
