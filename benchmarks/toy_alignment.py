@@ -65,7 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the training scripts and ncp, from a clean checkout
 
 from ncp.data.toy import BACKGROUNDS, COLOURS, SHAPES, parse_caption, render, toy_reward  # noqa: E402
-from ncp.toy_base import (BASE_TOL, BOOT, CAPTION_NOISE, GUIDANCE, SPLIT_SEED, base_check_seeds,  # noqa: E402,F401
+from ncp.toy_base import (BASE_TOL, BOOT, CAPTION_NOISE, GUIDANCE, SPLIT, SPLIT_SEED, base_check_seeds,  # noqa: E402,F401
                           bootstrap, per_prompt, pretrain_base, score_images, split_captions, write_train_pairs)
 
 # name -> (loss, space, train.mixed_precision, encoder.error); the first six are the objectives
