@@ -2,7 +2,7 @@
 forward, for several K and latent sizes, counted on the meta device (no memory, no compute: seconds).
 
 The U-Net's down path, f for SD1.5/SDXL, is about 30% of a U-Net forward (benchmarks/step_cost.py); this gives
-the K with the same share for the MMDiT (README "SD3").
+the K with the same share for the MMDiT (docs/sd3.md).
 
     python benchmarks/sd3_encoder_share.py --json outputs/bench/sd3_encoder_share.json
 """

@@ -47,7 +47,6 @@ differ in K alone; beta is scaled per space and per K. No bf16 rows (tests/test_
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
 import json
 import random
@@ -61,15 +60,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the training scripts and ncp, from a clean checkout
 
 from ncp import families  # noqa: E402
-from ncp.data.loader import to_tensor  # noqa: E402
-from ncp.data.toy import (BACKGROUNDS, COLOURS, SHAPES, parse_caption, render, toy_caption, toy_pair,  # noqa: E402
-                          toy_reward)
+from ncp.data.toy import BACKGROUNDS, COLOURS, SHAPES, parse_caption, render, toy_reward  # noqa: E402
+from ncp.toy_base import (BASE_TOL, BOOT, CAPTION_NOISE, GUIDANCE, SPLIT, SPLIT_SEED, base_check_seeds,  # noqa: E402,F401
+                          bootstrap, per_prompt, pretrain_base, score_images, split_captions, write_train_pairs)
 
 # name -> (loss, space, train.mixed_precision, encoder.error); the first six are the objectives
 METHODS = {"NCP-DPO": ("dpo", "perceptual", "no", "difference"), "latent DPO": ("dpo", "latent", "no", "difference"),
@@ -85,16 +83,6 @@ SD3_LRS = [1e-4, 3e-4]  # the sd3 variant's lr grid, one step lower than the U-N
 DEFAULT_METHODS = {"sd15": list(METHODS), "sd3": OBJECTIVES + list(SD3_BLOCKS)}
 ARCH_LRS = {"sd3": SD3_LRS}  # lr grids that differ from the configuration's, by base
 PAIRS = [("DPO", "NCP-DPO", "latent DPO"), ("CPO", "NCP-CPO", "latent CPO"), ("SFT", "NCP-SFT", "latent SFT")]
-BASE_TOL = 0.005  # base stopping rule: the EMA reward gained less than this over the last two checks
-SPLIT = (27, 9, 18)  # train / validation / test captions out of the 54
-SPLIT_SEED = 10
-PRETRAIN_SEED = 1  # pretraining images come from another toy stream than the preference pairs (PAIRS_SEED)
-# Share of pretraining images that show the pair's loser (one attribute wrong) under the caption: web-like
-# caption noise. A base fitted to clean winners left no room for preference training at all (RESULTS.md, 2).
-CAPTION_NOISE = 0.4
-PAIRS_SEED = 0
-BOOT = 2000  # bootstrap resamples
-GUIDANCE = 1.0  # no classifier-free guidance: the base follows captions only partly, which leaves room to align
 
 # Sizes. img_seeds x 18 test captions >= 256 test images per point (full, quick).
 FULL = dict(vae_steps=200, base_max=1800, base_check=150, base_batch=16, base_lr=2e-3, ema=0.995,
@@ -111,30 +99,6 @@ def slug(name: str) -> str:
 
 
 # ---------------------------------------------------------------- 0. prompts and data
-def split_captions() -> dict[str, list[str]]:
-    """The 54 toy captions, shuffled once with SPLIT_SEED, cut into disjoint train / val / test sets."""
-    captions = [toy_caption(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
-    random.Random(SPLIT_SEED).shuffle(captions)
-    n_train, n_val, _ = SPLIT
-    return dict(train=captions[:n_train], val=captions[n_train:n_train + n_val], test=captions[n_train + n_val:])
-
-
-def write_train_pairs(out: Path, captions: list[str], n: int) -> Path:
-    """The first n toy pairs (stream PAIRS_SEED) whose caption is a train caption, as a `pairs` JSONL."""
-    folder = out / "pairs"
-    folder.mkdir(parents=True, exist_ok=True)
-    keep, rows, i = set(captions), [], 0
-    while len(rows) < n:
-        caption, win, lose = toy_pair(PAIRS_SEED, i, 32)
-        if caption in keep:
-            win.save(folder / f"{i}-w.png")
-            lose.save(folder / f"{i}-l.png")
-            rows.append(dict(prompt=caption, chosen=f"{i}-w.png", rejected=f"{i}-l.png"))
-        i += 1
-    path = folder / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 def reference_levels(prompts: list[str], size: int = 32) -> dict:
     """Toy reward of the exact image (1.0), a loser (one attribute wrong, as in the pairs) and chance
@@ -154,119 +118,8 @@ def reference_levels(prompts: list[str], size: int = 32) -> dict:
 
 
 # ---------------------------------------------------------------- scoring
-def score_images(pipe, prompts: list[str], seeds: list[int], steps: int, batch_size: int = 128) -> np.ndarray:
-    """toy_reward of every prompt x seed image, shape (prompts, seeds), sampled at GUIDANCE."""
-    from ncp.generate import render as render_images
-
-    jobs = [(p, s) for p in prompts for s in seeds]
-    scores = []
-    for i in range(0, len(jobs), batch_size):
-        batch = jobs[i:i + batch_size]
-        images = render_images(pipe, [p for p, _ in batch], [s for _, s in batch], steps, GUIDANCE, 32)
-        scores += [toy_reward(img, p) for img, (p, _) in zip(images, batch)]
-    return np.array(scores).reshape(len(prompts), len(seeds))
-
 
 # ---------------------------------------------------------------- 1. the base model
-def base_check_seeds(cfg: dict) -> list[int]:
-    """Image seeds of the base's stopping checks: other images than the grid's (1000 + i) and the test's (i)."""
-    return list(range(2000, 2000 + cfg["val_seeds"]))
-
-
-def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], log=print, arch: str = "sd15") -> dict:
-    """VAE, then U-Net (sd3: transformer) with an EMA, on toy images; saves the EMA pipeline to out/base
-    (rule: module docstring)."""
-    from diffusers.training_utils import EMAModel
-
-    from ncp.conditioning import Cond, encode_prompts
-    from ncp.config import ModelConfig, ObjectiveConfig
-    from ncp.flow import sample_timesteps
-    from ncp.models import Models
-    from ncp.tiny import build_tiny_pipeline
-
-    t_start = time.perf_counter()
-    family = families.get(arch)
-    build_tiny_pipeline(out / "init", arch, seed=0)
-    pipe = family.pipeline_class.from_pretrained(out / "init", **family.pipeline_extras(ModelConfig()))
-    pipe.set_progress_bar_config(disable=True)
-    pairs = [toy_pair(PRETRAIN_SEED, i, 32) for i in range(max(64, cfg["num_pairs"]))]
-    captions = [c for c, _, _ in pairs]
-    winners = torch.stack([to_tensor(w) for _, w, _ in pairs])
-    images = torch.cat([winners, torch.stack([to_tensor(l) for _, _, l in pairs])])
-    g = torch.Generator().manual_seed(0)
-
-    # VAE: reconstruction + a small KL (weight 1e-6, as SD's KL-f8 autoencoder) on all toy images
-    vae = pipe.vae
-    vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    for _ in range(cfg["vae_steps"]):
-        x = images[torch.randint(0, len(images), (32,), generator=g)]
-        post = vae.encode(x).latent_dist
-        loss = F.mse_loss(vae.decode(post.sample(generator=g)).sample, x) + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        mean = vae.encode(images).latent_dist.mean  # [winners; losers]
-        recon = vae.decode(mean[:len(winners)]).sample
-    if vae.config.get("shift_factor") is not None:  # SD3's VAE centres its latents too: (z - shift) * scale
-        vae.register_to_config(shift_factor=float(mean.mean()), scaling_factor=float(1 / mean.std()))
-        mean = mean - vae.config.shift_factor
-    else:
-        vae.register_to_config(scaling_factor=float(1 / mean.std()))  # unit-variance latents, as SD's 0.18215
-    noisy = torch.rand(len(winners), generator=torch.Generator().manual_seed(PRETRAIN_SEED)) < CAPTION_NOISE
-    latents = torch.where(noisy.view(-1, 1, 1, 1), mean[len(winners):], mean[:len(winners)]) * vae.config.scaling_factor
-    vae_reward = statistics.mean(toy_reward(r, c) for r, c in zip(recon, captions))
-    log(f"VAE: {cfg['vae_steps']} steps, recon MSE {F.mse_loss(recon, winners).item():.4f}, toy reward of "
-        f"reconstructed winners {vae_reward:.4f} (the ceiling), {time.perf_counter() - t_start:.0f} s")
-
-    # U-Net: epsilon-MSE on the (noisy-caption) latents, 10% empty captions; the EMA copy is checked and saved.
-    # sd3: the transformer with velocity-MSE, t from SD3's logit-normal density (the process's training density)
-    denoiser = family.denoiser_key
-    unet = getattr(pipe, denoiser)
-    ema_unet = copy.deepcopy(unet).requires_grad_(False)
-    ema = EMAModel(unet.parameters(), decay=cfg["ema"])
-    schedule = family.noise_process(pipe.scheduler, ObjectiveConfig())
-    parts = pipe.components
-    models = Models(family, unet, vae, [parts[k] for k in ("tokenizer", "tokenizer_2", "tokenizer_3") if k in parts],
-                    [parts[k] for k in ("text_encoder", "text_encoder_2", "text_encoder_3") if k in parts], pipe.scheduler)
-    text, empty_text = encode_prompts(models, captions), encode_prompts(models, [""])
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["base_lr"])
-    bs, history, step = cfg["base_batch"], [], 0
-    while True:
-        if step % cfg["base_check"] == 0:
-            ema.copy_to(ema_unet.parameters())
-            setattr(pipe, denoiser, ema_unet)
-            with torch.no_grad():
-                reward = float(score_images(pipe, val, check_seeds, cfg["sample_steps"]).mean())
-            setattr(pipe, denoiser, unet)
-            history.append(dict(step=step, reward=reward))
-            gained = reward - history[-3]["reward"] if len(history) >= 3 else float("inf")
-            log(f"base U-Net step {step}: EMA toy reward on validation captions {reward:.4f}, gain over the "
-                f"last two checks {gained:+.4f}, {time.perf_counter() - t_start:.0f} s")
-            if gained < BASE_TOL or step >= cfg["base_max"]:
-                break
-        unet.train()
-        idx = torch.randint(0, len(latents), (bs,), generator=g)
-        x0 = latents[idx]
-        drop = torch.rand(bs, generator=g) < 0.1
-        cond = Cond(*(None if c is None else torch.where(drop.view(-1, *[1] * (c.dim() - 1)), e, c)
-                      for c, e in zip(text.index(idx)._tensors(), empty_text.repeat(bs)._tensors())))
-        t = sample_timesteps(bs, schedule.num_timesteps, g, schedule.training_density)
-        eps = torch.randn(x0.shape, generator=g)
-        pred = family.denoise(unet, schedule.q_sample(x0, t, eps), schedule.model_timestep(t), cond)
-        loss = F.mse_loss(pred, schedule.target(x0, eps))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema.step(unet.parameters())
-        step += 1
-    setattr(pipe, denoiser, ema_unet)
-    pipe.save_pretrained(out / "base")
-    return dict(vae_steps=cfg["vae_steps"], vae_recon_reward=vae_reward, unet_steps=step, history=history,
-                stopped_by="rule" if step < cfg["base_max"] else "base_max", seconds=time.perf_counter() - t_start)
-
 
 # ---------------------------------------------------------------- 2. beta scale, runs
 def space_key(method: str) -> str:
@@ -378,17 +231,6 @@ def run_jobs(jobs: list[dict], workers: int, log=print) -> list[dict]:
 
 
 # ---------------------------------------------------------------- 4. statistics
-def bootstrap(clusters: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float]:
-    """Mean of per-prompt values and its 95% percentile-bootstrap interval, prompts resampled with replacement."""
-    idx = rng.integers(0, len(clusters), size=(BOOT, len(clusters)))
-    means = clusters[idx].mean(axis=1)
-    return float(clusters.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def per_prompt(scores: np.ndarray) -> np.ndarray:
-    """(training seeds, prompts, image seeds) -> one value per prompt: its cluster mean."""
-    return scores.mean(axis=(0, 2))
-
 
 def at_time(curve: dict[int, np.ndarray], seconds: dict[int, float], t: float) -> np.ndarray:
     """Scores at training time t, linear between the checkpoints around it (curve and seconds keyed by step)."""

@@ -6,7 +6,7 @@ SD's VAE, a CLIP ViT-L/14-size text encoder; written once with `save_pretrained`
 LoRA rank 64, 8-bit AdamW, once per setting and in alternating rounds (these machines drift by 10-15%).
 Reports the median step time of steps 3 on (from metrics.jsonl; step 1 holds any compiling) and the peak
 RSS of the whole training process (getrusage of the child), beside the peers' figures on this CPU
-(../shared/reference/environment.md: the authors' NCP-DPO 9.1-9.7 s and 8.2 GB at 128 px, diffusers' DPO
+(measured on the same 2-core CPU, fp32, SD1.5 architecture with random weights: the authors' NCP-DPO 9.1-9.7 s and 8.2 GB at 128 px, diffusers' DPO
 example 5.7-6.7 s and 4.9 GB; both decode, VAE-encode and text-encode every step).
 
     python benchmarks/train_cost.py --resolution 128 --steps 12 --rounds 2 \\

@@ -6,6 +6,9 @@ model loads, naming the key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import os
 import re
 import types
 import typing
@@ -32,7 +35,7 @@ AUTO_ERROR = {"no": "difference", "fp16": "linearized", "bf16": "linearized"}
 
 @dataclass
 class ModelConfig:
-    pretrained: str = "outputs/tiny-sd15"  # hub id or local diffusers folder; the quickstart's tiny SD1.5
+    pretrained: str = "outputs/tiny-sd15"  # hub id or local diffusers folder; default: python -m ncp.tiny --out outputs/tiny-sd15
     arch: str | None = None  # sd15 | sdxl | sd3; None = detect from the pipeline folder (set it to guard against mix-ups)
     vae: str | None = None  # VAE override, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16
     revision: str | None = None  # hub revision, for reproducible downloads
@@ -44,8 +47,8 @@ class ModelConfig:
 class EncoderConfig:
     features: str = "last"  # last down block (authors' SDXL); "multiscale" = authors' SD1.5 (down + mid + all states)
     pool: bool = False  # spatial mean-pool the features before the distance (sd3: mean over image tokens)
-    blocks: int | None = None  # sd3: joint transformer blocks in f; None = a quarter of them (measured, README "SD3")
-    error: str = "auto"  # difference | linearized | fp32 | auto (chosen by train.mixed_precision): README "Precision of f"
+    blocks: int | None = None  # sd3: joint transformer blocks in f; None = a quarter of them (measured, docs/sd3.md)
+    error: str = "auto"  # difference | linearized | fp32 | auto (chosen by train.mixed_precision): docs/precision.md
     batch_calls: bool = False  # difference / fp32: f on true, policy and reference x_{t'} in one call of 3x the batch
 
 
@@ -80,9 +83,9 @@ class TrainConfig:
     max_epochs: float | None = None  # if set, the run length in passes over the data (overrides max_steps)
     mixed_precision: str = "no"  # no | fp16 | bf16: frozen weights in this precision, LoRA stays fp32
     gradient_checkpointing: bool = False  # trade compute for memory on the policy U-Net
-    compile: bool = False  # torch.compile the U-Net and f (README "Fast path": minutes of compiling first)
+    compile: bool = False  # torch.compile the U-Net and f (docs/training.md "Fast path": minutes of compiling first)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune(-no-cudagraphs)
-    channels_last: bool = False  # channels-last weights for the U-Net, VAE and f (README "Fast path")
+    channels_last: bool = False  # channels-last weights for the U-Net, VAE and f (docs/training.md "Fast path")
     attention: str = "auto"  # SDPA backend: auto (PyTorch picks) | flash | efficient | cudnn | math
     checkpoint_every: int = 500  # optimizer steps between checkpoints
     keep_checkpoints: int = 3  # oldest are deleted beyond this many
@@ -132,6 +135,9 @@ class Config:
     hub: HubConfig = field(default_factory=HubConfig)
 
     def validate(self) -> None:
+        for key, value in self.flat().items():  # before the range checks: NaN passes `beta <= 0`
+            if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+                raise NcpError(f"{key} must be finite (no NaN or inf), got {value}")
         self.objective.validate()
         self.data.validate()
         if self.model.arch not in (None, *families.names()):
@@ -280,8 +286,7 @@ def _merge(obj, values: dict, prefix: str, source: str, explicit: set) -> None:
     for key, value in values.items():
         name = f"{prefix}{key}"
         if key not in hints:
-            known = ", ".join(f"{prefix}{k}" for k in hints)
-            raise NcpError(f"{source}: unknown key {name!r} (known: {known})")
+            raise NcpError(f"{source}: unknown key {name!r}{_suggest(name, prefix, hints)}")
         if dataclasses.is_dataclass(hints[key]):
             if not isinstance(value, dict):
                 raise NcpError(f"{source}: {name} must be a section (mapping), got {value!r}")
@@ -289,6 +294,19 @@ def _merge(obj, values: dict, prefix: str, source: str, explicit: set) -> None:
         else:
             setattr(obj, key, _check_type(value, hints[key], name))
             explicit.add(name)
+
+
+def _suggest(name: str, prefix: str, hints: dict) -> str:
+    """'; did you mean train.max_steps?' for the closest key of the whole config (a misspelling, or a key in the
+    wrong section), else the keys known where `name` was given."""
+    keys = [*Config().flat(), *([] if "." in name else [f.name for f in dataclasses.fields(Config)])]
+    close = difflib.get_close_matches(name, keys, n=1, cutoff=0.75)
+    if not close:  # the right name in the wrong section, e.g. optim.max_steps
+        leaves = {k.rsplit(".", 1)[-1]: k for k in keys if "." in k}
+        close = [leaves[m] for m in difflib.get_close_matches(name.rsplit(".", 1)[-1], list(leaves), n=1, cutoff=0.8)]
+    if close:
+        return f"; did you mean {close[0]}?"
+    return f" (known: {', '.join(f'{prefix}{k}' for k in hints)})"
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -340,6 +358,53 @@ def load_config(path: str | None = None, overrides: list[str] = (), **forced) ->
     cfg.resolve()
     cfg.validate()
     return cfg
+
+
+# -- files named by the config: checked before the run folder guard and before any model or hub lookup -----------
+def looks_local(value: str) -> bool:
+    """A local path rather than a hub id (`org/name`): it starts with `.`, `/` or `~`, has more than one
+    separator, or its first part is outputs/ or a folder that exists here."""
+    if value.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in value):
+        return True
+    parts = value.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and (parts[0] == "outputs" or Path(parts[0]).is_dir()))
+
+
+def check_model_path(value: str | None, key: str, arch: str | None = None) -> None:
+    """One NcpError line, at once, for a model that cannot load: a local folder that does not exist (instead of
+    hub retries and "does not appear to have a file named config.json"), or a hub id outside the cache offline."""
+    if value is None or Path(value).expanduser().exists():
+        return
+    if looks_local(value):
+        if key == "model.vae":
+            raise NcpError(f"{key}={value}: no such folder; give a hub id (org/name) or an existing VAE folder")
+        make = (f"python -m ncp.toy_base --out {value}" if "toy" in Path(value).name
+                else f"python -m ncp.tiny --arch {arch or families.DEFAULT} --out {value}")
+        raise NcpError(f"{key}={value}: no such folder. Write a tiny offline pipeline there with `{make}`, or give "
+                       f"a hub id (org/name) or an existing diffusers folder")
+    from huggingface_hub import constants
+
+    cached = Path(constants.HF_HUB_CACHE) / f"models--{value.replace('/', '--')}"
+    if constants.HF_HUB_OFFLINE and not cached.is_dir():
+        raise NcpError(f"{key}={value}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 "
+                       f"forbids downloading it: download it once online (hf download {value}) or give a local folder")
+
+
+def check_paths(cfg: Config) -> None:
+    """Missing models and data files, as one NcpError line naming the key: cheap, so it runs before the run folder
+    guard (a typo must not cost a cleared folder) and before minutes of loading."""
+    check_model_path(cfg.model.pretrained, "model.pretrained", cfg.model.arch)
+    check_model_path(cfg.model.vae, "model.vae")
+    d = cfg.data
+    if d.path and (d.source in ("pairs", "parquet", "pickapic_meta", "authors_csv") or looks_local(d.path)):
+        import glob
+
+        found = glob.glob(os.path.expanduser(d.path)) if any(ch in d.path for ch in "*?[") else \
+            Path(d.path).expanduser().exists()
+        if not found:
+            raise NcpError(f"data.path={d.path}: no such file or folder (data.source={d.source})")
+    if d.image_dir and not Path(d.image_dir).expanduser().is_dir():
+        raise NcpError(f"data.image_dir={d.image_dir}: no such folder")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

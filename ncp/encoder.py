@@ -109,7 +109,7 @@ class PerceptualEncoder(nn.Module):
     share: run the U-Net's own modules (LoRA off) rather than a copy; False, or error=fp32 in a half-precision
     run, keeps a copy that `.to(dtype)` can cast on its own.
 
-    error: how the objective computes the perceptual error (ERRORS; ncp.objective, README "Precision"):
+    error: how the objective computes the perceptual error (ERRORS; ncp.objective, docs/precision.md):
       difference  f(x_pol) - f(x_true) in the run's precision (the authors' way);
       linearized  J_f(x_true) (x_pol - x_true) by forward-mode AD (`jvp`), the step formed in fp32;
       fp32        difference with this copy kept in fp32 and run outside autocast, with TF32 off.

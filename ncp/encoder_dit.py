@@ -20,7 +20,7 @@ from torch import nn
 from .encoder import ERRORS, _f_precision, as_base, linearize, refuse_cast
 from .errors import NcpError
 
-# Default K, measured (README "SD3", benchmarks/RESULTS.md section 4): the first quarter of the joint blocks
+# Default K, measured (docs/sd3.md, benchmarks/RESULTS.md section 4): the first quarter of the joint blocks
 # (SD3.5 Medium: 6 of 24), about a quarter of a transformer forward, as the U-Net's down path is ~30% of its.
 DEFAULT_BLOCK_FRACTION = 0.25
 

@@ -4,7 +4,7 @@ Reads the index written by `ncp.generate`, scores every image with each reward, 
 `results.json`, `results.md` (Markdown table) and `scores.jsonl` (one row per image) to --out.
 
 Win rate of A over the baseline = share of (prompt, seed) pairs where A's image scores higher,
-ties counted as half (method-notes.md, "Rewards used for evaluation"). Its 95% interval is the
+ties counted as half (docs/method.md, "Rewards used for evaluation"). Its 95% interval is the
 Wilson score interval over those n pairs (Wilson 1927), computed with the tie-adjusted share; the
 pairs of one prompt under different seeds are treated as independent, so with several seeds per
 prompt the interval is somewhat narrower than a prompt-level one.
@@ -25,7 +25,7 @@ from PIL import Image
 
 from ncp.errors import NcpError, run_cli
 
-PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"  # method-notes.md: PickScore model and CLIP-H processor
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"  # docs/method.md: PickScore model and CLIP-H processor
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 REWARDS = ("pickscore", "hpsv2", "imagereward", "toy")
 Z95 = 1.959963984540054  # standard normal 97.5% quantile

@@ -1,4 +1,4 @@
-"""The fast path (README "Fast path"): channels-last memory format, the SDPA attention backend and
+"""The fast path (docs/training.md "Fast path"): channels-last memory format, the SDPA attention backend and
 torch.compile, each a switch (train.channels_last, train.attention, train.compile). With them on, the
 losses and LoRA gradients equal the plain path's within float tolerance (tests/test_fast.py); the
 defaults are what `benchmarks/step_cost.py --fast` measured (benchmarks/RESULTS.md, section 5).

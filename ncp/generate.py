@@ -21,7 +21,7 @@ import torch
 from ncp.errors import NcpError, run_cli
 from ncp.models import LORA_FILE
 
-PROMPT_SETS = {  # name -> (default hub id, split, caption column); method-notes.md "Evaluation prompts"
+PROMPT_SETS = {  # name -> (default hub id, split, caption column); docs/method.md "Evaluation prompts"
     "pickapic": ("yuvalkirstain/pickapic_v2", "validation_unique", "caption"),
     "parti": ("nateraw/parti-prompts", "train", "Prompt"),
 }
@@ -98,6 +98,9 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: torch.d
     """Any diffusers text-to-image pipeline (SD1.5, SDXL, ...). No safety checker: it blanks images and biases scores."""
     from diffusers import DiffusionPipeline
 
+    from ncp.config import check_model_path
+
+    check_model_path(model, "--model")  # a missing folder: one line now, not hub retries
     kwargs = {"dtype": dtype}  # diffusers 0.42 deprecates torch_dtype for pipelines
     if (Path(model) / "safety_checker").is_dir() or not Path(model).exists():
         kwargs.update(safety_checker=None, requires_safety_checker=False)

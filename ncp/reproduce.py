@@ -2,7 +2,8 @@
 
     bash scripts/reproduce.sh sd15 outputs/repro-sd15          # = python -m ncp.reproduce --settings configs/reproduce/sd15.yaml --out ...
 
-Stages (settings from a YAML, `configs/reproduce/{sd15,sdxl}.yaml`; copy and shrink it for a smaller run):
+Stages (settings from a YAML, `configs/reproduce/{sd15,sdxl,tiny}.yaml`; copy and shrink it for a smaller run;
+`tiny` runs every stage offline on a CPU: the toy base, toy pairs, toy captions and the toy reward):
 1. prepare   `ncp.data.prepare`: stream the mirror, keep the filtered pairs (+ latent cache) -> OUT/data/
 2. train     every run of `train.runs` (NCP-DPO and latent DPO) with the same data, steps, seed -> OUT/runs/<name>/
              (a run folder without its final LoRA is resumed with train.resume_from=latest)
@@ -90,9 +91,9 @@ def resolved_runs(s: dict, out: Path) -> dict:
 
 # ---------------------------------------------------------------- estimate
 def count_prompts(spec: dict) -> int:
-    """Prompts of a set for the estimate: a file's lines, or the size of a named set (method-notes.md)."""
+    """Prompts of a set for the estimate: a file's lines, or the size of a named set (docs/method.md, "Evaluation prompts")."""
     kind = str(spec.get("prompts"))
-    full = {"parti": 1632, "pickapic": 500, "hpsv2": 3200}
+    full = {"parti": 1632, "pickapic": 500, "hpsv2": 3200, "toy": 18}
     size = sum(1 for line in Path(kind).read_text().splitlines() if line.strip()) if Path(kind).is_file() else full.get(kind, 0)
     return min(size, spec.get("max_prompts") or size)
 
@@ -124,7 +125,11 @@ def prompts_of(spec: dict, name: str) -> list[str]:
 
     kind, limit = spec.get("prompts"), spec.get("max_prompts")
     if kind is None:
-        raise NcpError(f"generate.prompt_sets.{name}: no 'prompts' (a text file, pickapic, parti or hpsv2)")
+        raise NcpError(f"generate.prompt_sets.{name}: no 'prompts' (a text file, pickapic, parti, hpsv2 or toy)")
+    if kind == "toy":  # the toy captions held out from the toy pairs (ncp.toy_base), scored by the toy reward
+        from ncp.toy_base import split_captions
+
+        return split_captions()["test"][:limit]
     if kind == "hpsv2":  # the HPD v2 benchmark prompts ship with the hpsv2 package
         try:
             import hpsv2
@@ -143,12 +148,19 @@ def stage_prepare(s: dict, out: Path) -> bool:
     from ncp.data.prepare import prepare, read_manifest
 
     p, data = s["prepare"], out / "data"
+    source, path = p.get("source", "hub"), p.get("path")
+    if source == "toy":  # toy pairs of the train captions in the Pick-a-Pic schema, read as local shards
+        from ncp.toy_base import split_captions, write_toy_mirror
+
+        source, path = "parquet", str(data / "toy-mirror")
+        if not (data / "toy-mirror" / "data").is_dir():
+            write_toy_mirror(data / "toy-mirror", split_captions()["train"], p.get("toy_pairs", 64))
     m = read_manifest(data)
     cache_done = not p.get("cache") or (data / "cache" / "manifest.json").exists() and \
         json.loads((data / "cache" / "manifest.json").read_text()).get("complete")
     if m and m.get("complete") and cache_done:
         return False
-    prepare(p.get("source", "hub"), p["path"], data, p.get("split", "train"), p.get("filter", "absolute_winners"),
+    prepare(source, path, data, p.get("split", "train"), p.get("filter", "absolute_winners"),
             p.get("max_pairs"), p.get("shard_size", 1000), p.get("on_bad_image", "skip"),
             s["model"] if p.get("cache") else None, s["resolution"], s["vae"], device(s))
     return True
@@ -309,6 +321,12 @@ def reproduce(settings: str | Path, out: str | Path) -> Path:
     s = load_settings(settings)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if s["model"] == "toy":  # the shipped toy base (ncp.toy_base), written into the output folder once
+        from ncp.toy_base import write_base
+
+        s["model"] = str(out / "base")
+        if not (out / "base" / "model_index.json").is_file():
+            write_base(out / "base")
     cfgs = resolved_runs(s, out)  # every run's config is validated before any stage starts
     counts = {n: count_prompts(spec) for n, spec in s["generate"]["prompt_sets"].items()}
     est = estimate(s, cfgs, counts)

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .conditioning import build_cond
-from .config import Config, describe_keys, load_config
+from .config import Config, check_paths, describe_keys, load_config
 from .errors import NcpError
 from .fast import apply_fast_path, attention_backend
 from .models import Models, add_lora, load_models
@@ -34,6 +35,7 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def train(cfg: Config, resume_command: str | None = None) -> Run:
     """Algorithm 1 (errata applied); the loss and its space come from cfg.objective."""
     tc = cfg.train
+    check_paths(cfg)                                  # missing model or data files: one line, before the folder guard
     acc = make_accelerator(tc)
     run = Run.open(cfg, acc, resume_command)         # folder guard, resume point, fingerprint: before minutes of loading
     loader = build_data(cfg, acc)                     # data first: a bad file fails before the models load
@@ -46,7 +48,8 @@ def train(cfg: Config, resume_command: str | None = None) -> Run:
     run.start(parts, optimizer, lr_scheduler, generator)  # restores a checkpoint, or writes the resolved config
     if tc.validation_reward and acc.is_main_process:
         validation_scorer(cfg, acc)                   # a reward model's download or load happens now, not mid-run
-    with run.stop_on_signals(), attention_backend(tc.attention, acc.device, DTYPES[tc.mixed_precision]):
+    with run.stop_on_signals(), attention_backend(tc.attention, acc.device, DTYPES[tc.mixed_precision]), \
+            logging_redirect_tqdm():                  # log lines above the progress bar, not inside it
         for batch in run.batches(loader):             # 3-4: repeat; (x0_w, x0_l, c) ~ D
             x0, cond = encode(parts, batch, cfg.data.resolution)
             rnd = randomness_for(cfg.objective, parts.schedule, x0.shape[0] // 2, x0.shape[1:],
@@ -144,7 +147,7 @@ def build_models(cfg: Config, acc) -> Parts:
     models.unet.train()
     process = models.family.noise_process(models.scheduler, cfg.objective, cfg.data.resolution)
     parts = Parts(models, process, encoder, params, models.arch)
-    apply_fast_path(parts, tc)                        # train.channels_last, train.compile (README "Fast path")
+    apply_fast_path(parts, tc)                        # train.channels_last, train.compile (docs/training.md "Fast path")
     return parts
 
 

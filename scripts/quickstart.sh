@@ -1,18 +1,13 @@
 #!/usr/bin/env bash
-# Sets up .venv, writes the built-in tiny SD1.5 pipeline and runs NCP-DPO on the built-in toy pairs
-# (CPU, offline, a few minutes). Extra arguments are config overrides, e.g. train.max_steps=10.
-# Each run starts over in outputs/tiny-sd15-ncp-dpo (train.overwrite=true) unless you pass train.resume_from=latest.
+# Sets up .venv, then aligns a tiny model that has something to learn (CPU, offline, a few minutes): the toy base
+# (a tiny SD1.5 pretrained on toy shapes with 40% wrong captions, shipped in ncp/assets/) is trained with NCP-DPO
+# on toy preference pairs through the normal entry point (accelerate launch train_ncp_dpo.py --config
+# configs/quickstart_ncp_dpo.yaml), then scored on held-out captions. Each run writes a new folder
+# outputs/quickstart/<date-time>/ (results.md, reward_curve.png, before_after.png, run/); earlier ones are kept.
+# Extra arguments are config overrides of the training run, e.g. train.max_steps=40.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if [ ! -f outputs/tiny-sd15/model_index.json ]; then
-  echo "quickstart: writing the tiny SD1.5 pipeline (random weights) to outputs/tiny-sd15"
-  python -m ncp.tiny --arch sd15 --out outputs/tiny-sd15
-fi
-case " $* " in *" train.resume_from="*) fresh=() ;; *) fresh=(train.overwrite=true) ;; esac
-echo "quickstart: training NCP-DPO on the toy pairs into outputs/tiny-sd15-ncp-dpo"
-accelerate launch -q --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-  train_ncp_dpo.py --config configs/tiny_sd15_ncp_dpo.yaml "${fresh[@]}" "$@"
-echo "LoRA, metrics.jsonl, checkpoints and validation grids: outputs/tiny-sd15-ncp-dpo/"
+python -m ncp.quickstart "$@"

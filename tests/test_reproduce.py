@@ -170,3 +170,23 @@ def test_shipped_settings_resolve(tmp_path):
         assert {c.train.batch_size * c.train.grad_accum * 8 for c in cfgs.values()} == {512}  # the paper's, on 8 GPUs
         est = estimate(s, cfgs, {"parti": 1632, "pickapic_test_unique": 500, "hpsv2": 3200})
         assert est["train"] > 0 and est["generate"] > 0
+
+
+def test_reproduce_tiny_runs_every_stage_offline(tmp_path):
+    """`bash scripts/reproduce.sh tiny`: the shipped settings on the toy base, toy pairs in the Pick-a-Pic schema,
+    the held-out toy captions and the toy reward; no network, no settings file of the user's."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
+    env.pop("SETTINGS", None)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce.sh"), "tiny", str(out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert json.loads((out / "data" / "prepare.json").read_text())["stats"]["pairs"] == 64
+    for run in ("ncp_dpo", "latent_dpo"):
+        cfg = yaml.safe_load((out / "runs" / run / "config.yaml").read_text())
+        assert cfg["model"]["pretrained"] == str(out / "base") and cfg["train"]["max_steps"] == 6
+    scores = [json.loads(line) for line in (out / "eval" / "toy" / "scores.jsonl").read_text().splitlines()]
+    assert len(scores) == 18 * 3 and all(0 <= r["toy"] <= 1 for r in scores)  # 18 held-out captions x 3 models
+    report = (out / "report.md").read_text()
+    assert "| ncp_dpo vs base |" in report and "| ncp_dpo vs latent_dpo |" in report
+    assert (out / "curves" / "curves.png").exists() and (out / "grids" / "toy.png").exists()

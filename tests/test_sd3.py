@@ -459,7 +459,7 @@ def test_encoder_shares_the_transformers_modules_and_stays_the_base(tiny_sd3):
 
 
 def test_bf16_linearized_error_stays_close_where_the_difference_drowns(tiny_sd3):
-    """As for the U-Net (README "Precision of f"): with f in bf16, the linearized error stays within a few %
+    """As for the U-Net (docs/precision.md): with f in bf16, the linearized error stays within a few %
     of float64 while the difference of two rounded features is off by more than half its size; that is why
     configs/sd3_ncp_dpo.yaml (bf16) takes encoder.error=auto = linearized."""
     base, schedule, x0, cond, (x_t, t, v, z, tt), (v_pol, v_ref) = float64_predictions(tiny_sd3)

@@ -15,7 +15,7 @@ class SD15(Family):
     name = "sd15"
     pipeline_name = "StableDiffusionPipeline"
     hub_tag = "stable-diffusion"
-    configs = ("sd15_*.yaml", "tiny_sd15_*.yaml")
+    configs = ("sd15_*.yaml", "tiny_sd15_*.yaml", "quickstart_*.yaml")
     text_time = False  # SDXL's U-Nets take pooled text + micro-conditioning (addition_embed_type="text_time")
 
     def _is_mine(self, unet_config: dict | None) -> bool:

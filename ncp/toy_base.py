@@ -1,0 +1,297 @@
+"""The toy base model: a tiny SD1.5 (or SD3) pipeline pretrained on the toy shapes with noisy captions, so that
+preference training has something to correct, and the held-out scoring that shows it (toy reward, bootstrap
+intervals over prompts). Shared by the quickstart (`ncp.quickstart`) and the toy benchmarks.
+
+The 54 toy captions are split once into train / validation / test captions; preference pairs use train captions,
+every reported number test captions. The base's VAE is trained as an autoencoder on toy images, then its U-Net
+with epsilon-MSE on captioned latents where CAPTION_NOISE of the images show the pair's loser (one attribute
+wrong) instead, with an EMA of the weights; the EMA weights are the base.
+
+The quickstart's base ships as `ncp/assets/toy_sd15_base.safetensors` (U-Net, VAE and text encoder in fp16, about
+2 MB). `python -m ncp.toy_base --out DIR` writes it as a pipeline folder in seconds; `--retrain` trains it again
+from the tiny random pipeline (23 minutes on a busy 2-core CPU: benchmarks/RESULTS.md section 6) and `--save-weights FILE` writes such a file.
+
+    python -m ncp.toy_base --out outputs/toy-sd15-base
+    python -m ncp.toy_base --retrain --out outputs/toy-sd15-base --save-weights ncp/assets/toy_sd15_base.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ncp.data.loader import to_tensor
+from ncp.data.toy import BACKGROUNDS, COLOURS, SHAPES, toy_caption, toy_pair, toy_reward
+from ncp import families
+from ncp.errors import NcpError, run_cli
+
+BASE_TOL = 0.005  # base stopping rule: the EMA reward gained less than this over the last two checks
+SPLIT = (27, 9, 18)  # train / validation / test captions out of the 54
+SPLIT_SEED = 10
+PRETRAIN_SEED = 1  # pretraining images come from another toy stream than the preference pairs (PAIRS_SEED)
+# Share of pretraining images that show the pair's loser (one attribute wrong) under the caption: web-like
+# caption noise. A base fitted to clean winners left no room for preference training at all (benchmarks/RESULTS.md, section 2).
+CAPTION_NOISE = 0.4
+PAIRS_SEED = 0
+BOOT = 2000  # bootstrap resamples
+GUIDANCE = 1.0  # no classifier-free guidance: the base follows captions only partly, which leaves room to align
+
+def split_captions() -> dict[str, list[str]]:
+    """The 54 toy captions, shuffled once with SPLIT_SEED, cut into disjoint train / val / test sets."""
+    captions = [toy_caption(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
+    random.Random(SPLIT_SEED).shuffle(captions)
+    n_train, n_val, _ = SPLIT
+    return dict(train=captions[:n_train], val=captions[n_train:n_train + n_val], test=captions[n_train + n_val:])
+
+
+def write_train_pairs(out: Path, captions: list[str], n: int) -> Path:
+    """The first n toy pairs (stream PAIRS_SEED) whose caption is a train caption, as a `pairs` JSONL."""
+    folder = out / "pairs"
+    folder.mkdir(parents=True, exist_ok=True)
+    keep, rows, i = set(captions), [], 0
+    while len(rows) < n:
+        caption, win, lose = toy_pair(PAIRS_SEED, i, 32)
+        if caption in keep:
+            win.save(folder / f"{i}-w.png")
+            lose.save(folder / f"{i}-l.png")
+            rows.append(dict(prompt=caption, chosen=f"{i}-w.png", rejected=f"{i}-l.png"))
+        i += 1
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def score_images(pipe, prompts: list[str], seeds: list[int], steps: int, batch_size: int = 128) -> np.ndarray:
+    """toy_reward of every prompt x seed image, shape (prompts, seeds), sampled at GUIDANCE."""
+    from ncp.generate import render as render_images
+
+    jobs = [(p, s) for p in prompts for s in seeds]
+    scores = []
+    for i in range(0, len(jobs), batch_size):
+        batch = jobs[i:i + batch_size]
+        images = render_images(pipe, [p for p, _ in batch], [s for _, s in batch], steps, GUIDANCE, 32)
+        scores += [toy_reward(img, p) for img, (p, _) in zip(images, batch)]
+    return np.array(scores).reshape(len(prompts), len(seeds))
+
+
+def base_check_seeds(cfg: dict) -> list[int]:
+    """Image seeds of the base's stopping checks: other images than the grid's (1000 + i) and the test's (i)."""
+    return list(range(2000, 2000 + cfg["val_seeds"]))
+
+
+def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], log=print, arch: str = families.DEFAULT) -> dict:
+    """VAE, then U-Net (sd3: transformer) with an EMA, on toy images; saves the EMA pipeline to out/base
+    (rule: module docstring)."""
+    from diffusers.training_utils import EMAModel
+
+    from ncp.conditioning import Cond, encode_prompts
+    from ncp.config import ModelConfig, ObjectiveConfig
+    from ncp.flow import sample_timesteps
+    from ncp.models import Models
+    from ncp.tiny import build_tiny_pipeline
+
+    t_start = time.perf_counter()
+    family = families.get(arch)
+    build_tiny_pipeline(out / "init", arch, seed=0)
+    pipe = family.pipeline_class.from_pretrained(out / "init", **family.pipeline_extras(ModelConfig()))
+    pipe.set_progress_bar_config(disable=True)
+    pairs = [toy_pair(PRETRAIN_SEED, i, 32) for i in range(max(64, cfg["num_pairs"]))]
+    captions = [c for c, _, _ in pairs]
+    winners = torch.stack([to_tensor(w) for _, w, _ in pairs])
+    images = torch.cat([winners, torch.stack([to_tensor(l) for _, _, l in pairs])])
+    g = torch.Generator().manual_seed(0)
+
+    # VAE: reconstruction + a small KL (weight 1e-6, as SD's KL-f8 autoencoder) on all toy images
+    vae = pipe.vae
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    for _ in range(cfg["vae_steps"]):
+        x = images[torch.randint(0, len(images), (32,), generator=g)]
+        post = vae.encode(x).latent_dist
+        loss = F.mse_loss(vae.decode(post.sample(generator=g)).sample, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        mean = vae.encode(images).latent_dist.mean  # [winners; losers]
+        recon = vae.decode(mean[:len(winners)]).sample
+    if vae.config.get("shift_factor") is not None:  # SD3's VAE centres its latents too: (z - shift) * scale
+        vae.register_to_config(shift_factor=float(mean.mean()), scaling_factor=float(1 / mean.std()))
+        mean = mean - vae.config.shift_factor
+    else:
+        vae.register_to_config(scaling_factor=float(1 / mean.std()))  # unit-variance latents, as SD's 0.18215
+    noisy = torch.rand(len(winners), generator=torch.Generator().manual_seed(PRETRAIN_SEED)) < CAPTION_NOISE
+    latents = torch.where(noisy.view(-1, 1, 1, 1), mean[len(winners):], mean[:len(winners)]) * vae.config.scaling_factor
+    vae_reward = statistics.mean(toy_reward(r, c) for r, c in zip(recon, captions))
+    log(f"VAE: {cfg['vae_steps']} steps, recon MSE {F.mse_loss(recon, winners).item():.4f}, toy reward of "
+        f"reconstructed winners {vae_reward:.4f} (the ceiling), {time.perf_counter() - t_start:.0f} s")
+
+    # U-Net: epsilon-MSE on the (noisy-caption) latents, 10% empty captions; the EMA copy is checked and saved.
+    # sd3: the transformer with velocity-MSE, t from SD3's logit-normal density (the process's training density)
+    denoiser = family.denoiser_key
+    unet = getattr(pipe, denoiser)
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    ema = EMAModel(unet.parameters(), decay=cfg["ema"])
+    schedule = family.noise_process(pipe.scheduler, ObjectiveConfig())
+    parts = pipe.components
+    models = Models(family, unet, vae, [parts[k] for k in ("tokenizer", "tokenizer_2", "tokenizer_3") if k in parts],
+                    [parts[k] for k in ("text_encoder", "text_encoder_2", "text_encoder_3") if k in parts], pipe.scheduler)
+    text, empty_text = encode_prompts(models, captions), encode_prompts(models, [""])
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["base_lr"])
+    bs, history, step = cfg["base_batch"], [], 0
+    while True:
+        if step % cfg["base_check"] == 0:
+            ema.copy_to(ema_unet.parameters())
+            setattr(pipe, denoiser, ema_unet)
+            with torch.no_grad():
+                reward = float(score_images(pipe, val, check_seeds, cfg["sample_steps"]).mean())
+            setattr(pipe, denoiser, unet)
+            history.append(dict(step=step, reward=reward))
+            gained = reward - history[-3]["reward"] if len(history) >= 3 else float("inf")
+            log(f"base U-Net step {step}: EMA toy reward on validation captions {reward:.4f}, gain over the "
+                f"last two checks {gained:+.4f}, {time.perf_counter() - t_start:.0f} s")
+            if gained < BASE_TOL or step >= cfg["base_max"]:
+                break
+        unet.train()
+        idx = torch.randint(0, len(latents), (bs,), generator=g)
+        x0 = latents[idx]
+        drop = torch.rand(bs, generator=g) < 0.1
+        cond = Cond(*(None if c is None else torch.where(drop.view(-1, *[1] * (c.dim() - 1)), e, c)
+                      for c, e in zip(text.index(idx)._tensors(), empty_text.repeat(bs)._tensors())))
+        t = sample_timesteps(bs, schedule.num_timesteps, g, schedule.training_density)
+        eps = torch.randn(x0.shape, generator=g)
+        pred = family.denoise(unet, schedule.q_sample(x0, t, eps), schedule.model_timestep(t), cond)
+        loss = F.mse_loss(pred, schedule.target(x0, eps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.step(unet.parameters())
+        step += 1
+    setattr(pipe, denoiser, ema_unet)
+    pipe.save_pretrained(out / "base")
+    return dict(vae_steps=cfg["vae_steps"], vae_recon_reward=vae_reward, unet_steps=step, history=history,
+                stopped_by="rule" if step < cfg["base_max"] else "base_max", seconds=time.perf_counter() - t_start)
+
+
+def bootstrap(clusters: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float]:
+    """Mean of per-prompt values and its 95% percentile-bootstrap interval, prompts resampled with replacement."""
+    idx = rng.integers(0, len(clusters), size=(BOOT, len(clusters)))
+    means = clusters[idx].mean(axis=1)
+    return float(clusters.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def per_prompt(scores: np.ndarray) -> np.ndarray:
+    """(training seeds, prompts, image seeds) -> one value per prompt: its cluster mean."""
+    return scores.mean(axis=(0, 2))
+
+
+def write_toy_mirror(folder: Path, captions: list[str], n: int) -> Path:
+    """The first n toy pairs (stream PAIRS_SEED) of `captions` in the Pick-a-Pic v2 schema (caption, uids, labels,
+    PNG bytes in jpg_0 / jpg_1; image 0 wins), as one train parquet shard: a local stand-in for a hub mirror."""
+    import io
+
+    import pandas as pd
+
+    def png(img) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+
+    keep, rows, i = set(captions), [], 0
+    while len(rows) < n:
+        caption, win, lose = toy_pair(PAIRS_SEED, i, 32)
+        if caption in keep:
+            rows.append((caption, f"w{i}", f"l{i}", 1.0, 0.0, png(win), png(lose)))
+        i += 1
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["caption", "image_0_uid", "image_1_uid", "label_0", "label_1", "jpg_0", "jpg_1"]) \
+        .to_parquet(folder / "data" / "train-00000-of-00001.parquet")
+    return folder
+
+
+# ---------------------------------------------------------------- the shipped base
+BASE_FILE = Path(__file__).parent / "assets" / "toy_sd15_base.safetensors"
+PARTS = ("unet", "vae", "text_encoder")  # what pretraining sets; tokenizer and scheduler come from ncp.tiny
+# the shipped base's pretraining: the toy benchmark's quick base (EMA checked every 150 steps, stopped by the
+# BASE_TOL rule or at 600 steps): not converged, so its samples still break a colour or shape often
+BASE_SETTINGS = dict(vae_steps=200, base_max=600, base_check=150, base_batch=16, base_lr=2e-3, ema=0.995,
+                     num_pairs=512, sample_steps=8, val_seeds=8)
+
+
+def save_base_weights(pipe_dir: str | Path, path: str | Path, info: dict | None = None) -> Path:
+    """The trained parts of a tiny SD1.5 base folder as one fp16 safetensors file (the VAE's scaling factor and
+    `info` in its metadata)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, safety_checker=None, requires_safety_checker=False)
+    tensors = {f"{name}.{k}": v.detach().to(torch.float16).contiguous()
+               for name in PARTS for k, v in getattr(pipe, name).state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=dict(vae_scaling_factor=repr(pipe.vae.config.scaling_factor),
+                                                info=json.dumps(info or {})))
+    return path
+
+
+def write_base(out: str | Path, weights: str | Path = BASE_FILE) -> Path:
+    """A tiny SD1.5 pipeline folder holding the weights of `weights` (written by save_base_weights)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ncp.tiny import build_tiny_pipeline
+
+    if not Path(weights).is_file():
+        raise NcpError(f"{weights}: no such base weights file (python -m ncp.toy_base --retrain writes one)")
+    out = Path(out)
+    build_tiny_pipeline(out, families.DEFAULT, seed=0)  # the toy base is a tiny SD1.5
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    state = load_file(str(weights))
+    with safe_open(str(weights), "pt") as f:
+        scaling = float(f.metadata()["vae_scaling_factor"])
+    for name in PARTS:
+        part = {k[len(name) + 1:]: v.float() for k, v in state.items() if k.startswith(name + ".")}
+        getattr(pipe, name).load_state_dict(part, strict=True)
+    pipe.vae.register_to_config(scaling_factor=scaling)
+    pipe.save_pretrained(out)
+    return out
+
+
+def retrain_base(out: str | Path, log=print) -> dict:
+    """Pretrain the shipped base again (BASE_SETTINGS, validation captions) into out/base."""
+    split = split_captions()
+    return pretrain_base(Path(out), BASE_SETTINGS, split["val"], base_check_seeds(BASE_SETTINGS), log=log)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="pipeline folder to write the base to")
+    p.add_argument("--weights", default=str(BASE_FILE), help="base weights file to assemble the pipeline from")
+    p.add_argument("--retrain", action="store_true", help="pretrain the base again instead (minutes: benchmarks/RESULTS.md section 6)")
+    p.add_argument("--save-weights", help="with --retrain: the safetensors file to write (default <out>-work/base.safetensors)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)  # tiny models: on a shared CPU a second thread mostly waits
+    weights = a.weights
+    if a.retrain:  # pretrain in <out>-work, then assemble from the fp16 file as a shipped base is
+        work = Path(a.out).with_name(Path(a.out).name + "-work")
+        info = retrain_base(work)
+        weights = save_base_weights(work / "base", a.save_weights or work / "base.safetensors",
+                                    {**info, "settings": BASE_SETTINGS})
+        print(f"base weights written to {weights}")
+    write_base(a.out, weights)
+    print(f"toy base pipeline written to {a.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)  # a user error is one `error: ...` line and exit code 2
