@@ -1,0 +1,382 @@
+"""FLUX.1 [dev] and [schnell]: rectified-flow MMDiT (19 double-stream + 38 single-stream blocks), CLIP-L pooled +
+T5 conditioning, 16-channel VAE latents packed into 2x2 patches.
+
+Everything FLUX-specific lives here; the maths (ncp.flow, ncp.objective, ncp.losses) is SD3's:
+- conditioning = `FluxPipeline.encode_prompt`: T5's last hidden state (max_sequence_length 512 for dev, 256 for
+  schnell, the pipelines' and diffusers' training defaults) and CLIP-L's pooled output;
+- latents stay (B, 16, h, w) everywhere (objective, cache, flow step); `denoise` packs them into 2x2 patches
+  (`FluxPipeline._pack_latents`), builds the image and text position ids as the pipeline does, and unpacks v;
+- dev is guidance-distilled: the transformer takes `guidance` (3.5, diffusers' FLUX LoRA training default);
+  schnell has no guidance embedding and a guidance setting is refused;
+- timesteps: the transformer takes sigma (the pipeline passes t / 1000, not SD3's sigma * 1000). The training
+  discretisation is the scheduler's unshifted sigmas (diffusers' FLUX training scripts: dev's scheduler has
+  use_dynamic_shifting, schnell's shift 1); flow_shift="resolution" applies the pipeline's resolution-dependent
+  shift (mu from the image sequence length, `calculate_shift`) instead;
+- f = the embedders (x_embedder, time/guidance/text embedding, context embedder, rotary position embedding) and
+  the first K double-stream blocks of the base transformer, run with the LoRA off; no single-stream block,
+  no output norm or projection;
+- LoRA on both attention streams and both feed-forwards (diffusers' train_dreambooth_lora_flux.py targets),
+  saved as `transformer_lora_layers` for `FluxPipeline.load_lora_weights`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..encoder import ERRORS, PerceptualEncoder
+from ..errors import NcpError
+from ..flow import STEPS, FlowSchedule
+from ..models import LORA_FILE, Models
+
+log = logging.getLogger("ncp")
+
+NAME = "flux"
+VARIANTS = ("dev", "schnell")
+GUIDANCE = 3.5  # diffusers train_dreambooth_lora_flux.py --guidance_scale default, and FluxPipeline's
+T5_TOKENS = {"dev": 512, "schnell": 256}  # FluxPipeline's max_sequence_length default / its schnell example
+FLOW_SHIFTS = ("none", "resolution")
+# diffusers examples/dreambooth/train_dreambooth_lora_flux.py default targets: both attention streams (the
+# "attn.to_*" names also match the single-stream blocks' q, k, v) and both feed-forwards of the double blocks
+LORA_TARGETS = (
+    "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+)
+
+
+# -- variant, detection, loading ---------------------------------------------------------------------------------
+def variant(transformer) -> str:
+    """"dev" (guidance-distilled: the transformer embeds a guidance scale) or "schnell" (it does not)."""
+    return "dev" if transformer.config.guidance_embeds else "schnell"
+
+
+def max_sequence_length(transformer, value: int | None = None) -> int:
+    """T5 tokens: `value`, or the variant's pipeline default (dev 512, schnell 256)."""
+    if value is None:
+        return T5_TOKENS[variant(transformer)]
+    if not 1 <= value <= 512:
+        raise NcpError(f"model.max_sequence_length must be between 1 and 512 (FluxPipeline's limit), got {value}")
+    return value
+
+
+def guidance(transformer, value: float | None = None) -> float | None:
+    """The guidance scale the transformer is trained at: dev `value` or 3.5; schnell has no guidance embedding,
+    so a value there is refused rather than silently ignored."""
+    if variant(transformer) == "dev":
+        return GUIDANCE if value is None else float(value)
+    if value is not None:
+        raise NcpError(f"model.guidance={value}: FLUX.1 schnell has no guidance embedding; leave model.guidance unset")
+    return None
+
+
+def detect(path: str, revision: str | None = None) -> bool:
+    """Whether the pipeline folder's `transformer/` holds a FluxTransformer2DModel."""
+    from diffusers import FluxTransformer2DModel
+
+    try:
+        config = FluxTransformer2DModel.load_config(path, subfolder="transformer", revision=revision)
+    except (OSError, ValueError):
+        return False
+    return config.get("_class_name") == "FluxTransformer2DModel"
+
+
+def load(path: str, revision: str | None = None, variant_: str | None = None,
+         weight_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Models:
+    """Transformer, 16-channel VAE, CLIP-L and T5 with their tokenizers, and the flow-matching scheduler, frozen.
+    tokenizers / text_encoders are [CLIP, T5]; `Models.unet` holds the transformer."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    kw = dict(revision=revision, variant=variant_, torch_dtype=weight_dtype)
+    try:
+        transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
+    except (OSError, ValueError) as e:
+        raise NcpError(f"model.pretrained={path!r}: cannot load a FLUX transformer from it ({e})") from e
+    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
+                  T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2", revision=revision)]
+    text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+                     T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **kw)]
+    vae_config = AutoencoderKL.load_config(path, subfolder="vae", revision=revision)
+    vae_dtype = torch.float32 if vae_config.get("force_upcast", False) else weight_dtype
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant_, torch_dtype=vae_dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+    for m in [transformer, vae, *text_encoders]:
+        m.requires_grad_(False)
+        m.eval()
+        m.to(device)
+    return Models(NAME, transformer, vae, tokenizers, text_encoders, scheduler, str(path))
+
+
+# -- conditioning --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_prompts(models, prompts: list[str], max_length: int | None = None):
+    """`FluxPipeline.encode_prompt(prompts, max_sequence_length=...)` (diffusers 0.42): T5's last hidden state
+    (B, L, 4096) as encoder_hidden_states and CLIP-L's pooled output (B, 768) as pooled_projections. The text
+    position ids are all zero (`text_ids`), so they are not stored."""
+    from ..conditioning import Cond
+
+    (clip_tokenizer, t5_tokenizer), (clip, t5) = models.tokenizers, models.text_encoders
+    length = max_sequence_length(models.unet, max_length)
+    device = clip.device
+    ids = clip_tokenizer(prompts, padding="max_length", max_length=clip_tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    pooled = clip(ids.to(device), output_hidden_states=False).pooler_output.to(dtype=clip.dtype, device=device)
+    ids = t5_tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+    hidden = t5(ids.to(t5.device), output_hidden_states=False)[0].to(dtype=t5.dtype, device=device)
+    return Cond(hidden, pooled_projections=pooled)
+
+
+# -- latents: 2x2 packing and position ids -------------------------------------------------------------------------
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): `FluxPipeline._pack_latents`."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h/2 * w/2, 4C) -> (B, C, h, w): `FluxPipeline._unpack_latents` for latents of size h x w."""
+    b, _, c4 = x.shape
+    return x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
+def image_ids(h: int, w: int, device=None, dtype=None) -> torch.Tensor:
+    """(h/2 * w/2, 3) position ids of the packed latent tokens (0, row, column):
+    `FluxPipeline._prepare_latent_image_ids(_, h // 2, w // 2, ...)`."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(h // 2)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+def text_ids(length: int, device=None, dtype=None) -> torch.Tensor:
+    """(L, 3) zeros: the text tokens' position ids, as `FluxPipeline.encode_prompt` returns them."""
+    return torch.zeros(length, 3).to(device=device, dtype=dtype)
+
+
+def _inputs(transformer, x: torch.Tensor, timestep: torch.Tensor, cond, guidance_scale: float | None) -> dict:
+    """The transformer's keyword inputs for unpacked latents x (B, C, h, w) at timestep = sigma (B,)."""
+    n, (h, w) = x.shape[0], x.shape[-2:]
+    if (h % 2) or (w % 2):
+        raise NcpError(f"FLUX packs latents into 2x2 patches: latent size {h}x{w} must be even "
+                       "(data.resolution a multiple of 16)")
+    g = None
+    if transformer.config.guidance_embeds:  # the pipeline's torch.full([1], scale, float32).expand(B)
+        g = torch.full([1], GUIDANCE if guidance_scale is None else guidance_scale, device=x.device,
+                       dtype=torch.float32).expand(n)
+    ehs = cond.encoder_hidden_states
+    return dict(hidden_states=pack_latents(x), timestep=timestep, guidance=g,
+                pooled_projections=cond.pooled_projections, encoder_hidden_states=ehs,
+                txt_ids=text_ids(ehs.shape[1], x.device, ehs.dtype), img_ids=image_ids(h, w, x.device, ehs.dtype))
+
+
+def denoise(transformer, x: torch.Tensor, timestep: torch.Tensor, cond, guidance_scale: float | None = None):
+    """v = transformer(pack(x), timestep = sigma, guidance, ...), unpacked to x's (B, C, h, w)."""
+    out = transformer(**_inputs(transformer, x, timestep, cond, guidance_scale), return_dict=False)[0]
+    return unpack_latents(out, *x.shape[-2:])
+
+
+class Denoiser(nn.Module):
+    """The transformer behind the objective's denoiser call `unet(x_t, timestep=..., **cond.unet_kwargs()).sample`:
+    packing, ids and guidance inside, so the objective, the cache and the flow step only see (B, C, h, w).
+    The LoRA switch is the transformer's (the reference = LoRA off)."""
+
+    def __init__(self, transformer, guidance_scale: float | None = None):
+        super().__init__()
+        self.transformer = transformer
+        self.guidance_scale = guidance(transformer, guidance_scale)
+
+    def forward(self, x, timestep, encoder_hidden_states, pooled_projections):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        from ..conditioning import Cond
+
+        cond = Cond(encoder_hidden_states, pooled_projections=pooled_projections)
+        return Transformer2DModelOutput(sample=denoise(self.transformer, x, timestep, cond, self.guidance_scale))
+
+    def disable_adapters(self):
+        self.transformer.disable_adapters()
+
+    def enable_adapters(self):
+        self.transformer.enable_adapters()
+
+
+# -- noise process -------------------------------------------------------------------------------------------------
+def mu(scheduler, latent_size: tuple[int, int]) -> float:
+    """The pipeline's resolution-dependent shift for h x w latents (image sequence length h/2 * w/2)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    c = scheduler.config
+    return calculate_shift((latent_size[0] // 2) * (latent_size[1] // 2), c.get("base_image_seq_len", 256),
+                           c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+
+
+def schedule(scheduler, step: str = "ode", shift: str = "none", latent_size: tuple[int, int] | None = None) -> FlowSchedule:
+    """The training discretisation: the scheduler's N sigmas as loaded (dev: unshifted, use_dynamic_shifting;
+    schnell: shift 1), as diffusers' FLUX training scripts sample them; shift="resolution": those sigmas through
+    the pipeline's shift for the run's latent size (`set_timesteps(sigmas=..., mu=...)`). The transformer's
+    timestep is the scheduler's timestep / 1000 (= sigma), as the pipeline and the training script pass it."""
+    if step not in STEPS:
+        raise NcpError(f"objective.flow_step must be one of {STEPS}, got {step!r}")
+    if shift not in FLOW_SHIFTS:
+        raise NcpError(f"objective.flow_shift must be one of {FLOW_SHIFTS}, got {shift!r}")
+    n = scheduler.config.num_train_timesteps
+    if shift == "resolution":
+        if not scheduler.config.get("use_dynamic_shifting", False):
+            raise NcpError("objective.flow_shift=resolution needs a scheduler with use_dynamic_shifting (FLUX.1 dev); "
+                           "this one's sigmas are fixed (schnell: shift 1); use objective.flow_shift=none")
+        scheduler = copy.deepcopy(scheduler)
+        scheduler.set_timesteps(sigmas=scheduler.sigmas.numpy(), mu=mu(scheduler, latent_size))
+        sigmas, timesteps = scheduler.sigmas[:-1], scheduler.timesteps
+    else:
+        sigmas, timesteps = scheduler.sigmas, scheduler.timesteps
+    return FlowSchedule.from_sigmas(sigmas, timesteps / n, step)
+
+
+# -- perceptual encoder f -----------------------------------------------------------------------------------------
+# Default K: f's FLOP share should match the U-Net down path's (~27-30% of a forward, benchmarks/RESULTS.md
+# section 6); a FLUX double block costs about as much as a single block, so K = 16 of 19 double blocks is ~28%
+# of the 57 blocks at 1024 px.
+DEFAULT_BLOCK_FRACTION = 16 / 57
+
+
+def default_blocks(transformer) -> int:
+    """K for this transformer: the same share of all (double + single) blocks as FLUX.1's 16 of 57."""
+    c = transformer.config
+    return max(1, min(c.num_layers, round(DEFAULT_BLOCK_FRACTION * (c.num_layers + c.num_single_layers))))
+
+
+class FluxPerceptualEncoder(PerceptualEncoder):
+    """f for FLUX: embedders + the first K double-stream blocks of the base transformer; returns the image tokens'
+    hidden states after block K (N, h/2 * w/2, D), or their mean (pool). Same interface as PerceptualEncoder
+    (forward(x, timestep, cond) with x unpacked (N, C, h, w) and timestep = sigma, jvp, error modes), and like it
+    runs the transformer's own modules with its LoRA off (share=True), or a copy (share=False, or error=fp32 in a
+    half-precision run). guidance_scale: what the denoiser is given (dev), None for schnell."""
+
+    def __init__(self, transformer, blocks: int | None = None, pool: bool = False, error: str = "difference",
+                 share: bool = True, guidance_scale: float | None = None):
+        nn.Module.__init__(self)
+        if error not in ERRORS:
+            raise NcpError(f"encoder.error must be one of {ERRORS}, got {error!r}")
+        if any("lora" in name for name, _ in transformer.named_parameters()):
+            raise NcpError("build the perceptual encoder from the base transformer before adding LoRA")
+        num_layers = len(transformer.transformer_blocks)
+        blocks = default_blocks(transformer) if blocks is None else blocks
+        if not 1 <= blocks <= num_layers:
+            raise NcpError(f"encoder.blocks must be between 1 and the transformer's {num_layers} double-stream "
+                           f"blocks, got {blocks}")
+        self.blocks, self.pool, self.error, self.features = blocks, pool, error, "blocks"
+        self.config = transformer.config
+        self.guidance_scale = guidance(transformer, guidance_scale)
+        modules = {name: getattr(transformer, name) for name in ("x_embedder", "time_text_embed", "context_embedder",
+                                                                 "pos_embed")}
+        modules["transformer_blocks"] = nn.ModuleList(transformer.transformer_blocks[:blocks])
+        self._keep = list(modules)
+        self._base = None
+        if not share or (self.fp32 and transformer.dtype != torch.float32):
+            for name, m in modules.items():
+                setattr(self, name, copy.deepcopy(m))
+            if self.fp32:
+                self.float()
+        else:  # the base's own modules, unregistered: f adds no parameters and no memory
+            object.__setattr__(self, "_base", transformer)
+            for name, m in modules.items():
+                object.__setattr__(self, name, m)
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.weight.dtype
+
+    def _forward(self, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
+        # as FluxTransformer2DModel.forward (diffusers 0.42), stopped after double block K
+        inputs = _inputs(self, x.to(self.dtype), timestep, cond.to(dtype=self.dtype), self.guidance_scale)
+        h = self.x_embedder(inputs["hidden_states"])
+        ts = inputs["timestep"].to(h.dtype) * 1000
+        pooled = inputs["pooled_projections"]
+        if inputs["guidance"] is None:
+            temb = self.time_text_embed(ts, pooled)
+        else:
+            temb = self.time_text_embed(ts, inputs["guidance"].to(h.dtype) * 1000, pooled)
+        context = self.context_embedder(inputs["encoder_hidden_states"])
+        rope = self.pos_embed(torch.cat([inputs["txt_ids"], inputs["img_ids"]], dim=0))
+        for block in self.transformer_blocks:
+            context, h = block(hidden_states=h, encoder_hidden_states=context, temb=temb, image_rotary_emb=rope)
+        return h.mean(dim=1) if self.pool else h
+
+
+# -- LoRA ------------------------------------------------------------------------------------------------------------
+def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
+    """peft-format LoRA weights, as diffusers' FLUX LoRA script saves them (`transformer_lora_layers`)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(transformer)
+
+
+def save_lora(transformer, out_dir: str | Path) -> Path:
+    """`pytorch_lora_weights.safetensors`, loadable with `FluxPipeline.load_lora_weights(out_dir)`."""
+    from diffusers import FluxPipeline
+
+    FluxPipeline.save_lora_weights(str(out_dir), transformer_lora_layers=lora_state_dict(transformer),
+                                   safe_serialization=True)
+    return Path(out_dir) / LORA_FILE
+
+
+# -- tiny offline pipeline -----------------------------------------------------------------------------------------
+TINY_TRANSFORMER = dict(  # FLUX.1 in miniature: 4 double + 4 single blocks, 64 image tokens (16x16 latents packed)
+    patch_size=1, in_channels=64, num_layers=4, num_single_layers=4, attention_head_dim=8, num_attention_heads=4,
+    joint_attention_dim=96, pooled_projection_dim=32, axes_dims_rope=(2, 2, 4),
+)
+# black-forest-labs/FLUX.1-dev and FLUX.1-schnell scheduler configs
+SCHEDULER_CONFIGS = {
+    "dev": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                base_image_seq_len=256, max_image_seq_len=4096),
+    "schnell": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15,
+                    base_image_seq_len=256, max_image_seq_len=4096),
+}
+
+
+def _tiny_vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(  # FLUX's VAE: 16 channels, latents = (z - shift_factor) * scaling_factor, no quant convs
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def build_tiny(out_dir: str | Path, variant_: str = "dev", seed: int = 0) -> Path:
+    """A complete tiny FluxPipeline folder: CLIP (pooled) + T5 (locally built tokenizer), a FLUX transformer with
+    guidance_embeds for dev and without for schnell, a 16-channel VAE and the variant's scheduler."""
+    import shutil
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    from ..tiny import _t5, _text_encoder, write_t5_tokenizer, write_tokenizer
+
+    if variant_ not in VARIANTS:
+        raise NcpError(f"variant must be one of {VARIANTS}, got {variant_!r}")
+    out_dir = Path(out_dir)
+    tok_dir = out_dir / "_tokenizer_src"
+    write_tokenizer(tok_dir)
+    write_t5_tokenizer(tok_dir / "2")
+    tokenizer, tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir), T5TokenizerFast.from_pretrained(tok_dir / "2")
+    torch.manual_seed(seed + 2)
+    pipe = FluxPipeline(
+        transformer=FluxTransformer2DModel(**TINY_TRANSFORMER, guidance_embeds=variant_ == "dev"),
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS[variant_]), vae=_tiny_vae(seed),
+        text_encoder=_text_encoder(len(tokenizer), False, seed + 1), tokenizer=tokenizer,
+        text_encoder_2=_t5(len(tokenizer_2), seed + 4), tokenizer_2=tokenizer_2,
+    )
+    pipe.save_pretrained(out_dir)
+    shutil.rmtree(tok_dir)
+    return out_dir

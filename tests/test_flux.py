@@ -1,0 +1,277 @@
+"""FLUX.1 dev and schnell on tiny offline FLUX pipelines: conditioning, packing and ids as FluxPipeline builds them,
+guidance, the flow step with the resolution shift, the encoder f, objectives in every error mode, LoRA in the
+pipeline."""
+
+import math
+
+import pytest
+import torch
+
+from ncp.encoder import ERRORS
+from ncp.errors import NcpError
+from ncp.families import flux
+from ncp.models import adapters_disabled, add_lora
+from ncp.objective import ObjectiveConfig, compute_objective, perceptual_errors, randomness_for
+
+PROMPTS = ["a red circle on a white background", "a blue square"]
+LATENT = (16, 16, 16)  # the tiny VAE's 16 channels at 32 px; packed: 64 tokens of 64
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models run fastest single-threaded (conftest)
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {v: flux.build_tiny(root / f"flux-{v}", v) for v in flux.VARIANTS}
+
+
+def setup(path, rank=4, error="difference", blocks=2, dtype=torch.float32, step="ode", shift="none"):
+    models = flux.load(str(path), weight_dtype=dtype)
+    encoder = flux.FluxPerceptualEncoder(models.unet, blocks=blocks, error=error)
+    params = add_lora(models.unet, rank=rank, targets=flux.LORA_TARGETS)
+    models.unet.train()
+    schedule = flux.schedule(models.scheduler, step, shift, LATENT[1:])
+    cond = flux.encode_prompts(models, PROMPTS).repeat(2)
+    x0 = torch.randn(4, *LATENT, generator=torch.Generator().manual_seed(0))
+    rnd = randomness_for(ObjectiveConfig(), schedule, 2, LATENT, torch.Generator().manual_seed(1))
+    return models, flux.Denoiser(models.unet), encoder, params, schedule, x0, cond, rnd
+
+
+@pytest.mark.parametrize("variant", flux.VARIANTS)
+def test_conditioning_packing_and_ids_match_the_pipeline(tiny_flux, variant):
+    """encode_prompts = FluxPipeline.encode_prompt bit for bit (T5 512 tokens for dev, 256 for schnell), the packing
+    and position ids are the pipeline's, and `denoise` on unpacked latents is the pipeline's transformer call."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux[variant])
+    models = flux.load(str(tiny_flux[variant]))
+    assert models.arch == "flux" and flux.variant(models.unet) == variant
+    length = flux.T5_TOKENS[variant]
+    with torch.no_grad():
+        ref, pooled, txt_ids = pipe.encode_prompt(PROMPTS, None, device="cpu", max_sequence_length=length)
+    ours = flux.encode_prompts(models, PROMPTS)
+    assert ours.encoder_hidden_states.shape == ref.shape == (2, length, 96)
+    assert torch.equal(ours.encoder_hidden_states, ref) and torch.equal(ours.pooled_projections, pooled)
+    assert torch.equal(flux.text_ids(length), txt_ids)
+    assert flux.encode_prompts(models, PROMPTS, 77).encoder_hidden_states.shape[1] == 77
+    with pytest.raises(NcpError, match="max_sequence_length"):
+        flux.encode_prompts(models, PROMPTS, 513)
+
+    x = torch.randn(2, 16, 16, 12)  # not square: rows and columns are not swapped
+    packed = flux.pack_latents(x)
+    assert torch.equal(packed, FluxPipeline._pack_latents(x, 2, 16, 16, 12))
+    assert torch.equal(flux.unpack_latents(packed, 16, 12), x)
+    assert torch.equal(flux.unpack_latents(packed, 16, 12), FluxPipeline._unpack_latents(packed, 32, 24, 2))
+    assert torch.equal(flux.image_ids(16, 12), FluxPipeline._prepare_latent_image_ids(2, 8, 6, "cpu", torch.float32))
+
+    x, sigma = torch.randn(2, *LATENT), torch.tensor([0.9, 0.05])
+    g = torch.full([1], 3.5).expand(2) if variant == "dev" else None
+    with torch.no_grad():
+        ours_v = flux.denoise(models.unet, x, sigma, ours, flux.guidance(models.unet))
+        ref_v = pipe.transformer(hidden_states=pipe._pack_latents(x, 2, 16, 16, 16), timestep=sigma, guidance=g,
+                                 pooled_projections=pooled, encoder_hidden_states=ref, txt_ids=txt_ids,
+                                 img_ids=pipe._prepare_latent_image_ids(2, 8, 8, "cpu", ref.dtype), return_dict=False)[0]
+    assert torch.equal(ours_v, pipe._unpack_latents(ref_v, 32, 32, pipe.vae_scale_factor))
+
+
+def test_guidance_is_dev_only(tiny_flux):
+    """dev takes guidance 3.5 by default and the value changes the velocity; schnell refuses one (no embedding)."""
+    dev, schnell = flux.load(str(tiny_flux["dev"])), flux.load(str(tiny_flux["schnell"]))
+    assert flux.guidance(dev.unet) == 3.5 and flux.guidance(dev.unet, 2.0) == 2.0
+    assert flux.guidance(schnell.unet) is None
+    with pytest.raises(NcpError, match="schnell has no guidance"):
+        flux.guidance(schnell.unet, 3.5)
+    cond, x, sigma = flux.encode_prompts(dev, PROMPTS[:1]), torch.randn(1, *LATENT), torch.tensor([0.5])
+    with torch.no_grad():
+        assert not torch.equal(flux.denoise(dev.unet, x, sigma, cond, 3.5), flux.denoise(dev.unet, x, sigma, cond, 1.0))
+
+
+def test_vae_latents_are_shifted_and_scaled(tiny_flux):
+    """FLUX's VAE: latents = (mean - shift_factor) * scaling_factor, as FluxPipeline decodes latents / scale + shift."""
+    from ncp.models import to_latents
+
+    vae = flux.load(str(tiny_flux["dev"])).vae
+    mean = torch.randn(1, *LATENT)
+    assert torch.equal(to_latents(vae, mean), (mean - 0.1159) * 0.3611)
+
+
+@pytest.mark.parametrize("shift", flux.FLOW_SHIFTS)
+def test_flow_step_matches_the_scheduler_per_sample(tiny_flux, shift):
+    """none: the scheduler's unshifted training sigmas (diffusers' FLUX training scripts) and the transformer's
+    timestep = timestep / 1000 = sigma; resolution: the pipeline's mu for 16x16 latents (64 tokens) on top. The
+    reverse step to the next sigma equals FlowMatchEulerDiscreteScheduler.step with the shift in use."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    path = tiny_flux["dev"]
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+    assert scheduler.config.use_dynamic_shifting
+    schedule = flux.schedule(scheduler, shift=shift, latent_size=LATENT[1:])
+    n = schedule.num_timesteps
+    base = torch.linspace(1, 1 / n, n, dtype=torch.float64)
+    mu = flux.mu(scheduler, LATENT[1:])
+    assert mu == pytest.approx(0.5 + (64 - 256) * 0.65 / 3840)  # calculate_shift below its base length
+    expected = base if shift == "none" else math.exp(mu) / (math.exp(mu) + (1 / base - 1))
+    assert torch.allclose(schedule.sigmas[:-1], expected, atol=1e-6) and schedule.sigmas[-1] == 0
+    t = torch.tensor([0, 1, 500, n - 2, n - 1])
+    assert torch.equal(schedule.model_timestep(t), schedule.sigmas[t].float())  # sigma, not sigma * 1000
+    g = torch.Generator().manual_seed(0)
+    x0, eps, v = (torch.randn(5, *LATENT, generator=g) for _ in range(3))
+    x_t = schedule.q_sample(x0, t, eps)
+    ours = schedule.step(x_t, t, v)
+    for i in range(5):
+        sch = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        if shift == "none":  # the loaded training sigmas, with the terminal 0 set_timesteps would append
+            sch.sigmas = torch.cat([sch.sigmas, torch.zeros(1)])
+        else:  # the pipeline's shift of the same sigmas
+            sch.set_timesteps(sigmas=sch.sigmas.numpy(), mu=mu)
+        ts = sch.timesteps[t[i]]
+        assert ts / 1000 == schedule.model_timestep(t[i:i + 1])
+        ref = sch.step(v[i:i + 1], ts, x_t[i:i + 1]).prev_sample
+        assert torch.equal(ours[i:i + 1], ref), int(t[i])
+    schnell = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_flux["schnell"], subfolder="scheduler")
+    assert torch.equal(flux.schedule(schnell).sigmas, flux.schedule(scheduler).sigmas)  # shift 1 = unshifted
+    with pytest.raises(NcpError, match="use_dynamic_shifting"):
+        flux.schedule(schnell, shift="resolution", latent_size=LATENT[1:])
+
+
+def test_encoder_is_the_embedders_and_first_k_double_blocks(tiny_flux):
+    """f holds x/time/guidance/text embedders, the rope and K double blocks (no single block, no norm_out / proj_out),
+    shares the transformer's modules (no parameters of its own), and returns block K's image tokens."""
+    models = flux.load(str(tiny_flux["dev"]))
+    tr = models.unet
+    encoder = flux.FluxPerceptualEncoder(tr, blocks=2)
+    assert list(encoder.parameters()) == []  # shared: the transformer's own modules, unregistered
+    assert encoder.transformer_blocks[0] is tr.transformer_blocks[0] and len(encoder.transformer_blocks) == 2
+    assert not hasattr(encoder, "single_transformer_blocks") and not hasattr(encoder, "proj_out")
+    copied = flux.FluxPerceptualEncoder(tr, blocks=2, share=False)
+    names = {n.split(".")[0] for n, _ in copied.named_parameters()}
+    assert names == {"x_embedder", "time_text_embed", "context_embedder", "transformer_blocks"}
+    assert not any(n.startswith(("transformer_blocks.2", "transformer_blocks.3")) for n, _ in copied.named_parameters())
+    captured = {}
+    tr.transformer_blocks[1].register_forward_hook(lambda m, i, o: captured.update(h=o[1]))
+    cond = flux.encode_prompts(models, PROMPTS)
+    x, sigma = torch.randn(2, *LATENT), torch.tensor([0.9, 0.04])
+    with torch.no_grad():
+        flux.denoise(tr, x, sigma, cond, 3.5)
+        assert torch.equal(encoder(x, sigma, cond), captured["h"])
+        assert torch.equal(copied(x, sigma, cond), captured["h"])
+        assert encoder(x, sigma, cond).shape == (2, 64, 32)
+        assert flux.FluxPerceptualEncoder(tr, blocks=2, pool=True)(x, sigma, cond).shape == (2, 32)
+    assert flux.default_blocks(tr) == 2  # 16/57 of the tiny model's 8 blocks
+    with pytest.raises(NcpError, match="encoder.blocks"):
+        flux.FluxPerceptualEncoder(tr, blocks=5)
+    add_lora(tr, rank=4, targets=flux.LORA_TARGETS)
+    with pytest.raises(NcpError, match="before adding LoRA"):
+        flux.FluxPerceptualEncoder(tr)
+
+
+@pytest.mark.parametrize("variant", flux.VARIANTS)
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("error", ERRORS)
+def test_dpo_is_log2_at_initialisation(tiny_flux, variant, error, precision):
+    """At initialisation (LoRA B = 0) policy = reference: loss log 2 in both spaces, in every error mode."""
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16}[precision]
+    models, denoiser, encoder, _, schedule, x0, cond, rnd = setup(tiny_flux[variant], error=error, dtype=dtype)
+    for space in ("perceptual", "latent"):
+        cfg = ObjectiveConfig(loss="dpo", space=space, beta=2500.0)
+        with torch.autocast("cpu", dtype=dtype, enabled=precision != "no"):
+            loss, metrics = compute_objective(denoiser, encoder, schedule, x0, cond.to(dtype=dtype), rnd, cfg)
+        assert abs(loss.item() - math.log(2)) < 1e-6, space
+        assert torch.equal(metrics["implicit_acc"], torch.full((2,), 0.5))
+        assert torch.equal(metrics["err_w"], metrics["ref_err_w"]) and (metrics["err_w"] > 0).all()
+
+
+def test_latent_error_is_the_velocity_error_at_sigma(tiny_flux):
+    """err = mean((v_pred - (eps - x0))^2) with v_pred = denoise(x_t, timestep = sigma, guidance 3.5)."""
+    models, denoiser, encoder, _, schedule, x0, cond, rnd = setup(tiny_flux["dev"])
+    _, m = compute_objective(denoiser, encoder, schedule, x0, cond, rnd, ObjectiveConfig(loss="cpo", space="latent"))
+    t, eps = rnd.t.repeat(2), rnd.eps.repeat(2, 1, 1, 1)
+    sigma = schedule.sigmas[t].float().view(-1, 1, 1, 1)
+    with torch.no_grad():
+        v = flux.denoise(models.unet, (1 - sigma) * x0 + sigma * eps, sigma.flatten(), cond, 3.5)
+    assert torch.allclose(torch.cat([m["err_w"], m["err_l"]]), ((v - (eps - x0)) ** 2).mean(dim=(1, 2, 3)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss,space", [("dpo", "perceptual"), ("dpo", "latent"), ("cpo", "perceptual"),
+                                        ("sft", "perceptual")])
+def test_gradients_reach_only_lora(tiny_flux, loss, space):
+    """LoRA sits on both attention streams and both feed-forwards (and the single blocks' q, k, v); only it gets
+    gradients, f's (shared) weights none."""
+    models, denoiser, encoder, params, schedule, x0, cond, rnd = setup(tiny_flux["dev"])
+    names = {p: n for n, p in models.unet.named_parameters()}
+    lora = {n.split(".lora")[0] for n in names.values() if "lora" in n}
+    assert {n.split("transformer_blocks.0.")[1] for n in lora if n.startswith("transformer_blocks.0.")} == {
+        t for t in flux.LORA_TARGETS}
+    assert {n.split("single_transformer_blocks.0.")[1] for n in lora if n.startswith("single_transformer_blocks.0.")} \
+        == {"attn.to_q", "attn.to_k", "attn.to_v"}
+    opt = torch.optim.AdamW(params, lr=1e-3)
+
+    def backward():
+        opt.zero_grad(set_to_none=True)
+        value, _ = compute_objective(denoiser, encoder, schedule, x0, cond, rnd, ObjectiveConfig(loss=loss, space=space))
+        value.backward()
+
+    backward()
+    assert all(p.grad is None for p in models.unet.parameters() if not p.requires_grad)
+    for p in params:  # B = 0 at initialisation: only the B matrices get a gradient
+        assert (p.grad.abs().sum() > 0) == ("lora_B" in names[p]), names[p]
+    opt.step()
+    backward()
+    assert all(p.grad.abs().sum() > 0 for p in params)
+    assert all(p.grad is None for p in models.unet.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("step", ["ode", "sde"])
+def test_linearized_is_the_first_order_difference_in_float64(tiny_flux, step):
+    """J_f(x_true) delta with delta = (sigma' - sigma)(v_hat - v) formed in float64 matches f(x_pol) - f(x_true) to
+    first order, for the resolution-shifted schedule."""
+    models, denoiser, _, params, schedule, x0, cond, rnd = setup(tiny_flux["dev"], step=step, shift="resolution")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    models.unet.double()
+    x0, cond = x0.double(), cond.to(dtype=torch.float64)
+    t, eps, z, tt = (x.repeat(2, *([1] * (x.dim() - 1))) for x in (rnd.t, rnd.eps, rnd.z, rnd.t_target))
+    eps, z = eps.double(), z.double()
+    with torch.no_grad():
+        x_t, v = schedule.q_sample(x0, t, eps), schedule.velocity(x0, eps)
+        v_pol = denoiser(x_t, schedule.model_timestep(t), **cond.unet_kwargs()).sample
+        with adapters_disabled(denoiser):
+            v_ref = denoiser(x_t, schedule.model_timestep(t), **cond.unet_kwargs()).sample
+        hats = [v + 0.1 * (v_pol - v), v + 0.1 * (v_ref - v)]
+        base = flux.load(str(tiny_flux["dev"]), weight_dtype=torch.float64).unet  # f: the LoRA-free base in float64
+        errs = {e: perceptual_errors(flux.FluxPerceptualEncoder(base, blocks=2, error=e), schedule, ObjectiveConfig(),
+                                     x_t, t, v, z, tt, cond, x0, hats) for e in ("difference", "linearized")}
+    for d, lin in zip(errs["difference"], errs["linearized"]):
+        assert ((lin - d).abs() / d).max() < 1e-2
+    assert not torch.equal(errs["difference"][0], errs["difference"][1])
+
+
+def test_lora_loads_into_the_pipeline_changes_images_and_unloads(tiny_flux, tmp_path):
+    """save_lora writes transformer_lora_layers that FluxPipeline.load_lora_weights loads: the pipeline's transformer
+    then equals the trained one, the images change, and unload_lora_weights restores the base images exactly."""
+    from diffusers import FluxPipeline
+
+    models, denoiser, encoder, params, schedule, x0, cond, rnd = setup(tiny_flux["dev"])
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    assert flux.save_lora(models.unet, tmp_path).is_file()
+    pipe = FluxPipeline.from_pretrained(tiny_flux["dev"])
+
+    def image():
+        return pipe("a red circle", num_inference_steps=2, height=32, width=32,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    base = image()
+    pipe.load_lora_weights(tmp_path)
+    x, sigma = torch.randn(2, *LATENT), torch.tensor([0.7, 0.03])
+    models.unet.eval()
+    with torch.no_grad():
+        trained = flux.denoise(models.unet, x, sigma, cond.index(slice(0, 2)), 3.5)
+        loaded = flux.denoise(pipe.transformer, x, sigma, cond.index(slice(0, 2)), 3.5)
+    assert torch.allclose(trained, loaded, atol=1e-5)
+    tuned = image()
+    pipe.unload_lora_weights()
+    assert not (base == tuned).all()
+    assert (image() == base).all()
