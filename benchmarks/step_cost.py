@@ -102,6 +102,12 @@ SD35M_TRANSFORMER = dict(
     pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
 )
 SD3_TOKENS = 77 + 256  # CLIP tokens + T5 tokens (StableDiffusion3Pipeline's default max_sequence_length)
+# black-forest-labs/FLUX.1-dev, transformer/config.json (12B parameters: 19 double + 38 single blocks); schnell: no
+# guidance embedding
+FLUX1_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
 
 
 # ---------------------------------------------------------------- the model, data and randomness

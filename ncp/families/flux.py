@@ -238,9 +238,9 @@ def schedule(scheduler, step: str = "ode", shift: str = "none", latent_size: tup
 
 
 # -- perceptual encoder f -----------------------------------------------------------------------------------------
-# Default K: f's FLOP share should match the U-Net down path's (~27-30% of a forward, benchmarks/RESULTS.md
-# section 6); a FLUX double block costs about as much as a single block, so K = 16 of 19 double blocks is ~28%
-# of the 57 blocks at 1024 px.
+# Default K, measured (benchmarks/RESULTS.md section 6): f's FLOP share matches the U-Net down path's (~27-30% of
+# a forward, as SD3's K = 6 of 24): a FLUX.1 double block costs as much as a single one, and K = 16 of the 19
+# double blocks is 28.1% of a FLUX.1 forward at 128-1024 px.
 DEFAULT_BLOCK_FRACTION = 16 / 57
 
 
