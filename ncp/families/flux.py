@@ -342,15 +342,12 @@ SCHEDULER_CONFIGS = {
 
 
 def _tiny_vae(seed: int):
-    from diffusers import AutoencoderKL
+    """SD3's tiny 16-channel VAE with FLUX.1's shift and scale (latents = (z - 0.1159) * 0.3611)."""
+    from ..tiny import _sd3_vae
 
-    torch.manual_seed(seed)
-    return AutoencoderKL(  # FLUX's VAE: 16 channels, latents = (z - shift_factor) * scaling_factor, no quant convs
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
-        use_quant_conv=False, use_post_quant_conv=False,
-    )
+    vae = _sd3_vae(seed)
+    vae.register_to_config(scaling_factor=0.3611, shift_factor=0.1159)
+    return vae
 
 
 def build_tiny(out_dir: str | Path, variant_: str = "dev", seed: int = 0) -> Path:
