@@ -70,15 +70,15 @@ def flux_encoder_share(ks=(1, 2, 4, 8, 12, 14, 15, 16, 17, 19), latent_sizes=(16
         x = torch.randn(1, config["in_channels"] // 4, lat, lat, device="meta")
         c = Cond(torch.randn(1, text_tokens, config["joint_attention_dim"], device="meta"),
                  pooled_projections=torch.randn(1, config["pooled_projection_dim"], device="meta"))
-        sigma = torch.tensor([0.5], device="meta")
+        ts = torch.tensor([500.0], device="meta")
         with FlopCounterMode(display=False) as fc:
-            flux.denoise(tr, x, sigma, c, flux.GUIDANCE)
+            flux.denoise(tr, x, ts, c)
         u = fc.get_total_flops()
         row = {"transformer_tflop": u / 1e12}
         for k in ks:
-            enc = flux.FluxPerceptualEncoder(tr, blocks=k, guidance_scale=flux.GUIDANCE)
+            enc = flux.FluxPerceptualEncoder(tr, blocks=k)
             with FlopCounterMode(display=False) as fc:
-                enc(x, sigma, c)
+                enc(x, ts, c)
             row[k] = fc.get_total_flops() / u
         out[lat] = row
     return out

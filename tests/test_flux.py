@@ -53,9 +53,8 @@ def test_conditioning_packing_and_ids_match_the_pipeline(tiny_flux, variant):
     assert ours.encoder_hidden_states.shape == ref.shape == (2, length, 96)
     assert torch.equal(ours.encoder_hidden_states, ref) and torch.equal(ours.pooled_projections, pooled)
     assert torch.equal(flux.text_ids(length), txt_ids)
-    assert flux.encode_prompts(models, PROMPTS, 77).encoder_hidden_states.shape[1] == 77
     with pytest.raises(NcpError, match="max_sequence_length"):
-        flux.encode_prompts(models, PROMPTS, 513)
+        flux.configure(models.unet, max_length=513)
 
     x = torch.randn(2, 16, 16, 12)  # not square: rows and columns are not swapped
     packed = flux.pack_latents(x)
@@ -64,26 +63,31 @@ def test_conditioning_packing_and_ids_match_the_pipeline(tiny_flux, variant):
     assert torch.equal(flux.unpack_latents(packed, 16, 12), FluxPipeline._unpack_latents(packed, 32, 24, 2))
     assert torch.equal(flux.image_ids(16, 12), FluxPipeline._prepare_latent_image_ids(2, 8, 6, "cpu", torch.float32))
 
-    x, sigma = torch.randn(2, *LATENT), torch.tensor([0.9, 0.05])
+    x, ts = torch.randn(2, *LATENT), torch.tensor([900.0, 50.0])  # the flow process's timesteps, sigma * 1000
     g = torch.full([1], 3.5).expand(2) if variant == "dev" else None
     with torch.no_grad():
-        ours_v = flux.denoise(models.unet, x, sigma, ours, flux.guidance(models.unet))
-        ref_v = pipe.transformer(hidden_states=pipe._pack_latents(x, 2, 16, 16, 16), timestep=sigma, guidance=g,
+        ours_v = flux.denoise(models.unet, x, ts, ours)
+        ref_v = pipe.transformer(hidden_states=pipe._pack_latents(x, 2, 16, 16, 16), timestep=ts / 1000, guidance=g,
                                  pooled_projections=pooled, encoder_hidden_states=ref, txt_ids=txt_ids,
                                  img_ids=pipe._prepare_latent_image_ids(2, 8, 8, "cpu", ref.dtype), return_dict=False)[0]
     assert torch.equal(ours_v, pipe._unpack_latents(ref_v, 32, 32, pipe.vae_scale_factor))
+    flux.configure(models.unet, max_length=77)  # model.max_sequence_length
+    assert flux.encode_prompts(models, PROMPTS).encoder_hidden_states.shape[1] == 77
 
 
 def test_guidance_is_dev_only(tiny_flux):
-    """dev takes guidance 3.5 by default and the value changes the velocity; schnell refuses one (no embedding)."""
+    """dev takes guidance 3.5 by default and the value changes the velocity and f; schnell refuses one."""
     dev, schnell = flux.load(str(tiny_flux["dev"])), flux.load(str(tiny_flux["schnell"]))
-    assert flux.guidance(dev.unet) == 3.5 and flux.guidance(dev.unet, 2.0) == 2.0
-    assert flux.guidance(schnell.unet) is None
+    assert flux.settings(dev.unet) == flux.Settings(3.5, 512)
+    assert flux.settings(schnell.unet) == flux.Settings(None, 256)
     with pytest.raises(NcpError, match="schnell has no guidance"):
-        flux.guidance(schnell.unet, 3.5)
-    cond, x, sigma = flux.encode_prompts(dev, PROMPTS[:1]), torch.randn(1, *LATENT), torch.tensor([0.5])
+        flux.load(str(tiny_flux["schnell"]), guidance_scale=3.5)
+    cond, x, ts = flux.encode_prompts(dev, PROMPTS[:1]), torch.randn(1, *LATENT), torch.tensor([500.0])
     with torch.no_grad():
-        assert not torch.equal(flux.denoise(dev.unet, x, sigma, cond, 3.5), flux.denoise(dev.unet, x, sigma, cond, 1.0))
+        v, f = flux.denoise(dev.unet, x, ts, cond), flux.FluxPerceptualEncoder(dev.unet, 2)(x, ts, cond)
+        flux.configure(dev.unet, guidance_scale=1.0)
+        assert not torch.equal(flux.denoise(dev.unet, x, ts, cond), v)
+        assert not torch.equal(flux.FluxPerceptualEncoder(dev.unet, 2)(x, ts, cond), f)
 
 
 def test_vae_latents_are_shifted_and_scaled(tiny_flux):
@@ -113,7 +117,7 @@ def test_flow_step_matches_the_scheduler_per_sample(tiny_flux, shift):
     expected = base if shift == "none" else math.exp(mu) / (math.exp(mu) + (1 / base - 1))
     assert torch.allclose(schedule.sigmas[:-1], expected, atol=1e-6) and schedule.sigmas[-1] == 0
     t = torch.tensor([0, 1, 500, n - 2, n - 1])
-    assert torch.equal(schedule.model_timestep(t), schedule.sigmas[t].float())  # sigma, not sigma * 1000
+    assert torch.allclose(schedule.model_timestep(t), 1000 * schedule.sigmas[t].float())  # denoise passes it / 1000
     g = torch.Generator().manual_seed(0)
     x0, eps, v = (torch.randn(5, *LATENT, generator=g) for _ in range(3))
     x_t = schedule.q_sample(x0, t, eps)
@@ -125,7 +129,7 @@ def test_flow_step_matches_the_scheduler_per_sample(tiny_flux, shift):
         else:  # the pipeline's shift of the same sigmas
             sch.set_timesteps(sigmas=sch.sigmas.numpy(), mu=mu)
         ts = sch.timesteps[t[i]]
-        assert ts / 1000 == schedule.model_timestep(t[i:i + 1])
+        assert ts == schedule.model_timestep(t[i:i + 1])
         ref = sch.step(v[i:i + 1], ts, x_t[i:i + 1]).prev_sample
         assert torch.equal(ours[i:i + 1], ref), int(t[i])
     schnell = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_flux["schnell"], subfolder="scheduler")
@@ -150,9 +154,9 @@ def test_encoder_is_the_embedders_and_first_k_double_blocks(tiny_flux):
     captured = {}
     tr.transformer_blocks[1].register_forward_hook(lambda m, i, o: captured.update(h=o[1]))
     cond = flux.encode_prompts(models, PROMPTS)
-    x, sigma = torch.randn(2, *LATENT), torch.tensor([0.9, 0.04])
+    x, sigma = torch.randn(2, *LATENT), torch.tensor([900.0, 40.0])
     with torch.no_grad():
-        flux.denoise(tr, x, sigma, cond, 3.5)
+        flux.denoise(tr, x, sigma, cond)
         assert torch.equal(encoder(x, sigma, cond), captured["h"])
         assert torch.equal(copied(x, sigma, cond), captured["h"])
         assert encoder(x, sigma, cond).shape == (2, 64, 32)
@@ -182,13 +186,18 @@ def test_dpo_is_log2_at_initialisation(tiny_flux, variant, error, precision):
 
 
 def test_latent_error_is_the_velocity_error_at_sigma(tiny_flux):
-    """err = mean((v_pred - (eps - x0))^2) with v_pred = denoise(x_t, timestep = sigma, guidance 3.5)."""
+    """err = mean((v_pred - (eps - x0))^2) with v_pred = the transformer at timestep sigma, guidance 3.5."""
     models, denoiser, encoder, _, schedule, x0, cond, rnd = setup(tiny_flux["dev"])
     _, m = compute_objective(denoiser, encoder, schedule, x0, cond, rnd, ObjectiveConfig(loss="cpo", space="latent"))
     t, eps = rnd.t.repeat(2), rnd.eps.repeat(2, 1, 1, 1)
     sigma = schedule.sigmas[t].float().view(-1, 1, 1, 1)
+    x_t = (1 - sigma) * x0 + sigma * eps
     with torch.no_grad():
-        v = flux.denoise(models.unet, (1 - sigma) * x0 + sigma * eps, sigma.flatten(), cond, 3.5)
+        v = models.unet(hidden_states=flux.pack_latents(x_t), timestep=schedule.model_timestep(t) / 1000,
+                        guidance=torch.full((4,), 3.5), pooled_projections=cond.pooled_projections,
+                        encoder_hidden_states=cond.encoder_hidden_states, txt_ids=torch.zeros(512, 3),
+                        img_ids=flux.image_ids(16, 16)).sample
+    v = flux.unpack_latents(v, 16, 16)
     assert torch.allclose(torch.cat([m["err_w"], m["err_l"]]), ((v - (eps - x0)) ** 2).mean(dim=(1, 2, 3)), rtol=1e-5)
 
 
@@ -265,11 +274,11 @@ def test_lora_loads_into_the_pipeline_changes_images_and_unloads(tiny_flux, tmp_
 
     base = image()
     pipe.load_lora_weights(tmp_path)
-    x, sigma = torch.randn(2, *LATENT), torch.tensor([0.7, 0.03])
+    x, ts = torch.randn(2, *LATENT), torch.tensor([700.0, 30.0])
     models.unet.eval()
     with torch.no_grad():
-        trained = flux.denoise(models.unet, x, sigma, cond.index(slice(0, 2)), 3.5)
-        loaded = flux.denoise(pipe.transformer, x, sigma, cond.index(slice(0, 2)), 3.5)
+        trained = flux.denoise(models.unet, x, ts, cond.index(slice(0, 2)))
+        loaded = flux.denoise(pipe.transformer, x, ts, cond.index(slice(0, 2)))
     assert torch.allclose(trained, loaded, atol=1e-5)
     tuned = image()
     pipe.unload_lora_weights()

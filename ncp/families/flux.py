@@ -7,8 +7,10 @@ Everything FLUX-specific lives here; the maths (ncp.flow, ncp.objective, ncp.los
 - latents stay (B, 16, h, w) everywhere (objective, cache, flow step); `denoise` packs them into 2x2 patches
   (`FluxPipeline._pack_latents`), builds the image and text position ids as the pipeline does, and unpacks v;
 - dev is guidance-distilled: the transformer takes `guidance` (3.5, diffusers' FLUX LoRA training default);
-  schnell has no guidance embedding and a guidance setting is refused;
-- timesteps: the transformer takes sigma (the pipeline passes t / 1000, not SD3's sigma * 1000). The training
+  schnell has no guidance embedding and a guidance setting is refused. The run's guidance and T5 length are
+  `Settings` attached to the transformer at load (`configure`), so every call on it (denoiser, f, prompts) agrees;
+- timesteps: the noise process is SD3's (`FlowSchedule`, model timestep = the scheduler's sigma * 1000); the
+  denoiser call passes timestep / 1000 = sigma, as FluxPipeline and diffusers' FLUX training script do. The training
   discretisation is the scheduler's unshifted sigmas (diffusers' FLUX training scripts: dev's scheduler has
   use_dynamic_shifting, schnell's shift 1); flow_shift="resolution" applies the pipeline's resolution-dependent
   shift (mu from the image sequence length, `calculate_shift`) instead;
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -74,6 +77,28 @@ def guidance(transformer, value: float | None = None) -> float | None:
     return None
 
 
+@dataclass(frozen=True)
+class Settings:
+    """What a FLUX run fixes beside the weights: the embedded guidance scale (None for schnell) and the T5 length."""
+    guidance: float | None
+    max_sequence_length: int
+
+
+def configure(transformer, guidance_scale: float | None = None, max_length: int | None = None) -> Settings:
+    """Validate model.guidance / model.max_sequence_length for this transformer and attach them to it."""
+    s = Settings(guidance(transformer, guidance_scale), max_sequence_length(transformer, max_length))
+    transformer.ncp_flux = s
+    return s
+
+
+def settings(denoiser) -> Settings:
+    """The run's Settings of a (possibly DDP-wrapped or compiled) FLUX transformer; the variant's defaults if unset."""
+    base = getattr(denoiser, "module", denoiser)
+    base = getattr(base, "_orig_mod", base)
+    found = base.__dict__.get("ncp_flux")
+    return found if found is not None else Settings(guidance(base), max_sequence_length(base))
+
+
 def detect(path: str, revision: str | None = None) -> bool:
     """Whether the pipeline folder's `transformer/` holds a FluxTransformer2DModel."""
     from diffusers import FluxTransformer2DModel
@@ -86,9 +111,11 @@ def detect(path: str, revision: str | None = None) -> bool:
 
 
 def load(path: str, revision: str | None = None, variant_: str | None = None,
-         weight_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Models:
+         weight_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         guidance_scale: float | None = None, max_length: int | None = None) -> Models:
     """Transformer, 16-channel VAE, CLIP-L and T5 with their tokenizers, and the flow-matching scheduler, frozen.
-    tokenizers / text_encoders are [CLIP, T5]; `Models.unet` holds the transformer."""
+    tokenizers / text_encoders are [CLIP, T5]; `Models.unet` holds the transformer, configured with the run's
+    guidance and T5 length (`configure`)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -97,6 +124,7 @@ def load(path: str, revision: str | None = None, variant_: str | None = None,
         transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
     except (OSError, ValueError) as e:
         raise NcpError(f"model.pretrained={path!r}: cannot load a FLUX transformer from it ({e})") from e
+    configure(transformer, guidance_scale, max_length)
     tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
                   T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2", revision=revision)]
     text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
@@ -114,14 +142,14 @@ def load(path: str, revision: str | None = None, variant_: str | None = None,
 
 # -- conditioning --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def encode_prompts(models, prompts: list[str], max_length: int | None = None):
-    """`FluxPipeline.encode_prompt(prompts, max_sequence_length=...)` (diffusers 0.42): T5's last hidden state
-    (B, L, 4096) as encoder_hidden_states and CLIP-L's pooled output (B, 768) as pooled_projections. The text
-    position ids are all zero (`text_ids`), so they are not stored."""
+def encode_prompts(models, prompts: list[str]):
+    """`FluxPipeline.encode_prompt(prompts, max_sequence_length=L)` (diffusers 0.42), L the run's T5 length: T5's
+    last hidden state (B, L, 4096) as encoder_hidden_states and CLIP-L's pooled output (B, 768) as
+    pooled_projections. The text position ids are all zero (`text_ids`), so they are not stored."""
     from ..conditioning import Cond
 
     (clip_tokenizer, t5_tokenizer), (clip, t5) = models.tokenizers, models.text_encoders
-    length = max_sequence_length(models.unet, max_length)
+    length = settings(models.unet).max_sequence_length
     device = clip.device
     ids = clip_tokenizer(prompts, padding="max_length", max_length=clip_tokenizer.model_max_length, truncation=True,
                          return_tensors="pt").input_ids
@@ -159,25 +187,26 @@ def text_ids(length: int, device=None, dtype=None) -> torch.Tensor:
 
 
 def _inputs(transformer, x: torch.Tensor, timestep: torch.Tensor, cond, guidance_scale: float | None) -> dict:
-    """The transformer's keyword inputs for unpacked latents x (B, C, h, w) at timestep = sigma (B,)."""
+    """The transformer's keyword inputs for unpacked latents x (B, C, h, w) at the flow process's timestep
+    (B,) = sigma * 1000: the pipeline's `timestep / 1000`, packed latents, guidance and ids."""
     n, (h, w) = x.shape[0], x.shape[-2:]
     if (h % 2) or (w % 2):
         raise NcpError(f"FLUX packs latents into 2x2 patches: latent size {h}x{w} must be even "
                        "(data.resolution a multiple of 16)")
     g = None
-    if transformer.config.guidance_embeds:  # the pipeline's torch.full([1], scale, float32).expand(B)
-        g = torch.full([1], GUIDANCE if guidance_scale is None else guidance_scale, device=x.device,
-                       dtype=torch.float32).expand(n)
+    if guidance_scale is not None:  # the pipeline's torch.full([1], scale, float32).expand(B)
+        g = torch.full([1], guidance_scale, device=x.device, dtype=torch.float32).expand(n)
     ehs = cond.encoder_hidden_states
-    return dict(hidden_states=pack_latents(x), timestep=timestep, guidance=g,
+    return dict(hidden_states=pack_latents(x), timestep=timestep / 1000, guidance=g,
                 pooled_projections=cond.pooled_projections, encoder_hidden_states=ehs,
                 txt_ids=text_ids(ehs.shape[1], x.device, ehs.dtype), img_ids=image_ids(h, w, x.device, ehs.dtype))
 
 
-def denoise(transformer, x: torch.Tensor, timestep: torch.Tensor, cond, guidance_scale: float | None = None):
-    """v = transformer(pack(x), timestep = sigma, guidance, ...), unpacked to x's (B, C, h, w)."""
-    out = transformer(**_inputs(transformer, x, timestep, cond, guidance_scale), return_dict=False)[0]
-    return unpack_latents(out, *x.shape[-2:])
+def denoise(transformer, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
+    """v = transformer(pack(x), timestep / 1000, the run's guidance, ...), unpacked to x's (B, C, h, w);
+    timestep = sigma * 1000, the flow process's `model_timestep`."""
+    inputs = _inputs(transformer, x, timestep, cond, settings(transformer).guidance)
+    return unpack_latents(transformer(**inputs, return_dict=False)[0], *x.shape[-2:])
 
 
 class Denoiser(nn.Module):
@@ -185,10 +214,9 @@ class Denoiser(nn.Module):
     packing, ids and guidance inside, so the objective, the cache and the flow step only see (B, C, h, w).
     The LoRA switch is the transformer's (the reference = LoRA off)."""
 
-    def __init__(self, transformer, guidance_scale: float | None = None):
+    def __init__(self, transformer):
         super().__init__()
         self.transformer = transformer
-        self.guidance_scale = guidance(transformer, guidance_scale)
 
     def forward(self, x, timestep, encoder_hidden_states, pooled_projections):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -196,7 +224,7 @@ class Denoiser(nn.Module):
         from ..conditioning import Cond
 
         cond = Cond(encoder_hidden_states, pooled_projections=pooled_projections)
-        return Transformer2DModelOutput(sample=denoise(self.transformer, x, timestep, cond, self.guidance_scale))
+        return Transformer2DModelOutput(sample=denoise(self.transformer, x, timestep, cond))
 
     def disable_adapters(self):
         self.transformer.disable_adapters()
@@ -218,13 +246,12 @@ def mu(scheduler, latent_size: tuple[int, int]) -> float:
 def schedule(scheduler, step: str = "ode", shift: str = "none", latent_size: tuple[int, int] | None = None) -> FlowSchedule:
     """The training discretisation: the scheduler's N sigmas as loaded (dev: unshifted, use_dynamic_shifting;
     schnell: shift 1), as diffusers' FLUX training scripts sample them; shift="resolution": those sigmas through
-    the pipeline's shift for the run's latent size (`set_timesteps(sigmas=..., mu=...)`). The transformer's
-    timestep is the scheduler's timestep / 1000 (= sigma), as the pipeline and the training script pass it."""
+    the pipeline's shift for the run's latent size (`set_timesteps(sigmas=..., mu=...)`). Model timesteps are the
+    scheduler's (sigma * 1000), as for SD3; `denoise` passes them / 1000."""
     if step not in STEPS:
         raise NcpError(f"objective.flow_step must be one of {STEPS}, got {step!r}")
     if shift not in FLOW_SHIFTS:
         raise NcpError(f"objective.flow_shift must be one of {FLOW_SHIFTS}, got {shift!r}")
-    n = scheduler.config.num_train_timesteps
     if shift == "resolution":
         if not scheduler.config.get("use_dynamic_shifting", False):
             raise NcpError("objective.flow_shift=resolution needs a scheduler with use_dynamic_shifting (FLUX.1 dev); "
@@ -234,7 +261,7 @@ def schedule(scheduler, step: str = "ode", shift: str = "none", latent_size: tup
         sigmas, timesteps = scheduler.sigmas[:-1], scheduler.timesteps
     else:
         sigmas, timesteps = scheduler.sigmas, scheduler.timesteps
-    return FlowSchedule.from_sigmas(sigmas, timesteps / n, step)
+    return FlowSchedule.from_sigmas(sigmas, timesteps, step)
 
 
 # -- perceptual encoder f -----------------------------------------------------------------------------------------
@@ -253,12 +280,12 @@ def default_blocks(transformer) -> int:
 class FluxPerceptualEncoder(PerceptualEncoder):
     """f for FLUX: embedders + the first K double-stream blocks of the base transformer; returns the image tokens'
     hidden states after block K (N, h/2 * w/2, D), or their mean (pool). Same interface as PerceptualEncoder
-    (forward(x, timestep, cond) with x unpacked (N, C, h, w) and timestep = sigma, jvp, error modes), and like it
-    runs the transformer's own modules with its LoRA off (share=True), or a copy (share=False, or error=fp32 in a
-    half-precision run). guidance_scale: what the denoiser is given (dev), None for schnell."""
+    (forward(x, timestep, cond) with x unpacked (N, C, h, w) and the flow timestep sigma * 1000, jvp, error modes),
+    and like it runs the transformer's own modules with its LoRA off (share=True), or a copy (share=False, or
+    error=fp32 in a half-precision run). It takes the guidance the denoiser takes (the transformer's `settings`)."""
 
     def __init__(self, transformer, blocks: int | None = None, pool: bool = False, error: str = "difference",
-                 share: bool = True, guidance_scale: float | None = None):
+                 share: bool = True):
         nn.Module.__init__(self)
         if error not in ERRORS:
             raise NcpError(f"encoder.error must be one of {ERRORS}, got {error!r}")
@@ -271,7 +298,7 @@ class FluxPerceptualEncoder(PerceptualEncoder):
                            f"blocks, got {blocks}")
         self.blocks, self.pool, self.error, self.features = blocks, pool, error, "blocks"
         self.config = transformer.config
-        self.guidance_scale = guidance(transformer, guidance_scale)
+        self.guidance_scale = settings(transformer).guidance
         modules = {name: getattr(transformer, name) for name in ("x_embedder", "time_text_embed", "context_embedder",
                                                                  "pos_embed")}
         modules["transformer_blocks"] = nn.ModuleList(transformer.transformer_blocks[:blocks])
