@@ -22,10 +22,13 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from step_cost import FLUX1_TRANSFORMER, SD3_TOKENS, SD35M_TRANSFORMER  # noqa: E402
+from step_cost import FLUX1_TRANSFORMER, SD35M_TRANSFORMER  # noqa: E402
 
 from ncp.conditioning import Cond  # noqa: E402
 from ncp.encoder_dit import DiTPerceptualEncoder  # noqa: E402
+from ncp.families.sd3 import T5_TOKENS  # noqa: E402
+
+SD3_TOKENS = 77 + T5_TOKENS  # CLIP tokens + T5 tokens (StableDiffusion3Pipeline's default max_sequence_length)
 
 
 def encoder_share(ks=(1, 2, 3, 4, 6, 8, 12, 24), latent_sizes=(16, 64, 128), config=SD35M_TRANSFORMER) -> dict:
@@ -84,12 +87,15 @@ def flux_encoder_share(ks=(1, 2, 4, 8, 12, 14, 15, 16, 17, 19), latent_sizes=(16
     return out
 
 
+SHARES = {"sd3": encoder_share, "flux": flux_encoder_share}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["sd3", "flux"], default="sd3")
+    p.add_argument("--model", choices=list(SHARES), default="sd3")
     p.add_argument("--json", help="write the result here")
     a = p.parse_args(argv)
-    out = encoder_share() if a.model == "sd3" else flux_encoder_share()
+    out = SHARES[a.model]()
     ks = [k for k in next(iter(out.values())) if k != "transformer_tflop"]
     print("| latents (px) | transformer TFLOP | " + " | ".join(f"K={k}" for k in ks) + " |")
     print("|---|---|" + "---|" * len(ks))

@@ -18,6 +18,7 @@ It also times the toy data loader, to show that feeding a step costs a small fra
     python benchmarks/step_cost.py --model sd15 --latent-size 32 --pairs 1 --steps 1 --warmup 1 --repeats 5
     python benchmarks/step_cost.py --model sd15 --latent-size 16 --errors difference linearized fp32   # per mode
     python benchmarks/step_cost.py --model sd3 --latent-size 16 --pairs 1 --steps 1 --repeats 3   # SD3.5 Medium MMDiT
+    python benchmarks/step_cost.py --model flux --latent-size 16 --pairs 1 --steps 1 --dtype bf16  # FLUX.1 dev: a GPU
     python benchmarks/step_cost.py --model sd15 --latent-size 16 --fast --errors difference linearized  # fast path
 
 --fast times latent DPO and NCP-DPO (per --errors mode) under every combination of torch.compile on/off and
@@ -47,14 +48,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a clean checkout
 
 from ncp.conditioning import Cond, build_cond  # noqa: E402
-from ncp.config import OptimConfig  # noqa: E402
-from ncp.diffusion import Schedule  # noqa: E402
-from ncp.encoder import ERRORS, PerceptualEncoder  # noqa: E402
+from ncp import families  # noqa: E402
+from ncp.config import EncoderConfig, OptimConfig  # noqa: E402
+from ncp.encoder import ERRORS  # noqa: E402
 from ncp.fast import compile_stats, configure_inductor  # noqa: E402
-from ncp.encoder_dit import DiTPerceptualEncoder  # noqa: E402
-from ncp.flow import FlowSchedule  # noqa: E402
+from ncp.families.flux import SCHEDULER_CONFIGS as FLUX_SCHEDULER_CONFIGS  # noqa: E402
+from ncp.families.sd3 import SCHEDULER_CONFIG as SD3_SCHEDULER_CONFIG  # noqa: E402
 from ncp.models import add_lora  # noqa: E402
-from ncp.objective import ObjectiveConfig, compute_objective, model_timestep, randomness_for  # noqa: E402
+from ncp.objective import ObjectiveConfig, compute_objective, randomness_for  # noqa: E402
+from ncp.tiny import SCHEDULER_CONFIG  # noqa: E402
 
 # (name, loss, space); latent DPO first: every ratio is to it
 METHODS = [("latent DPO", "dpo", "latent"), ("NCP-DPO", "dpo", "perceptual"),
@@ -94,30 +96,33 @@ SDXL_UNET = dict(
     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5,
     act_fn="silu", downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, upcast_attention=False,
 )
-SDXL_POOLED = 1280  # text_encoder_2 projection_dim: 2816 = 1280 + 6 * 256
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json (2.5B parameters) and scheduler shift
 SD35M_TRANSFORMER = dict(
     sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
     num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
     pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
 )
-SD3_TOKENS = 77 + 256  # CLIP tokens + T5 tokens (StableDiffusion3Pipeline's default max_sequence_length)
 # black-forest-labs/FLUX.1-dev, transformer/config.json (12B parameters: 19 double + 38 single blocks); schnell: no
 # guidance embedding
 FLUX1_TRANSFORMER = dict(
     patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
     joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
 )
+# the full-size models by name: (denoiser class, its config, scheduler class, its config), random weights
+FULL_SIZE = {"sd15": ("UNet2DConditionModel", SD15_UNET, "DDPMScheduler", SCHEDULER_CONFIG),
+             "sdxl": ("UNet2DConditionModel", SDXL_UNET, "DDPMScheduler", SCHEDULER_CONFIG),
+             "sd3": ("SD3Transformer2DModel", SD35M_TRANSFORMER, "FlowMatchEulerDiscreteScheduler", SD3_SCHEDULER_CONFIG),
+             "flux": ("FluxTransformer2DModel", FLUX1_TRANSFORMER, "FlowMatchEulerDiscreteScheduler",
+                      FLUX_SCHEDULER_CONFIGS["dev"])}
 
 
 # ---------------------------------------------------------------- the model, data and randomness
 def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtype: torch.dtype,
           errors=("difference",)):
     """(unet with LoRA, LoRA params, {error: encoder}, schedule, x0, cond) for `pairs` pairs on `device`."""
-    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, UNet2DConditionModel
+    import diffusers
 
-    from ncp.tiny import SCHEDULER_CONFIG, SD3_SCHEDULER_CONFIG
-
+    family = families.get(model.removeprefix("tiny-"))
     torch.manual_seed(0)
     n = 2 * pairs  # [winners; losers]
     if model.startswith("tiny-"):
@@ -126,35 +131,25 @@ def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtyp
         from ncp.tiny import build_tiny_pipeline
 
         with tempfile.TemporaryDirectory() as tmp:
-            path = build_tiny_pipeline(Path(tmp) / model, model.removeprefix("tiny-"))
+            path = build_tiny_pipeline(Path(tmp) / model, family.name)
             models = load_models(path, weight_dtype=dtype, device=device)
         unet, scheduler = models.unet, models.scheduler
         cond = build_cond(models, toy_prompts(pairs), target_size=(8 * latent_size,) * 2)
-    elif model == "sd3":
-        unet = SD3Transformer2DModel(**SD35M_TRANSFORMER).requires_grad_(False).eval().to(device, dtype)
-        scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG)
-        cond = Cond(torch.randn(pairs, SD3_TOKENS, 4096), pooled_projections=torch.randn(pairs, 2048)).repeat(2)
-        cond = cond.to(device=device, dtype=dtype)
     else:
+        denoiser_class, config, scheduler_class, scheduler_config = FULL_SIZE[model]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            unet = UNet2DConditionModel(**(SD15_UNET if model == "sd15" else SDXL_UNET))
+            unet = getattr(diffusers, denoiser_class)(**config)
         unet.requires_grad_(False).eval().to(device, dtype)
-        scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
-        ehs = torch.randn(pairs, 77, unet.config.cross_attention_dim)  # random text: only its shape matters here
-        cond = Cond(ehs).repeat(2)
-        if model == "sdxl":
-            r = 8 * latent_size
-            cond.text_embeds = torch.randn(pairs, SDXL_POOLED).repeat(2, 1)
-            cond.time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32).repeat(n, 1)
-        cond = cond.to(device=device, dtype=dtype)
-    sd3 = model.endswith("sd3")  # an MMDiT: f = its first K joint blocks (default K), flow-matching maths
-    encoders = {e: DiTPerceptualEncoder(unet, error=e) if sd3 else PerceptualEncoder(unet, error=e)
-                for e in errors}  # before LoRA: f is the frozen base
+        scheduler = getattr(diffusers, scheduler_class).from_config(scheduler_config)
+        # random text: only its shape matters here
+        cond = family.example_cond(unet, pairs, 8 * latent_size).repeat(2).to(device=device, dtype=dtype)
+    # before LoRA: f is the frozen base (U-Net: its down path; MMDiT: its first K joint blocks, default K)
+    encoders = {e: family.encoder(unet, EncoderConfig(error=e)) for e in errors}
     params = add_lora(unet, rank)
     unet.train()
-    x0 = torch.randn(n, unet.config.in_channels, latent_size, latent_size, device=device)
-    schedule = FlowSchedule.from_scheduler(scheduler) if sd3 else Schedule.from_scheduler(scheduler)
+    x0 = torch.randn(n, family.latent_channels(unet), latent_size, latent_size, device=device)
+    schedule = family.noise_process(scheduler, ObjectiveConfig())  # DDPM maths, or flow matching (the ODE step)
     return unet, params, encoders, schedule, x0, cond
 
 
@@ -222,8 +217,9 @@ def count_flops(fn) -> int:
 def unit_flops(unet, encoder, schedule, x0, cond, rnd) -> tuple[int, int]:
     """FLOPs of one image through the denoiser (U) and through f (E)."""
     x, c = x0[:1], cond.index(slice(0, 1))
-    t_model = model_timestep(schedule, rnd.t[:1])  # a flow model takes sigma * 1000
-    return (count_flops(lambda: unet(x, timestep=t_model, **c.unet_kwargs())),
+    t_model = schedule.model_timestep(rnd.t[:1])  # a flow model takes sigma * 1000
+    denoise = families.of_denoiser(unet).denoise
+    return (count_flops(lambda: denoise(unet, x, t_model, c)),
             count_flops(lambda: encoder(x, t_model, c)))
 
 
@@ -472,7 +468,7 @@ def current_gb(device: str) -> float:
 
 def format_fast(result: dict) -> str:
     s = result["setup"]
-    lines = [f"fast path: {s['model']} {'transformer' if s['model'].endswith('sd3') else 'U-Net'}, {s['latent_size']}x{s['latent_size']} latents, {s['pairs']} pair(s)/step, "
+    lines = [f"fast path: {s['model']} {families.get(s['model'].removeprefix('tiny-')).denoiser_kind}, {s['latent_size']}x{s['latent_size']} latents, {s['pairs']} pair(s)/step, "
              f"LoRA rank {s['rank']}, {s['optimizer']}, {s['device']} {s['dtype']} ({s['threads']} threads), "
              f"median of {s['repeats']} interleaved repeats x {s['steps']} step(s); torch.compile mode {s['compile_mode']}: "
              f"{s['compiles']} graphs ({s['recompiles']} recompilations), {s['compile_s']:.0f} s compiling",
@@ -504,7 +500,7 @@ def profile_step(fn, top: int = 15) -> str:
 
 def format_table(result: dict) -> str:
     s = result["setup"]
-    lines = [f"step cost: {s['model']} {'transformer' if s['model'].endswith('sd3') else 'U-Net'}, {s['latent_size']}x{s['latent_size']} latents, {s['pairs']} pair(s)/step, "
+    lines = [f"step cost: {s['model']} {families.get(s['model'].removeprefix('tiny-')).denoiser_kind}, {s['latent_size']}x{s['latent_size']} latents, {s['pairs']} pair(s)/step, "
              f"LoRA rank {s['rank']}, {s['optimizer']}, {s['device']} {s['dtype']} ({s['threads']} threads), "
              f"median of {s['repeats']} interleaved repeats x {s['steps']} step(s)",
              f"encoder f = {100 * s['encoder_share']:.1f}% of a U-Net forward "
@@ -523,7 +519,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["tiny-sd15", "tiny-sdxl", "tiny-sd3", "sd15", "sdxl", "sd3"], default="tiny-sd15")
+    p.add_argument("--model", choices=[*(f"tiny-{name}" for name in families.names()), *FULL_SIZE], default="tiny-sd15")
     p.add_argument("--latent-size", type=int, default=32, help="latent side (image side / 8)")
     p.add_argument("--pairs", type=int, default=1, help="preference pairs per step")
     p.add_argument("--steps", type=int, default=2, help="timed steps per method per repeat")

@@ -66,6 +66,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the training scripts and ncp, from a clean checkout
 
+from ncp import families  # noqa: E402
 from ncp.data.loader import to_tensor  # noqa: E402
 from ncp.data.toy import (BACKGROUNDS, COLOURS, SHAPES, parse_caption, render, toy_caption, toy_pair,  # noqa: E402
                           toy_reward)
@@ -82,6 +83,7 @@ SD3_BLOCKS = {"NCP-DPO K=2": 2, "NCP-DPO K=4": 4}
 ALL_METHODS = {**METHODS, **{name: METHODS["NCP-DPO"] for name in SD3_BLOCKS}}  # METHODS stays the sd15 set
 SD3_LRS = [1e-4, 3e-4]  # the sd3 variant's lr grid, one step lower than the U-Net's (chosen on validation captions)
 DEFAULT_METHODS = {"sd15": list(METHODS), "sd3": OBJECTIVES + list(SD3_BLOCKS)}
+ARCH_LRS = {"sd3": SD3_LRS}  # lr grids that differ from the configuration's, by base
 PAIRS = [("DPO", "NCP-DPO", "latent DPO"), ("CPO", "NCP-CPO", "latent CPO"), ("SFT", "NCP-SFT", "latent SFT")]
 BASE_TOL = 0.005  # base stopping rule: the EMA reward gained less than this over the last two checks
 SPLIT = (27, 9, 18)  # train / validation / test captions out of the 54
@@ -174,21 +176,18 @@ def base_check_seeds(cfg: dict) -> list[int]:
 def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], log=print, arch: str = "sd15") -> dict:
     """VAE, then U-Net (sd3: transformer) with an EMA, on toy images; saves the EMA pipeline to out/base
     (rule: module docstring)."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
     from diffusers.training_utils import EMAModel
 
-    from ncp.conditioning import encode_prompts
-    from ncp.diffusion import Schedule
-    from ncp.flow import FlowSchedule, sample_timesteps
+    from ncp.conditioning import Cond, encode_prompts
+    from ncp.config import ModelConfig, ObjectiveConfig
+    from ncp.flow import sample_timesteps
     from ncp.models import Models
     from ncp.tiny import build_tiny_pipeline
 
     t_start = time.perf_counter()
+    family = families.get(arch)
     build_tiny_pipeline(out / "init", arch, seed=0)
-    if arch == "sd3":
-        pipe = StableDiffusion3Pipeline.from_pretrained(out / "init")
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(out / "init", safety_checker=None, requires_safety_checker=False)
+    pipe = family.pipeline_class.from_pretrained(out / "init", **family.pipeline_extras(ModelConfig()))
     pipe.set_progress_bar_config(disable=True)
     pairs = [toy_pair(PRETRAIN_SEED, i, 32) for i in range(max(64, cfg["num_pairs"]))]
     captions = [c for c, _, _ in pairs]
@@ -211,7 +210,7 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
     with torch.no_grad():
         mean = vae.encode(images).latent_dist.mean  # [winners; losers]
         recon = vae.decode(mean[:len(winners)]).sample
-    if arch == "sd3":  # SD3's VAE centres its latents too: (z - shift_factor) * scaling_factor
+    if vae.config.get("shift_factor") is not None:  # SD3's VAE centres its latents too: (z - shift) * scale
         vae.register_to_config(shift_factor=float(mean.mean()), scaling_factor=float(1 / mean.std()))
         mean = mean - vae.config.shift_factor
     else:
@@ -223,21 +222,16 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
         f"reconstructed winners {vae_reward:.4f} (the ceiling), {time.perf_counter() - t_start:.0f} s")
 
     # U-Net: epsilon-MSE on the (noisy-caption) latents, 10% empty captions; the EMA copy is checked and saved.
-    # sd3: the transformer with velocity-MSE, t from SD3's logit-normal density
-    sd3 = arch == "sd3"
-    unet = pipe.transformer if sd3 else pipe.unet
+    # sd3: the transformer with velocity-MSE, t from SD3's logit-normal density (the process's training density)
+    denoiser = family.denoiser_key
+    unet = getattr(pipe, denoiser)
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     ema = EMAModel(unet.parameters(), decay=cfg["ema"])
-    schedule = FlowSchedule.from_scheduler(pipe.scheduler) if sd3 else Schedule.from_scheduler(pipe.scheduler)
-    if sd3:
-        models = Models("sd3", unet, vae, [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3],
-                        [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3], pipe.scheduler)
-    else:
-        models = Models("sd15", unet, vae, [pipe.tokenizer], [pipe.text_encoder], pipe.scheduler)
+    schedule = family.noise_process(pipe.scheduler, ObjectiveConfig())
+    parts = pipe.components
+    models = Models(family, unet, vae, [parts[k] for k in ("tokenizer", "tokenizer_2", "tokenizer_3") if k in parts],
+                    [parts[k] for k in ("text_encoder", "text_encoder_2", "text_encoder_3") if k in parts], pipe.scheduler)
     text, empty_text = encode_prompts(models, captions), encode_prompts(models, [""])
-    ehs, empty = text.encoder_hidden_states, empty_text.encoder_hidden_states
-    pooled, empty_pooled = text.pooled_projections, empty_text.pooled_projections
-    denoiser = "transformer" if sd3 else "unet"
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg["base_lr"])
     bs, history, step = cfg["base_batch"], [], 0
     while True:
@@ -257,18 +251,12 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
         idx = torch.randint(0, len(latents), (bs,), generator=g)
         x0 = latents[idx]
         drop = torch.rand(bs, generator=g) < 0.1
-        cond = torch.where(drop.view(-1, 1, 1), empty, ehs[idx])
-        if sd3:
-            t = sample_timesteps(bs, schedule.num_timesteps, g, "logit_normal")
-            eps = torch.randn(x0.shape, generator=g)
-            pool = torch.where(drop.view(-1, 1), empty_pooled, pooled[idx])
-            v = unet(schedule.q_sample(x0, t, eps), timestep=schedule.model_timestep(t), encoder_hidden_states=cond,
-                     pooled_projections=pool).sample
-            loss = F.mse_loss(v, schedule.velocity(x0, eps))
-        else:
-            t = torch.randint(0, schedule.num_timesteps, (bs,), generator=g)
-            eps = torch.randn(x0.shape, generator=g)
-            loss = F.mse_loss(unet(schedule.q_sample(x0, t, eps), t, encoder_hidden_states=cond).sample, eps)
+        cond = Cond(*(None if c is None else torch.where(drop.view(-1, *[1] * (c.dim() - 1)), e, c)
+                      for c, e in zip(text.index(idx)._tensors(), empty_text.repeat(bs)._tensors())))
+        t = sample_timesteps(bs, schedule.num_timesteps, g, schedule.training_density)
+        eps = torch.randn(x0.shape, generator=g)
+        pred = family.denoise(unet, schedule.q_sample(x0, t, eps), schedule.model_timestep(t), cond)
+        loss = F.mse_loss(pred, schedule.target(x0, eps))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -290,23 +278,19 @@ def beta_scale(base: Path, pairs_path: Path, blocks: list[int] = ()) -> dict:
     """1 / median |err_w - err_l| of the base on (up to) 64 training pairs, per space: beta x (error gap) is O(1) in
     both spaces (perceptual errors of the tiny U-Net are ~1e-5, latent ~1e-1). SD3: also per K in `blocks`."""
     from ncp.conditioning import build_cond
+    from ncp.config import EncoderConfig
     from ncp.data.config import DataConfig
     from ncp.data.loader import build_dataloader
-    from ncp.diffusion import Schedule
-    from ncp.encoder import PerceptualEncoder
-    from ncp.encoder_dit import DiTPerceptualEncoder
-    from ncp.flow import FlowSchedule
-    from ncp.models import load_models, to_latents
+    from ncp.models import load_models
     from ncp.objective import ObjectiveConfig, compute_objective, randomness_for
 
     models = load_models(str(base))
-    if models.arch == "sd3":
-        schedule = FlowSchedule.from_scheduler(models.scheduler)
-        encoders = {"perceptual": DiTPerceptualEncoder(models.unet, blocks=1)}  # the tiny configs' K
-        encoders.update({f"perceptual K={k}": DiTPerceptualEncoder(models.unet, blocks=k) for k in blocks})
-    else:
-        schedule = Schedule.from_scheduler(models.scheduler)
-        encoders = {"perceptual": PerceptualEncoder(models.unet)}
+    family = models.family
+    schedule = family.noise_process(models.scheduler, ObjectiveConfig())
+    # f at the tiny configs' K = 1 (an MMDiT's; a U-Net's f has no K), and at each K in `blocks` (sd3 only)
+    encoders = {"perceptual": family.encoder(models.unet, EncoderConfig(blocks=1, error="difference"))}
+    encoders.update({f"perceptual K={k}": family.encoder(models.unet, EncoderConfig(blocks=k, error="difference"))
+                     for k in blocks})
     loader = build_dataloader(DataConfig(source="pairs", path=str(pairs_path)), 8, seed=0)
     g = torch.Generator().manual_seed(0)
     gaps = {**{k: [] for k in encoders}, "latent": []}
@@ -314,7 +298,7 @@ def beta_scale(base: Path, pairs_path: Path, blocks: list[int] = ()) -> dict:
         for i, batch in enumerate(loader):
             if i == 8:
                 break
-            x0 = to_latents(models.vae, models.vae.encode(batch["pixel_values"]).latent_dist.mean)
+            x0 = family.to_latents(models.vae, models.vae.encode(batch["pixel_values"]).latent_dist.mean)
             cond = build_cond(models, batch["prompts"])
             rnd = randomness_for(ObjectiveConfig(), schedule, len(batch["prompts"]), x0.shape[1:], g)
             for space in gaps:
@@ -558,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
     size.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs, in seconds")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel processes, 1 torch thread each")
     p.add_argument("--methods", nargs="+", help="subset of the methods (default: every method of the arch)")
-    p.add_argument("--arch", choices=["sd15", "sd3"], default="sd15",
+    p.add_argument("--arch", choices=list(DEFAULT_METHODS), default="sd15",
                    help="the base: tiny SD1.5 (U-Net, DDPM) or tiny SD3 (MMDiT, flow matching)")
     a = p.parse_args(argv)
     a.methods = a.methods or DEFAULT_METHODS[a.arch]
@@ -566,8 +550,8 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         p.error(f"--methods: unknown {sorted(unknown)}; choose from {list(ALL_METHODS)}")
     cfg = dict(SMOKE if a.smoke else QUICK if a.quick else FULL)
-    if a.arch == "sd3" and not a.smoke:  # RESULTS.md section 4: on the sd3 base every method at lr 3e-4 (the U-Net
-        cfg["lrs"] = SD3_LRS             # grid's lowest) fell below the base on the validation captions
+    if not a.smoke:  # RESULTS.md section 4: on the sd3 base every method at lr 3e-4 (the U-Net grid's lowest) fell
+        cfg["lrs"] = ARCH_LRS.get(a.arch, cfg["lrs"])  # below the base on the validation captions
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     out = Path(a.out)
@@ -583,7 +567,7 @@ def main(argv: list[str] | None = None) -> dict:
     test_seeds = list(range(cfg["img_seeds"]))
     base_key = {k: cfg[k] for k in ("vae_steps", "base_max", "base_check", "base_batch", "base_lr", "ema",
                                     "num_pairs", "val_seeds", "sample_steps")} | dict(caption_noise=CAPTION_NOISE)
-    if a.arch != "sd15":  # the sd15 base's key stays as it was, so existing bases are reused
+    if a.arch != families.DEFAULT:  # the sd15 base's key stays as it was, so existing bases are reused
         base_key["arch"] = a.arch
     saved = out / "base.json"
     if saved.is_file() and json.loads(saved.read_text())["settings"] == base_key:  # the same rule gives the same base

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
                              first_step_s=max(x["first_step_s"] for x in runs), runs=runs)
         print(f"| ncp NCP-DPO {name} | {s:.2f} | {s / plain:.3f}x | {summary[name]['peak_gb']:.2f} | "
               f"{summary[name]['first_step_s']:.1f} |")
-    if a.model == "sd15" and a.resolution == 128:
+    if a.model != "tiny" and a.resolution == 128:  # the peers were measured on the SD1.5 architecture
         for peer, ((lo, hi), gb) in PEERS.items():
             print(f"| {peer} (environment.md) | {lo}-{hi} | | {gb} | |")
         best = min(summary.values(), key=lambda x: x["step_s"])["step_s"]

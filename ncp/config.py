@@ -17,6 +17,7 @@ import yaml
 
 from .data.config import DataConfig
 from .encoder import ERRORS, FEATURES
+from . import families
 from .errors import NcpError
 from .fast import ATTENTION, COMPILE_MODES
 from .models import LORA_TARGETS
@@ -37,6 +38,8 @@ class ModelConfig:
     revision: str | None = None  # hub revision, for reproducible downloads
     variant: str | None = None  # e.g. fp16 weight files on the hub
     text_encoder_3: bool = True  # sd3: false drops T5 (4.7B parameters) as the pipeline allows: zeros in its place
+    guidance: float | None = None  # flux dev: the embedded guidance scale it trains at (None = 3.5, diffusers' FLUX LoRA default); schnell has none
+    max_sequence_length: int | None = None  # flux: T5 tokens per prompt (None = the pipeline's: dev 512, schnell 256)
 
 
 @dataclass
@@ -131,8 +134,8 @@ class Config:
     def validate(self) -> None:
         self.objective.validate()
         self.data.validate()
-        if self.model.arch not in (None, "sd15", "sdxl", "sd3"):
-            raise NcpError(f"model.arch must be sd15, sdxl, sd3 or null, got {self.model.arch!r}")
+        if self.model.arch not in (None, *families.names()):
+            raise NcpError(f"model.arch must be {', '.join(families.names())} or null, got {self.model.arch!r}")
         if self.encoder.blocks is not None and self.encoder.blocks < 1:
             raise NcpError(f"encoder.blocks must be >= 1 or null, got {self.encoder.blocks}")
         if self.encoder.features not in FEATURES:

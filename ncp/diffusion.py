@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import NcpError
+
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over all non-batch dimensions: (N, ...) -> (N,)."""
@@ -28,8 +30,13 @@ def prev_t(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Schedule:
+    """The DDPM noise process. It shares its interface with `ncp.flow.FlowSchedule`, so the objective never asks
+    which one it has: `num_timesteps`, `next_t`, `q_sample`, `target` (what the denoiser predicts),
+    `model_timestep`, `step` (the reverse step t -> next_t(t)), `step_coef` (d step / d prediction),
+    `renoise` (objective.target=uniform) and `training_density` (how the base model drew t)."""
     alphas_cumprod: torch.Tensor  # (T,) float64
     betas: torch.Tensor  # (T,)
+    training_density = "uniform"  # t ~ U{0..T-1}, as DDPM models are trained
 
     @classmethod
     def from_scheduler(cls, scheduler) -> "Schedule":
@@ -40,6 +47,20 @@ class Schedule:
     @property
     def num_timesteps(self) -> int:
         return len(self.betas)
+
+    def next_t(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep f is evaluated at: t - 1 (clamped at 0), where the reverse step lands."""
+        return prev_t(t)
+
+    @staticmethod
+    def target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """What the denoiser predicts: the noise eps (epsilon-prediction)."""
+        return eps
+
+    @staticmethod
+    def model_timestep(t: torch.Tensor) -> torch.Tensor:
+        """The denoiser's (and f's) timestep input: the DDPM index itself."""
+        return t
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps  (q(x_t | x_0), Eq. 2)."""
@@ -57,7 +78,7 @@ class Schedule:
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
         return abar, abar_prev, 1 - abar / abar_prev
 
-    def ddpm_step_eps_coef(self, t: torch.Tensor) -> torch.Tensor:
+    def step_coef(self, t: torch.Tensor) -> torch.Tensor:
         """d x_{t-1} / d eps_hat of `ddpm_step` (it is linear in eps_hat), per sample (N,), float64:
 
             -beta_t / (sqrt(alpha_t) sqrt(1 - abar_t)),
@@ -66,7 +87,7 @@ class Schedule:
         abar, _, beta = self._step_tables()
         return (-beta / ((1 - beta).sqrt() * (1 - abar).sqrt())).to(t.device)[t]
 
-    def ddpm_step(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def step(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """One reverse step t -> t-1 of the DDPM posterior q(x_{t-1} | x_t, x0_hat), per sample.
 
         mean = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0_hat + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t,
@@ -79,3 +100,12 @@ class Schedule:
         std = ((1 - abar_prev) / (1 - abar) * beta).clamp(min=1e-20).sqrt() * (torch.arange(len(abar)) > 0)
         x0_hat = self.predict_x0(x_t, t, eps)
         return _gather(x0_coef, t, x_t) * x0_hat + _gather(xt_coef, t, x_t) * x_t + _gather(std, t, x_t) * z
+
+    def renoise(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, t_target: torch.Tensor,
+                x0: torch.Tensor | None = None) -> torch.Tensor:
+        """Lin & Yang's target: the predicted x0 (or the given true x0) re-noised with the predicted noise at t_target."""
+        if x0 is None:
+            x0 = self.predict_x0(x_t, t, eps)
+        return self.q_sample(x0, t_target, eps)
+
+    ddpm_step, ddpm_step_eps_coef = step, step_coef  # the DDPM names, as tests and benchmarks call them

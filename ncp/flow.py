@@ -14,16 +14,20 @@ from dataclasses import dataclass
 import torch
 
 from .diffusion import _gather
+from .errors import NcpError
 
 STEPS = ("ode", "sde")
+SHIFTS = ("none", "resolution")  # flux's training sigmas: as loaded, or through the pipeline's resolution shift
 TIMESTEPS = ("uniform", "logit_normal")
 
 
 @dataclass
 class FlowSchedule:
+    """The flow-matching noise process, with `ncp.diffusion.Schedule`'s interface (v stands where eps stands)."""
     sigmas: torch.Tensor  # (N + 1,) float64: the scheduler's N sigmas, then the terminal 0
     timesteps: torch.Tensor  # (N + 1,) float32: what the transformer takes (the scheduler's sigma * N), then 0
     stochastic: bool = False  # reverse step: "ode" (the scheduler's Euler step) or "sde" (posterior, noise z)
+    training_density = "logit_normal"  # SD3's density over the indices (Esser et al. 2024)
 
     @classmethod
     def from_scheduler(cls, scheduler, step: str = "ode") -> "FlowSchedule":
@@ -65,7 +69,7 @@ class FlowSchedule:
         return (1 - sigma) * x0 + sigma * eps
 
     @staticmethod
-    def velocity(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """The regression target v = d x_t / d sigma = eps - x0."""
         return eps - x0
 
@@ -82,7 +86,7 @@ class FlowSchedule:
         c = c2.clamp(min=0).sqrt()
         return s, s_next, c, -a_next * s + (s_next ** 2 - c ** 2).clamp(min=0).sqrt() * a
 
-    def step_v_coef(self, t: torch.Tensor) -> torch.Tensor:
+    def step_coef(self, t: torch.Tensor) -> torch.Tensor:
         """d x_t' / d v_hat of `step` (it is affine in v_hat), per sample (N,), float64: sigma_t' - sigma_t for
         the ODE step. Two reverse steps from the same x_t and z differ by exactly this times v_hat - v."""
         return self._coefs(t)[3].to(t.device)
@@ -101,6 +105,11 @@ class FlowSchedule:
         s, s_next, c, _ = (x.to(x_t.device, x_t.dtype).view(-1, *([1] * (x_t.dim() - 1))) for x in self._coefs(t))
         x0_hat, eps_hat = x_t - s * v, x_t + (1 - s) * v
         return (1 - s_next) * x0_hat + (s_next ** 2 - c ** 2).clamp(min=0).sqrt() * eps_hat + c * z
+
+    def renoise(self, x_t, t, v, t_target, x0=None):
+        raise NcpError("objective.target=uniform is for DDPM models; flow-matching runs use target=prev")
+
+    velocity, step_v_coef = target, step_coef  # the flow names, as tests call them
 
 
 def sample_timesteps(num_pairs: int, num_timesteps: int, generator: torch.Generator, sampling: str = "uniform",

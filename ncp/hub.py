@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ncp import families
 from ncp.errors import NcpError, run_cli
 from ncp.metrics import read_metrics
 from ncp.models import LORA_FILE
@@ -125,10 +126,6 @@ def method_name(loss: str, space: str) -> str:
     return f"{'NCP' if space == 'perceptual' else 'Diffusion'}-{loss.upper()}"
 
 
-ARCH_TAGS = {"sdxl": "stable-diffusion-xl", "sd3": "stable-diffusion-3"}
-PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
-
-
 def build_model_card(run_dir: str | Path, repo_id: str | None = None, license: str | None = None):
     """The model card of a finished run (a `huggingface_hub.ModelCard`).
 
@@ -141,7 +138,7 @@ def build_model_card(run_dir: str | Path, repo_id: str | None = None, license: s
     config, metrics = _read_run(run)
     model, objective, data = (config.get(k) or {} for k in ("model", "objective", "data"))
     base = str(model.get("pretrained") or "unknown")
-    arch = model.get("arch") or ("sdxl" if "xl" in base.lower() else "sd3" if "diffusion-3" in base.lower() else "sd15")
+    family = families.get(model["arch"]) if model.get("arch") else families.from_model_id(base)
     loss, space = str(objective.get("loss", "dpo")), str(objective.get("space", "perceptual"))
     method = method_name(loss, space)
     on_hub = bool(_HUB_ID.match(base)) and not Path(base).exists()
@@ -151,7 +148,7 @@ def build_model_card(run_dir: str | Path, repo_id: str | None = None, license: s
         base_model=base if on_hub else None, license=license, library_name="diffusers",
         pipeline_tag="text-to-image",
         datasets=[data_path] if data.get("source") == "hub" and data_path and _HUB_ID.match(str(data_path)) else None,
-        tags=["text-to-image", ARCH_TAGS.get(arch, "stable-diffusion"), "diffusers",
+        tags=["text-to-image", family.hub_tag, "diffusers",
               "lora", "ncp", method.lower(), f"{loss}"],
     )
     grid, grid_step = latest_grid(run)
@@ -163,9 +160,9 @@ def build_model_card(run_dir: str | Path, repo_id: str | None = None, license: s
         title=f"{method} LoRA for {base}" if not repo_id else repo_id.split("/")[-1],
         base_model=base, base_model_link=f"https://huggingface.co/{base}" if on_hub else base,
         method=method, space=space,
-        space_text=(f"noise-conditioned perceptual space of the {'transformer' if arch == 'sd3' else 'U-Net'} encoder"
+        space_text=(f"noise-conditioned perceptual space of the {family.denoiser_kind} encoder"
                     if space == "perceptual" else "latent space"),
-        pipeline_class=PIPELINES.get(arch, "StableDiffusionPipeline"),
+        pipeline_class=family.pipeline_name,
         repo_id=repo_id or "USER/REPO", example_prompt=(prompts[0] if prompts else "a photo of a cat").replace('"', "'"),
         grid=GRID_FILE if grid else None, grid_step=grid_step, prompts="; ".join(f"“{p}”" for p in prompts),
         hyperparameters=hyper, data=[(k, _fmt(v)) for k, v in data.items() if v is not None],

@@ -21,7 +21,8 @@ import torch
 from .conditioning import Cond
 from .diffusion import Schedule, mean_flat, prev_t
 from .errors import NcpError
-from .flow import STEPS, TIMESTEPS, FlowSchedule, sample_timesteps
+from . import families
+from .flow import SHIFTS, STEPS, TIMESTEPS, sample_timesteps
 from .losses import cpo_loss, dpo_loss, sft_loss
 from .models import adapters_disabled
 
@@ -40,11 +41,13 @@ class ObjectiveConfig:
     timesteps: str = "uniform"  # uniform | logit_normal (SD3's training density over the schedule's indices)
     logit_mean: float = 0.0  # logit_normal: mean of the normal before the sigmoid (SD3 paper: 0)
     logit_std: float = 1.0  # logit_normal: its std (SD3 paper: 1)
+    flow_shift: str = "none"  # flux: none = the scheduler's unshifted training sigmas (diffusers' FLUX scripts) | resolution = the pipeline's resolution-dependent shift
     flow_step: str = "ode"  # sd3 reverse step to the next sigma: ode (the scheduler's Euler step) | sde (posterior, noise z)
 
     def validate(self, prefix: str = "objective") -> None:
         for key, value, allowed in [("loss", self.loss, LOSSES), ("space", self.space, SPACES), ("target", self.target, TARGETS),
-                                    ("timesteps", self.timesteps, TIMESTEPS), ("flow_step", self.flow_step, STEPS)]:
+                                    ("timesteps", self.timesteps, TIMESTEPS), ("flow_step", self.flow_step, STEPS),
+                                    ("flow_shift", self.flow_shift, SHIFTS)]:
             if value not in allowed:
                 raise NcpError(f"{prefix}.{key} must be one of {allowed}, got {value!r}")
         if self.beta <= 0:
@@ -71,50 +74,43 @@ class Randomness:
 
 def sample_randomness(num_pairs: int, latent_shape, num_timesteps: int, generator: torch.Generator,
                       target: str = "prev", timesteps: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
-                      flow: bool = False) -> Randomness:
+                      next_t=prev_t) -> Randomness:
     """Draw t ~ U{0..T-1} (or SD3's logit-normal, `ncp.flow.sample_timesteps`), eps, z ~ N(0, I) on the
-    generator's device (CPU: reproducible anywhere). flow: t' = t + 1, the next sigma (FlowSchedule.next_t)."""
+    generator's device (CPU: reproducible anywhere). next_t: the noise process's t' (DDPM t - 1, flow t + 1)."""
     t = sample_timesteps(num_pairs, num_timesteps, generator, timesteps, logit_mean, logit_std)
     eps = torch.randn((num_pairs, *latent_shape), generator=generator)
     z = torch.randn((num_pairs, *latent_shape), generator=generator)
     if target == "uniform":
         t_target = torch.randint(0, num_timesteps, (num_pairs,), generator=generator)
     else:
-        t_target = t + 1 if flow else prev_t(t)
+        t_target = next_t(t)
     return Randomness(t, eps, z, t_target)
 
 
 def randomness_for(cfg: ObjectiveConfig, schedule, num_pairs: int, latent_shape, generator: torch.Generator) -> Randomness:
-    """`sample_randomness` with the objective's timestep density and the schedule's kind (DDPM or flow)."""
+    """`sample_randomness` with the objective's timestep density and the noise process's t'."""
     return sample_randomness(num_pairs, latent_shape, schedule.num_timesteps, generator, cfg.target, cfg.timesteps,
-                             cfg.logit_mean, cfg.logit_std, flow=isinstance(schedule, FlowSchedule))
+                             cfg.logit_mean, cfg.logit_std, next_t=schedule.next_t)
 
 
 def model_timestep(schedule, t: torch.Tensor) -> torch.Tensor:
     """What the denoiser (and f) takes as its timestep: the DDPM index itself, or a flow model's sigma * 1000."""
-    return schedule.model_timestep(t) if isinstance(schedule, FlowSchedule) else t
+    return schedule.model_timestep(t)
 
 
-def predict(unet, schedule, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-    """The denoiser's output (eps for a U-Net, v for an SD3 transformer) at index t, at least fp32."""
-    if isinstance(schedule, FlowSchedule):
-        return _wide(unet(x_t, timestep=schedule.model_timestep(t), **cond.unet_kwargs()).sample)
-    return _wide(unet(x_t, t, **cond.unet_kwargs()).sample)
+def predict(unet, schedule, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, denoise=None) -> torch.Tensor:
+    """The denoiser's output (the process's target: eps, or v for a flow model) at index t, at least fp32.
+    denoise: the family's call (`ncp.families.Family.denoise`); None = that of the denoiser's family."""
+    denoise = denoise or (families.of_denoiser(unet) or families.Family).denoise
+    return _wide(denoise(unet, x_t, schedule.model_timestep(t), cond))
 
 
 def _x_target(schedule: Schedule, cfg: ObjectiveConfig, x_t, t, eps_j, z, t_target, x0=None):
-    """The point f sees for one noise prediction eps_j: the DDPM step to t-1 (default), or
-    Lin & Yang's re-noising of the predicted x0 with the predicted noise at t_target.
-    Flow: eps_j is a velocity and the step goes to the next sigma (`FlowSchedule.step`)."""
-    if isinstance(schedule, FlowSchedule):
-        if cfg.target != "prev":
-            raise NcpError("objective.target=uniform is for DDPM models; flow-matching (sd3) runs use target=prev")
-        return schedule.step(x_t, t, eps_j, z)
+    """The point f sees for one prediction eps_j (eps, or v for a flow model): the process's reverse step to
+    next_t(t) (default), or Lin & Yang's re-noising of the predicted x0 with the predicted noise at t_target."""
     if cfg.target == "prev":
-        return schedule.ddpm_step(x_t, t, eps_j, z)
-    if x0 is None:
-        x0 = schedule.predict_x0(x_t, t, eps_j)
-    return schedule.q_sample(x0, t_target, eps_j)
+        return schedule.step(x_t, t, eps_j, z)
+    return schedule.renoise(x_t, t, eps_j, t_target, x0)
 
 
 def perceptual_errors(encoder, schedule: Schedule, cfg: ObjectiveConfig, x_t, t, eps, z, t_target, cond, x0,
@@ -144,7 +140,7 @@ def perceptual_errors(encoder, schedule: Schedule, cfg: ObjectiveConfig, x_t, t,
     errs = []
     for e in eps_hats:
         e = _wide(e)
-        coef = schedule.step_v_coef(t) if isinstance(schedule, FlowSchedule) else schedule.ddpm_step_eps_coef(t)
+        coef = schedule.step_coef(t)
         coef = coef.to(e.dtype).view(-1, *([1] * (e.dim() - 1)))
         delta = coef * (e - eps.to(e.dtype))
         rms = mean_flat(delta.detach() ** 2).sqrt().clamp(min=torch.finfo(e.dtype).tiny)
@@ -159,11 +155,12 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 
 
 def compute_objective(unet, encoder, schedule: Schedule, x0: torch.Tensor, cond: Cond, rnd: Randomness,
-                      cfg: ObjectiveConfig):
+                      cfg: ObjectiveConfig, denoise=None):
     """Loss (scalar, mean over pairs) and detached metrics for B pairs.
 
     x0: (2B, C, h, w) latents [winners; losers]; cond: 2B rows. For SFT only the winners are used.
-    schedule: a DDPM `Schedule` (U-Net, eps-prediction) or a `FlowSchedule` (SD3 transformer, v-prediction).
+    schedule: the noise process (DDPM `Schedule`: eps-prediction, or `FlowSchedule`: v-prediction); denoise: the
+    family's denoiser call (default: `Family.denoise` of the denoiser's family).
     Metrics are per-pair tensors: err_w, err_l, ref_err_w, ref_err_l, implicit_acc, reward_w, reward_l.
     """
     num_pairs = rnd.t.shape[0]
@@ -175,14 +172,13 @@ def compute_objective(unet, encoder, schedule: Schedule, x0: torch.Tensor, cond:
     t, eps, z, t_target = (x.repeat(reps, *([1] * (x.dim() - 1))) for x in (rnd.t, rnd.eps, rnd.z, rnd.t_target))
     eps, z = eps.to(x0.dtype), z.to(x0.dtype)
     x_t = schedule.q_sample(x0, t, eps)
-    if isinstance(schedule, FlowSchedule):  # the transformer predicts v = eps - x0: it stands where eps stands below
-        eps = schedule.velocity(x0, eps)
+    eps = schedule.target(x0, eps)  # a flow model predicts v = eps - x0: it stands where eps stands below
 
-    eps_pred = predict(unet, schedule, x_t, t, cond)
+    eps_pred = predict(unet, schedule, x_t, t, cond, denoise)
     eps_ref = None
     if cfg.loss == "dpo":
         with torch.no_grad(), adapters_disabled(unet):
-            eps_ref = predict(unet, schedule, x_t, t, cond)
+            eps_ref = predict(unet, schedule, x_t, t, cond, denoise)
 
     if cfg.space == "latent":
         err = mean_flat((eps_pred - eps) ** 2)

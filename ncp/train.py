@@ -21,11 +21,9 @@ import torch
 
 from .conditioning import build_cond
 from .config import Config, describe_keys, load_config
-from .diffusion import Schedule
-from .encoder import PerceptualEncoder
 from .errors import NcpError
 from .fast import apply_fast_path, attention_backend
-from .models import Models, add_lora, load_models, to_latents
+from .models import Models, add_lora, load_models
 from .objective import compute_objective, randomness_for
 from .run import Run
 
@@ -109,55 +107,37 @@ def build_data(cfg: Config, acc):
 @dataclass
 class Parts:
     models: Models
-    schedule: Schedule
-    encoder: PerceptualEncoder | None
+    schedule: object  # the family's noise process (ncp.diffusion.Schedule or ncp.flow.FlowSchedule)
+    encoder: torch.nn.Module | None  # f
     params: list  # the LoRA's trainable (fp32) parameters
     arch: str
     unet: torch.nn.Module | None = None  # the policy U-Net as accelerate prepared it (DDP-wrapped on several processes)
 
 
 def build_models(cfg: Config, acc) -> Parts:
-    """Algorithm 1, lines 1-2: the policy is the base U-Net plus LoRA, the reference is the same U-Net with LoRA
-    off, f is a frozen copy of the base U-Net's down path, made before LoRA is added."""
+    """Algorithm 1, lines 1-2: the policy is the base denoiser plus LoRA, the reference is the same denoiser with
+    LoRA off, f is the family's frozen encoder on the base denoiser, made before LoRA is added."""
     from accelerate.utils import set_seed
 
     m, tc = cfg.model, cfg.train
     models = load_models(m.pretrained, m.arch, m.vae, m.revision, m.variant, DTYPES[tc.mixed_precision], acc.device,
                          m.text_encoder_3)
-    cfg.model.arch = models.arch  # config.yaml records the detected architecture
+    cfg.model.arch = models.arch  # config.yaml records the detected family
+    models.family.configure(models, cfg)             # family-only settings (flux: guidance, T5 length)
     if cfg.data.cache_dir:  # latents and text embeddings come from the cache: free the VAE and text encoders
         models.vae, models.text_encoders = None, []  # (validation loads them again for its images)
     encoder = None
     if cfg.objective.space == "perceptual":
-        encoder = build_encoder(cfg, models)
+        encoder = models.family.encoder(models.denoiser, cfg.encoder)
     set_seed(tc.seed)  # the same LoRA init on every process and every run with this seed
     params = add_lora(models.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.init, cfg.lora.targets)
     if tc.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
     models.unet.train()
-    parts = Parts(models, build_schedule(cfg, models), encoder, params, models.arch)
+    process = models.family.noise_process(models.scheduler, cfg.objective, cfg.data.resolution)
+    parts = Parts(models, process, encoder, params, models.arch)
     apply_fast_path(parts, tc)                        # train.channels_last, train.compile (README "Fast path")
     return parts
-
-
-def build_encoder(cfg: Config, models: Models):
-    """f: the frozen down path of a U-Net, or the first encoder.blocks joint blocks of an SD3 transformer."""
-    if models.arch == "sd3":
-        from .encoder_dit import DiTPerceptualEncoder
-
-        if cfg.encoder.features != "last":
-            raise NcpError(f"encoder.features={cfg.encoder.features!r} is for U-Nets; sd3 uses encoder.blocks (K)")
-        return DiTPerceptualEncoder(models.unet, cfg.encoder.blocks, cfg.encoder.pool, cfg.encoder.error)
-    return PerceptualEncoder(models.unet, cfg.encoder.features, cfg.encoder.pool, cfg.encoder.error)
-
-
-def build_schedule(cfg: Config, models: Models):
-    """DDPM maths from the U-Net's scheduler, or flow-matching maths from SD3's (ncp.flow)."""
-    if models.arch == "sd3":
-        from .flow import FlowSchedule
-
-        return FlowSchedule.from_scheduler(models.scheduler, cfg.objective.flow_step)
-    return Schedule.from_scheduler(models.scheduler)
 
 
 def build_optimizer(cfg: Config, parts: Parts, acc, max_steps: int):
@@ -191,11 +171,11 @@ def encode(parts: Parts, batch: dict, resolution: int):
     """Latents x0 (2B, C, h, w) = [winners; losers] and conditioning (2B rows)."""
     vae = parts.models.vae
     if "latents" in batch:
-        x0 = batch["latents"].to(parts.models.unet.device, torch.float32)
+        x0 = batch["latents"].to(parts.models.denoiser.device, torch.float32)
     else:
         pixels = batch["pixel_values"].to(vae.device, vae.dtype)
         # the posterior mean (deterministic, no RNG draw), as the latent cache stores it
-        x0 = to_latents(vae, vae.encode(pixels).latent_dist.mean.float())
+        x0 = parts.models.family.to_latents(vae, vae.encode(pixels).latent_dist.mean.float())
     cond = build_cond(parts.models, batch["prompts"], batch.get("original_size"), batch.get("crop_top_left"),
                       (resolution, resolution), batch.get("prompt_embeds"), batch.get("pooled_prompt_embeds"))
     return x0, cond
@@ -203,37 +183,24 @@ def encode(parts: Parts, batch: dict, resolution: int):
 
 # -- watching a run ----------------------------------------------------------------------------------------------
 def validation_pipeline(cfg: Config, parts: Parts, acc):
-    """A diffusers pipeline around the training components (LoRA on), for validation images."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    from .models import pipeline_class
-
+    """The family's diffusers pipeline around the training components (LoRA on), for validation images."""
     mdl, m = parts.models, cfg.model
-    if parts.arch == "sd3":  # the model's own flow-matching scheduler; T5 may be None, as the pipeline allows
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(mdl.scheduler.config)
-        denoiser, extra = {"transformer": acc.unwrap_model(parts.unet)}, {}
-    else:
-        scheduler = DPMSolverMultistepScheduler.from_config(mdl.scheduler.config)
-        denoiser = {"unet": acc.unwrap_model(parts.unet)}
-        extra = {} if parts.arch == "sdxl" else dict(safety_checker=None, feature_extractor=None,
-                                                     requires_safety_checker=False)
-    dtype = next(iter(denoiser.values())).dtype
+    family = mdl.family
+    scheduler = family.sampling_scheduler(mdl.scheduler.config)
+    denoiser = acc.unwrap_model(parts.unet)
+    components = {"scheduler": scheduler, family.denoiser_key: denoiser, **family.pipeline_extras(m)}
     if mdl.vae is None:  # freed while training from the cache: load them for these images only
         if m.vae is not None:
             from diffusers import AutoencoderKL
 
-            extra["vae"] = AutoencoderKL.from_pretrained(m.vae, torch_dtype=dtype)
-        if parts.arch == "sd3" and not m.text_encoder_3:
-            extra.update(text_encoder_3=None, tokenizer_3=None)
-        pipe = pipeline_class(parts.arch).from_pretrained(m.pretrained, scheduler=scheduler, revision=m.revision,
-                                                          variant=m.variant, torch_dtype=dtype, **denoiser, **extra)
+            components["vae"] = AutoencoderKL.from_pretrained(m.vae, torch_dtype=denoiser.dtype)
+        pipe = family.pipeline_class.from_pretrained(m.pretrained, revision=m.revision, variant=m.variant,
+                                                     torch_dtype=denoiser.dtype, **components)
         pipe.to(acc.device)
     else:  # tokenizer(_2, _3) and text_encoder(_2, _3): one, two or three of them
         text = {f"{kind}{suffix}": obj for suffix, tok, enc in zip(("", "_2", "_3"), mdl.tokenizers, mdl.text_encoders)
                 for kind, obj in (("tokenizer", tok), ("text_encoder", enc))}
-        pipe = pipeline_class(parts.arch)(vae=mdl.vae, scheduler=scheduler, **denoiser, **text, **extra)
+        pipe = family.pipeline_class(**{"vae": mdl.vae, **text, **components})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

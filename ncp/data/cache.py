@@ -5,7 +5,7 @@
 
 What is stored (safetensors shards + `manifest.json`):
 - `latents-<shard, 5 digits>.safetensors`: `latents` (N, C, h, w) = `vae.encode(x).latent_dist.mean * scaling_factor`
-  (SD3: `(mean - shift_factor) * scaling_factor`, `ncp.models.to_latents`)
+  (SD3: `(mean - shift_factor) * scaling_factor`, `Family.to_latents`)
   (the posterior mean, not a sample: the training loop encodes uncached images the same way),
   `original_size`, `crop_top_left` (N, 2); the image uids
   in the shard's metadata. Each image is stored once however many pairs show it (dedup by uid).
@@ -76,7 +76,7 @@ def build_cache(cfg: DataConfig, model: str, out: str, vae: str | None = None, s
     from tqdm.auto import tqdm
 
     from ncp.conditioning import encode_prompts
-    from ncp.models import load_models, to_latents
+    from ncp.models import load_models
 
     cfg.validate()
     if cfg.crop != "center" or cfg.random_flip:
@@ -119,8 +119,9 @@ def build_cache(cfg: DataConfig, model: str, out: str, vae: str | None = None, s
                 continue
             (x,), (size,), (corner,) = pair_transform([img], cfg.resolution, 0.5, 0.5, False)
             uids.append(uid), pix.append(x), sizes.append(size), corners.append(corner)
-        lat = [to_latents(models.vae, models.vae.encode(torch.stack(pix[i:i + batch_size]).to(device, models.vae.dtype))
-                          .latent_dist.mean.float().cpu()) for i in range(0, len(pix), batch_size)]
+        vae = models.vae
+        lat = [models.family.to_latents(vae, vae.encode(torch.stack(pix[i:i + batch_size]).to(device, vae.dtype))
+                                        .latent_dist.mean.float().cpu()) for i in range(0, len(pix), batch_size)]
         c, h = models.vae.config.latent_channels, cfg.resolution // models.vae_scale_factor
         tensors = {"latents": torch.cat(lat) if lat else torch.zeros(0, c, h, h),
                    "original_size": torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),

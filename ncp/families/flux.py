@@ -24,7 +24,6 @@ Everything FLUX-specific lives here; the maths (ncp.flow, ncp.objective, ncp.los
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,19 +32,17 @@ from torch import nn
 
 from ..encoder import ERRORS, PerceptualEncoder
 from ..errors import NcpError
-from ..flow import STEPS, FlowSchedule
-from ..models import LORA_FILE, Models
+from ..flow import SHIFTS, STEPS, FlowSchedule
+from ..models import Models
+from .base import Family, read_config
 
-log = logging.getLogger("ncp")
-
-NAME = "flux"
 VARIANTS = ("dev", "schnell")
+VAE_SCALE = 8  # FLUX.1's VAE (every variant's): 8x down; the tiny one is built alike
 GUIDANCE = 3.5  # diffusers train_dreambooth_lora_flux.py --guidance_scale default, and FluxPipeline's
 T5_TOKENS = {"dev": 512, "schnell": 256}  # FluxPipeline's max_sequence_length default / its schnell example
-FLOW_SHIFTS = ("none", "resolution")
 # diffusers examples/dreambooth/train_dreambooth_lora_flux.py default targets: both attention streams (the
 # "attn.to_*" names also match the single-stream blocks' q, k, v) and both feed-forwards of the double blocks
-LORA_TARGETS = (
+TARGETS = (
     "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
     "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
@@ -84,7 +81,7 @@ class Settings:
     max_sequence_length: int
 
 
-def configure(transformer, guidance_scale: float | None = None, max_length: int | None = None) -> Settings:
+def apply_settings(transformer, guidance_scale: float | None = None, max_length: int | None = None) -> Settings:
     """Validate model.guidance / model.max_sequence_length for this transformer and attach them to it."""
     s = Settings(guidance(transformer, guidance_scale), max_sequence_length(transformer, max_length))
     transformer.ncp_flux = s
@@ -97,47 +94,6 @@ def settings(denoiser) -> Settings:
     base = getattr(base, "_orig_mod", base)
     found = base.__dict__.get("ncp_flux")
     return found if found is not None else Settings(guidance(base), max_sequence_length(base))
-
-
-def detect(path: str, revision: str | None = None) -> bool:
-    """Whether the pipeline folder's `transformer/` holds a FluxTransformer2DModel."""
-    from diffusers import FluxTransformer2DModel
-
-    try:
-        config = FluxTransformer2DModel.load_config(path, subfolder="transformer", revision=revision)
-    except (OSError, ValueError):
-        return False
-    return config.get("_class_name") == "FluxTransformer2DModel"
-
-
-def load(path: str, revision: str | None = None, variant_: str | None = None,
-         weight_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         guidance_scale: float | None = None, max_length: int | None = None) -> Models:
-    """Transformer, 16-channel VAE, CLIP-L and T5 with their tokenizers, and the flow-matching scheduler, frozen.
-    tokenizers / text_encoders are [CLIP, T5]; `Models.unet` holds the transformer, configured with the run's
-    guidance and T5 length (`configure`)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-    kw = dict(revision=revision, variant=variant_, torch_dtype=weight_dtype)
-    try:
-        transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
-    except (OSError, ValueError) as e:
-        raise NcpError(f"model.pretrained={path!r}: cannot load a FLUX transformer from it ({e})") from e
-    configure(transformer, guidance_scale, max_length)
-    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
-                  T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2", revision=revision)]
-    text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
-                     T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **kw)]
-    vae_config = AutoencoderKL.load_config(path, subfolder="vae", revision=revision)
-    vae_dtype = torch.float32 if vae_config.get("force_upcast", False) else weight_dtype
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant_, torch_dtype=vae_dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
-    for m in [transformer, vae, *text_encoders]:
-        m.requires_grad_(False)
-        m.eval()
-        m.to(device)
-    return Models(NAME, transformer, vae, tokenizers, text_encoders, scheduler, str(path))
 
 
 # -- conditioning --------------------------------------------------------------------------------------------------
@@ -209,55 +165,34 @@ def denoise(transformer, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch
     return unpack_latents(transformer(**inputs, return_dict=False)[0], *x.shape[-2:])
 
 
-class Denoiser(nn.Module):
-    """The transformer behind the objective's denoiser call `unet(x_t, timestep=..., **cond.unet_kwargs()).sample`:
-    packing, ids and guidance inside, so the objective, the cache and the flow step only see (B, C, h, w).
-    The LoRA switch is the transformer's (the reference = LoRA off)."""
-
-    def __init__(self, transformer):
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(self, x, timestep, encoder_hidden_states, pooled_projections):
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-        from ..conditioning import Cond
-
-        cond = Cond(encoder_hidden_states, pooled_projections=pooled_projections)
-        return Transformer2DModelOutput(sample=denoise(self.transformer, x, timestep, cond))
-
-    def disable_adapters(self):
-        self.transformer.disable_adapters()
-
-    def enable_adapters(self):
-        self.transformer.enable_adapters()
-
-
 # -- noise process -------------------------------------------------------------------------------------------------
-def mu(scheduler, latent_size: tuple[int, int]) -> float:
-    """The pipeline's resolution-dependent shift for h x w latents (image sequence length h/2 * w/2)."""
+def mu(scheduler, resolution: int) -> float:
+    """The pipeline's resolution-dependent shift for square images of `resolution` px: image sequence length
+    (resolution / 16)^2 (the VAE's 8x, then 2x2 packing), through `calculate_shift` with the scheduler's bounds."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     c = scheduler.config
-    return calculate_shift((latent_size[0] // 2) * (latent_size[1] // 2), c.get("base_image_seq_len", 256),
+    return calculate_shift((resolution // (2 * VAE_SCALE)) ** 2, c.get("base_image_seq_len", 256),
                            c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
 
 
-def schedule(scheduler, step: str = "ode", shift: str = "none", latent_size: tuple[int, int] | None = None) -> FlowSchedule:
+def schedule(scheduler, step: str = "ode", shift: str = "none", resolution: int | None = None) -> FlowSchedule:
     """The training discretisation: the scheduler's N sigmas as loaded (dev: unshifted, use_dynamic_shifting;
     schnell: shift 1), as diffusers' FLUX training scripts sample them; shift="resolution": those sigmas through
-    the pipeline's shift for the run's latent size (`set_timesteps(sigmas=..., mu=...)`). Model timesteps are the
+    the pipeline's shift at the run's resolution (`set_timesteps(sigmas=..., mu=...)`). Model timesteps are the
     scheduler's (sigma * 1000), as for SD3; `denoise` passes them / 1000."""
     if step not in STEPS:
         raise NcpError(f"objective.flow_step must be one of {STEPS}, got {step!r}")
-    if shift not in FLOW_SHIFTS:
-        raise NcpError(f"objective.flow_shift must be one of {FLOW_SHIFTS}, got {shift!r}")
+    if shift not in SHIFTS:
+        raise NcpError(f"objective.flow_shift must be one of {SHIFTS}, got {shift!r}")
     if shift == "resolution":
         if not scheduler.config.get("use_dynamic_shifting", False):
             raise NcpError("objective.flow_shift=resolution needs a scheduler with use_dynamic_shifting (FLUX.1 dev); "
                            "this one's sigmas are fixed (schnell: shift 1); use objective.flow_shift=none")
+        if resolution is None:
+            raise NcpError("objective.flow_shift=resolution needs the run's resolution (data.resolution)")
         scheduler = copy.deepcopy(scheduler)
-        scheduler.set_timesteps(sigmas=scheduler.sigmas.numpy(), mu=mu(scheduler, latent_size))
+        scheduler.set_timesteps(sigmas=scheduler.sigmas.numpy(), mu=mu(scheduler, resolution))
         sigmas, timesteps = scheduler.sigmas[:-1], scheduler.timesteps
     else:
         sigmas, timesteps = scheduler.sigmas, scheduler.timesteps
@@ -337,25 +272,8 @@ class FluxPerceptualEncoder(PerceptualEncoder):
         return h.mean(dim=1) if self.pool else h
 
 
-# -- LoRA ------------------------------------------------------------------------------------------------------------
-def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
-    """peft-format LoRA weights, as diffusers' FLUX LoRA script saves them (`transformer_lora_layers`)."""
-    from peft.utils import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(transformer)
-
-
-def save_lora(transformer, out_dir: str | Path) -> Path:
-    """`pytorch_lora_weights.safetensors`, loadable with `FluxPipeline.load_lora_weights(out_dir)`."""
-    from diffusers import FluxPipeline
-
-    FluxPipeline.save_lora_weights(str(out_dir), transformer_lora_layers=lora_state_dict(transformer),
-                                   safe_serialization=True)
-    return Path(out_dir) / LORA_FILE
-
-
 # -- tiny offline pipeline -----------------------------------------------------------------------------------------
-TINY_TRANSFORMER = dict(  # FLUX.1 in miniature: 4 double + 4 single blocks, 64 image tokens (16x16 latents packed)
+TINY_TRANSFORMER = dict(  # FLUX.1 in miniature: 4 double + 4 single blocks; 8x VAE, so 32 px = 4x4 latents = 4 tokens
     patch_size=1, in_channels=64, num_layers=4, num_single_layers=4, attention_head_dim=8, num_attention_heads=4,
     joint_attention_dim=96, pooled_projection_dim=32, axes_dims_rope=(2, 2, 4),
 )
@@ -368,39 +286,140 @@ SCHEDULER_CONFIGS = {
 }
 
 
-def _tiny_vae(seed: int):
-    """SD3's tiny 16-channel VAE with FLUX.1's shift and scale (latents = (z - 0.1159) * 0.3611)."""
-    from ..tiny import _sd3_vae
-
-    vae = _sd3_vae(seed)
-    vae.register_to_config(scaling_factor=0.3611, shift_factor=0.1159)
-    return vae
-
-
 def build_tiny(out_dir: str | Path, variant_: str = "dev", seed: int = 0) -> Path:
     """A complete tiny FluxPipeline folder: CLIP (pooled) + T5 (locally built tokenizer), a FLUX transformer with
-    guidance_embeds for dev and without for schnell, a 16-channel VAE and the variant's scheduler."""
-    import shutil
-
+    guidance_embeds for dev and without for schnell, a 16-channel VAE with FLUX.1's shift and scale and the
+    variant's scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTokenizer, T5TokenizerFast
+    from transformers import T5TokenizerFast
 
-    from ..tiny import _t5, _text_encoder, write_t5_tokenizer, write_tokenizer
+    from ..tiny import clip_tokenizers, t5_encoder, text_encoder, tiny_vae, write_t5_tokenizer
 
     if variant_ not in VARIANTS:
         raise NcpError(f"variant must be one of {VARIANTS}, got {variant_!r}")
-    out_dir = Path(out_dir)
-    tok_dir = out_dir / "_tokenizer_src"
-    write_tokenizer(tok_dir)
-    write_t5_tokenizer(tok_dir / "2")
-    tokenizer, tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir), T5TokenizerFast.from_pretrained(tok_dir / "2")
-    torch.manual_seed(seed + 2)
-    pipe = FluxPipeline(
-        transformer=FluxTransformer2DModel(**TINY_TRANSFORMER, guidance_embeds=variant_ == "dev"),
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS[variant_]), vae=_tiny_vae(seed),
-        text_encoder=_text_encoder(len(tokenizer), False, seed + 1), tokenizer=tokenizer,
-        text_encoder_2=_t5(len(tokenizer_2), seed + 4), tokenizer_2=tokenizer_2,
-    )
-    pipe.save_pretrained(out_dir)
-    shutil.rmtree(tok_dir)
-    return out_dir
+    with clip_tokenizers(out_dir, 1) as (tok_dir, (tokenizer,)):
+        write_t5_tokenizer(tok_dir / "2")
+        tokenizer_2 = T5TokenizerFast.from_pretrained(tok_dir / "2")
+        vae = tiny_vae(seed, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                       use_post_quant_conv=False, block_out_channels=(16, 32, 32, 32),
+                       down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        encoders = text_encoder(len(tokenizer), False, seed + 1), t5_encoder(len(tokenizer_2), seed + 4)
+        torch.manual_seed(seed + 2)
+        FluxPipeline(
+            transformer=FluxTransformer2DModel(**TINY_TRANSFORMER, guidance_embeds=variant_ == "dev"),
+            scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS[variant_]), vae=vae,
+            text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer_2,
+        ).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+# -- the family ------------------------------------------------------------------------------------------------------
+class Flux(Family):
+    """FLUX.1 dev / schnell. tokenizers / text_encoders are [CLIP, T5]; the denoiser is the FluxTransformer2DModel,
+    carrying the run's `Settings` (`configure`)."""
+
+    name = "flux"
+    pipeline_name = "FluxPipeline"
+    denoiser_key = "transformer"
+    denoiser_kind = "transformer"
+    hub_tag = "flux"
+    id_hints = ("flux",)
+    configs = ("flux_*.yaml", "tiny_flux_*.yaml")
+    setting_keys = ("model.guidance", "model.max_sequence_length", "objective.flow_shift")
+    variants = VARIANTS
+
+    def detect(self, folder, revision=None) -> bool:
+        config = read_config(folder, "transformer", revision)
+        return config is not None and config.get("_class_name") == "FluxTransformer2DModel"
+
+    def owns(self, denoiser) -> bool:
+        return type(denoiser).__name__ == "FluxTransformer2DModel"
+
+    def load(self, path, vae=None, revision=None, variant=None, weight_dtype=torch.float32, device="cpu",
+             text_encoder_3=True) -> Models:
+        """Transformer (the variant's default `Settings` until `configure`), CLIP-L, T5, the 16-channel VAE and the
+        flow-matching scheduler."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        kw = dict(revision=revision, variant=variant, torch_dtype=weight_dtype)
+        try:
+            transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
+        except (OSError, ValueError) as e:
+            raise NcpError(f"model.pretrained={path!r}: cannot load a FLUX transformer from it ({e})") from e
+        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
+                      T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2", revision=revision)]
+        text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+                         T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **kw)]
+        vae_path, vae_kw = (path, dict(subfolder="vae", revision=revision)) if vae is None else (vae, {})
+        vae_dtype = torch.float32 if AutoencoderKL.load_config(vae_path, **vae_kw).get("force_upcast") else weight_dtype
+        vae_model = AutoencoderKL.from_pretrained(vae_path, variant=variant if vae is None else None,
+                                                  torch_dtype=vae_dtype, **vae_kw)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+        return Models(self, transformer, vae_model, tokenizers, text_encoders, scheduler, str(path)).frozen(device)
+
+    def configure(self, models, cfg) -> None:
+        """model.guidance and model.max_sequence_length onto the transformer (`apply_settings`); the resolution shift
+        counts image tokens with FLUX.1's VAE, so it is refused for another."""
+        super().configure(models, cfg)
+        apply_settings(models.denoiser, cfg.model.guidance, cfg.model.max_sequence_length)
+        if cfg.objective.flow_shift == "resolution" and models.vae_scale_factor != VAE_SCALE:
+            raise NcpError(f"objective.flow_shift=resolution counts image tokens with FLUX.1's {VAE_SCALE}x VAE; "
+                           f"this VAE downsamples {models.vae_scale_factor}x")
+
+    def encode_prompts(self, models, prompts):
+        return encode_prompts(models, prompts)
+
+    def latent_channels(self, denoiser) -> int:
+        """in_channels counts 2x2-packed channels."""
+        return denoiser.config.in_channels // 4
+
+    def cached_cond(self, prompt_embeds, pooled):
+        from ..conditioning import Cond
+
+        return Cond(prompt_embeds, pooled_projections=pooled)
+
+    def noise_process(self, scheduler, objective_cfg, resolution=None):
+        return schedule(scheduler, objective_cfg.flow_step, objective_cfg.flow_shift, resolution)
+
+    @staticmethod
+    def denoise(denoiser, x_t, timestep, cond):
+        return denoise(denoiser, x_t, timestep, cond)
+
+    def encoder(self, denoiser, encoder_cfg):
+        """f = the embedders and the first encoder.blocks double-stream blocks (default 16 of FLUX.1's 19)."""
+        if encoder_cfg.features != "last":
+            raise NcpError(f"encoder.features={encoder_cfg.features!r} is for U-Nets; flux uses encoder.blocks (K)")
+        return FluxPerceptualEncoder(denoiser, encoder_cfg.blocks, encoder_cfg.pool, encoder_cfg.error)
+
+    def lora_targets(self, denoiser, targets):
+        """The default lora.targets become diffusers' FLUX targets (`TARGETS`); an explicit list is kept."""
+        from ..models import LORA_TARGETS
+
+        return list(TARGETS if list(targets) == list(LORA_TARGETS) else targets), None
+
+    def lora_state_dict(self, denoiser):
+        """peft format, as diffusers' FLUX LoRA script saves it (`transformer_lora_layers`)."""
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(denoiser)
+
+    def sampling_scheduler(self, scheduler_config):
+        """The model's own flow-matching scheduler (the pipeline sets its resolution shift)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+
+    def tiny(self, out_dir, seed=0, variant="dev") -> Path:
+        """4 double + 4 single blocks, an 8x VAE; dev (guidance embedding, dynamic shifting) or schnell."""
+        return build_tiny(out_dir, variant, seed)
+
+    def example_cond(self, denoiser, n, size):
+        from ..conditioning import Cond
+
+        c = denoiser.config
+        return Cond(torch.randn(n, settings(denoiser).max_sequence_length, c.joint_attention_dim),
+                    pooled_projections=torch.randn(n, c.pooled_projection_dim))
+
+
+FAMILY = Flux()
