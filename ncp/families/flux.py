@@ -7,13 +7,14 @@ Everything FLUX-specific lives here; the maths (ncp.flow, ncp.objective, ncp.los
 - latents stay (B, 16, h, w) everywhere (objective, cache, flow step); `denoise` packs them into 2x2 patches
   (`FluxPipeline._pack_latents`), builds the image and text position ids as the pipeline does, and unpacks v;
 - dev is guidance-distilled: the transformer takes `guidance` (3.5, diffusers' FLUX LoRA training default);
-  schnell has no guidance embedding and a guidance setting is refused. The run's guidance and T5 length are
-  `Settings` attached to the transformer at load (`configure`), so every call on it (denoiser, f, prompts) agrees;
+  schnell has no guidance embedding and a guidance setting is refused. The run's guidance and T5 length
+  (model.guidance, model.max_sequence_length) are `Settings` that `Flux.configure` attaches to the transformer, so
+  every call on it (denoiser, f, prompts) agrees; a transformer without them has its variant's defaults;
 - timesteps: the noise process is SD3's (`FlowSchedule`, model timestep = the scheduler's sigma * 1000); the
   denoiser call passes timestep / 1000 = sigma, as FluxPipeline and diffusers' FLUX training script do. The training
   discretisation is the scheduler's unshifted sigmas (diffusers' FLUX training scripts: dev's scheduler has
   use_dynamic_shifting, schnell's shift 1); flow_shift="resolution" applies the pipeline's resolution-dependent
-  shift (mu from the image sequence length, `calculate_shift`) instead;
+  shift (mu from (data.resolution / 16)^2 image tokens, `calculate_shift`) instead;
 - f = the embedders (x_embedder, time/guidance/text embedding, context embedder, rotary position embedding) and
   the first K double-stream blocks of the base transformer, run with the LoRA off; no single-stream block,
   no output norm or projection;
