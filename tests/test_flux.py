@@ -261,8 +261,9 @@ def test_linearized_is_the_first_order_difference_in_float64(tiny_flux):
     assert not torch.equal(errs["difference"][0], errs["difference"][1])
 
 
-def test_settings_of_another_family_are_refused(tiny_flux, tiny_sd15):
-    """model.guidance on schnell, a FLUX-only key on SD1.5: one clear error each, not a silently ignored setting."""
+def test_settings_of_another_family_are_refused(tiny_flux, tiny_sd15, tmp_path):
+    """model.guidance on schnell, a FLUX-only key on SD1.5, a T5 length a latent cache does not hold: one clear
+    error each, not a silently ignored setting."""
     from ncp.config import Config
 
     cfg = Config()
@@ -275,6 +276,12 @@ def test_settings_of_another_family_are_refused(tiny_flux, tiny_sd15):
     cfg.model.guidance, cfg.model.max_sequence_length = None, 128
     schnell.family.configure(schnell, cfg)
     assert flux.settings(schnell.denoiser) == flux.Settings(None, 128)
+    from safetensors.torch import save_file
+
+    save_file({"prompt_embeds": torch.zeros(1, 256, 96)}, str(tmp_path / "prompts-00000.safetensors"))
+    cfg.data.cache_dir = str(tmp_path)  # a cache built at schnell's default 256 tokens
+    with pytest.raises(NcpError, match="holds T5 embeddings of 256 tokens but model.max_sequence_length is 128"):
+        schnell.family.configure(schnell, cfg)
 
 
 # ---------------------------------------------------------------- the scripts, resume, LoRA in the pipeline, tools

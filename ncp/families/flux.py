@@ -360,10 +360,20 @@ class Flux(Family):
         return Models(self, transformer, vae_model, tokenizers, text_encoders, scheduler, str(path)).frozen(device)
 
     def configure(self, models, cfg) -> None:
-        """model.guidance and model.max_sequence_length onto the transformer (`apply_settings`); the resolution shift
-        counts image tokens with FLUX.1's VAE, so it is refused for another."""
+        """model.guidance and model.max_sequence_length onto the transformer (`apply_settings`), checked against a
+        latent cache's T5 length; the resolution shift counts image tokens with FLUX.1's VAE, so it is refused for
+        another."""
         super().configure(models, cfg)
-        apply_settings(models.denoiser, cfg.model.guidance, cfg.model.max_sequence_length)
+        length = apply_settings(models.denoiser, cfg.model.guidance, cfg.model.max_sequence_length).max_sequence_length
+        prompts = Path(cfg.data.cache_dir or "") / "prompts-00000.safetensors"  # ncp.data.cache's text shard
+        if cfg.data.cache_dir and prompts.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(prompts), "pt") as f:
+                cached = f.get_slice("prompt_embeds").get_shape()[1]
+            if cached != length:
+                raise NcpError(f"data.cache_dir={cfg.data.cache_dir} holds T5 embeddings of {cached} tokens but "
+                               f"model.max_sequence_length is {length}; the cache is built at the variant's default")
         if cfg.objective.flow_shift == "resolution" and models.vae_scale_factor != VAE_SCALE:
             raise NcpError(f"objective.flow_shift=resolution counts image tokens with FLUX.1's {VAE_SCALE}x VAE; "
                            f"this VAE downsamples {models.vae_scale_factor}x")
