@@ -20,6 +20,7 @@ It also times the toy data loader, to show that feeding a step costs a small fra
     python benchmarks/step_cost.py --model sd15 --latent-size 32 --pairs 1 --steps 1 --warmup 1 --repeats 5
     python benchmarks/step_cost.py --model sd15 --latent-size 16 --errors difference linearized fp32   # per mode
     python benchmarks/step_cost.py --model sd3 --latent-size 16 --pairs 1 --steps 1 --repeats 3   # SD3.5 Medium MMDiT
+    python benchmarks/step_cost.py --model flux --latent-size 16 --pairs 1 --steps 1 --dtype bf16  # FLUX.1 dev: a GPU
     python benchmarks/step_cost.py --model sd15 --latent-size 16 --fast --errors difference linearized  # fast path
 
 --modes times one NCP-DPO step per way of computing the perceptual error, each in a child process of its own (the
@@ -65,6 +66,7 @@ from ncp import families  # noqa: E402
 from ncp.config import EncoderConfig, OptimConfig  # noqa: E402
 from ncp.encoder import ERRORS  # noqa: E402
 from ncp.fast import compile_stats, configure_inductor  # noqa: E402
+from ncp.families.flux import SCHEDULER_CONFIGS as FLUX_SCHEDULER_CONFIGS  # noqa: E402
 from ncp.families.sd3 import SCHEDULER_CONFIG as SD3_SCHEDULER_CONFIG  # noqa: E402
 from ncp.models import add_lora  # noqa: E402
 from ncp.objective import ObjectiveConfig, compute_objective, randomness_for  # noqa: E402
@@ -115,10 +117,18 @@ SD35M_TRANSFORMER = dict(
     num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
     pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
 )
+# black-forest-labs/FLUX.1-dev, transformer/config.json (12B parameters: 19 double + 38 single blocks); schnell: no
+# guidance embedding
+FLUX1_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
 # the full-size models by name: (denoiser class, its config, scheduler class, its config), random weights
 FULL_SIZE = {"sd15": ("UNet2DConditionModel", SD15_UNET, "DDPMScheduler", SCHEDULER_CONFIG),
              "sdxl": ("UNet2DConditionModel", SDXL_UNET, "DDPMScheduler", SCHEDULER_CONFIG),
-             "sd3": ("SD3Transformer2DModel", SD35M_TRANSFORMER, "FlowMatchEulerDiscreteScheduler", SD3_SCHEDULER_CONFIG)}
+             "sd3": ("SD3Transformer2DModel", SD35M_TRANSFORMER, "FlowMatchEulerDiscreteScheduler", SD3_SCHEDULER_CONFIG),
+             "flux": ("FluxTransformer2DModel", FLUX1_TRANSFORMER, "FlowMatchEulerDiscreteScheduler",
+                      FLUX_SCHEDULER_CONFIGS["dev"])}
 
 
 # ---------------------------------------------------------------- the model, data and randomness
@@ -157,7 +167,7 @@ def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtyp
     encoders = {e: family.encoder(unet, EncoderConfig(error=e, blocks=blocks)) for e in errors}
     params = add_lora(unet, rank)
     unet.train()
-    x0 = torch.randn(n, unet.config.in_channels, latent_size, latent_size, device=device)
+    x0 = torch.randn(n, family.latent_channels(unet), latent_size, latent_size, device=device)
     schedule = family.noise_process(scheduler, ObjectiveConfig())  # DDPM maths, or flow matching (the ODE step)
     return unet, params, encoders, schedule, x0, cond
 

@@ -41,6 +41,8 @@ class ModelConfig:
     revision: str | None = None  # hub revision, for reproducible downloads
     variant: str | None = None  # e.g. fp16 weight files on the hub
     text_encoder_3: bool = True  # sd3: false drops T5 (4.7B parameters) as the pipeline allows: zeros in its place
+    guidance: float | None = None  # flux dev: the embedded guidance scale it trains at (None = 3.5, diffusers' FLUX LoRA default); schnell has none
+    max_sequence_length: int | None = None  # flux: T5 tokens per prompt (None = the pipeline's: dev 512, schnell 256)
 
 
 @dataclass

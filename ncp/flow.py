@@ -17,6 +17,7 @@ from .diffusion import _gather
 from .errors import NcpError
 
 STEPS = ("ode", "sde")
+SHIFTS = ("none", "resolution")  # flux's training sigmas: as loaded, or through the pipeline's resolution shift
 TIMESTEPS = ("uniform", "logit_normal")
 
 
@@ -38,6 +39,16 @@ class FlowSchedule:
         zero = torch.zeros(1)
         return cls(torch.cat([scheduler.sigmas.float(), zero]).double(),
                    torch.cat([scheduler.timesteps.float(), zero]), step == "sde")
+
+    @classmethod
+    def from_sigmas(cls, sigmas: torch.Tensor, timesteps: torch.Tensor, step: str = "ode") -> "FlowSchedule":
+        """From N training sigmas and the N timesteps the model takes at them (a terminal 0 is appended to both):
+        for schedules the scheduler does not hold as loaded (FLUX's resolution shift) or models whose timestep
+        input is sigma itself (FLUX: the pipeline passes t / 1000)."""
+        if step not in STEPS:
+            raise ValueError(f"the flow reverse step must be one of {STEPS}, got {step!r}")
+        zero = torch.zeros(1)
+        return cls(torch.cat([sigmas.float(), zero]).double(), torch.cat([timesteps.float(), zero]), step == "sde")
 
     @property
     def num_timesteps(self) -> int:

@@ -22,7 +22,7 @@ from .conditioning import Cond
 from .diffusion import Schedule, mean_flat, prev_t
 from .errors import NcpError
 from . import families
-from .flow import STEPS, TIMESTEPS, sample_timesteps
+from .flow import SHIFTS, STEPS, TIMESTEPS, sample_timesteps
 from .losses import cpo_loss, dpo_loss, sft_loss
 from .models import adapters_disabled
 
@@ -41,11 +41,13 @@ class ObjectiveConfig:
     timesteps: str = "uniform"  # uniform | logit_normal (SD3's training density over the schedule's indices)
     logit_mean: float = 0.0  # logit_normal: mean of the normal before the sigmoid (SD3 paper: 0)
     logit_std: float = 1.0  # logit_normal: its std (SD3 paper: 1)
+    flow_shift: str = "none"  # flux: none = the scheduler's unshifted training sigmas (diffusers' FLUX scripts) | resolution = the pipeline's resolution-dependent shift
     flow_step: str = "ode"  # sd3 reverse step to the next sigma: ode (the scheduler's Euler step) | sde (posterior, noise z)
 
     def validate(self, prefix: str = "objective") -> None:
         for key, value, allowed in [("loss", self.loss, LOSSES), ("space", self.space, SPACES), ("target", self.target, TARGETS),
-                                    ("timesteps", self.timesteps, TIMESTEPS), ("flow_step", self.flow_step, STEPS)]:
+                                    ("timesteps", self.timesteps, TIMESTEPS), ("flow_step", self.flow_step, STEPS),
+                                    ("flow_shift", self.flow_shift, SHIFTS)]:
             if value not in allowed:
                 raise NcpError(f"{prefix}.{key} must be one of {allowed}, got {value!r}")
         if self.beta <= 0:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import families
-from .errors import run_cli
+from .errors import NcpError, run_cli
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 ARCHS = families.names()
@@ -86,15 +86,26 @@ def text_encoder(vocab_size: int, with_projection: bool, seed: int):
     return CLIPTextModelWithProjection(cfg) if with_projection else CLIPTextModel(cfg)
 
 
-def tiny_vae(seed: int):
+def tiny_vae(seed: int, **overrides):
+    """A 2-level VAE (32 px -> 16x16 latents); overrides: e.g. 16 latent channels with a shift and scale."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, sample_size=32,
-    )
+    return AutoencoderKL(**{
+        **dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+               norm_num_groups=8, sample_size=32),
+        **overrides})
+
+
+def t5_encoder(vocab_size: int, seed: int):
+    """A 2-layer T5 encoder, 96 wide, for the T5 tokenizer of `write_t5_tokenizer`."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0))
 
 
 TINY_UNET = dict(  # what the SD1.5 and SDXL tiny U-Nets share
@@ -123,9 +134,16 @@ def write_t5_tokenizer(out_dir: Path) -> None:
                     model_max_length=512).save_pretrained(out_dir)
 
 
-def build_tiny_pipeline(out_dir: str | Path, arch: str = families.DEFAULT, seed: int = 0) -> Path:
-    """Write a complete tiny diffusers pipeline folder of the family named `arch`; return its path."""
-    return families.get(arch).tiny(Path(out_dir), seed)
+def build_tiny_pipeline(out_dir: str | Path, arch: str = families.DEFAULT, seed: int = 0,
+                        variant: str | None = None) -> Path:
+    """Write a complete tiny diffusers pipeline folder of the family named `arch` (of its `variant`, where it has
+    several: flux dev | schnell); return its path."""
+    family = families.get(arch)
+    if variant is None:
+        return family.tiny(Path(out_dir), seed)
+    if variant not in family.variants:
+        raise NcpError(f"--variant {variant!r}: {arch} has {', '.join(family.variants) or 'no variants'}")
+    return family.tiny(Path(out_dir), seed, variant=variant)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,8 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arch", choices=list(ARCHS), default=families.DEFAULT)
     p.add_argument("--out", required=True, help="folder to write the pipeline to")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variant", help="the family's variant, where it has several (flux: dev | schnell)")
     args = p.parse_args(argv)
-    print(f"tiny {args.arch} pipeline written to {build_tiny_pipeline(args.out, args.arch, args.seed)}")
+    path = build_tiny_pipeline(args.out, args.arch, args.seed, args.variant)
+    print(f"tiny {args.arch} pipeline written to {path}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ wrong) instead, with an EMA of the weights; the EMA weights are the base.
 
 The quickstart's base ships as `ncp/assets/toy_sd15_base.safetensors` (U-Net, VAE and text encoder in fp16, about
 2 MB). `python -m ncp.toy_base --out DIR` writes it as a pipeline folder in seconds; `--retrain` trains it again
-from the tiny random pipeline (23 minutes on a busy 2-core CPU: benchmarks/RESULTS.md section 6) and `--save-weights FILE` writes such a file.
+from the tiny random pipeline (23 minutes on a busy 2-core CPU: benchmarks/RESULTS.md section 7) and `--save-weights FILE` writes such a file.
 
     python -m ncp.toy_base --out outputs/toy-sd15-base
     python -m ncp.toy_base --retrain --out outputs/toy-sd15-base --save-weights ncp/assets/toy_sd15_base.safetensors
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="pipeline folder to write the base to")
     p.add_argument("--weights", default=str(BASE_FILE), help="base weights file to assemble the pipeline from")
-    p.add_argument("--retrain", action="store_true", help="pretrain the base again instead (minutes: benchmarks/RESULTS.md section 6)")
+    p.add_argument("--retrain", action="store_true", help="pretrain the base again instead (minutes: benchmarks/RESULTS.md section 7)")
     p.add_argument("--save-weights", help="with --retrain: the safetensors file to write (default <out>-work/base.safetensors)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)  # tiny models: on a shared CPU a second thread mostly waits

@@ -135,6 +135,7 @@ def build_models(cfg: Config, acc) -> Parts:
     models = load_models(m.pretrained, m.arch, m.vae, m.revision, m.variant, DTYPES[tc.mixed_precision], acc.device,
                          m.text_encoder_3)
     cfg.model.arch = models.arch  # config.yaml records the detected family
+    models.family.configure(models, cfg)             # family-only settings (flux: guidance, T5 length)
     if cfg.data.cache_dir:  # latents and text embeddings come from the cache: free the VAE and text encoders
         models.vae, models.text_encoders = None, []  # (validation loads them again for its images)
     encoder = None

@@ -36,3 +36,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def run_script(monkeypatch):
+    """run_script(loss, argv): train_ncp_<loss>.py's main(argv) in this process, started like a new process."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+
+    def run(loss: str, argv: list[str]):
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)  # each run starts like a new process
+        return importlib.import_module(f"train_ncp_{loss}").main(argv)
+
+    return run

@@ -26,17 +26,25 @@ def tiny_sd3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def folders(tiny_sd15, tiny_sdxl, tiny_sd3):
-    return {"sd15": tiny_sd15, "sdxl": tiny_sdxl, "sd3": tiny_sd3}
+def tiny_flux(tmp_path_factory):
+    from ncp.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "flux", "flux")
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_sd15, tiny_sdxl, tiny_sd3, tiny_flux):
+    return {"sd15": tiny_sd15, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}
 
 
 def test_registry_names_and_lookup():
-    assert families.names() == ("sd15", "sd3", "sdxl")  # the package's modules, in name order
+    assert families.names() == ("flux", "sd15", "sd3", "sdxl")  # the package's modules, in name order
     assert all(families.get(n).name == n for n in families.names())
-    with pytest.raises(NcpError, match="model.arch must be one of sd15, sd3, sdxl, got 'sd4'"):
+    with pytest.raises(NcpError, match="model.arch must be one of flux, sd15, sd3, sdxl, got 'sd4'"):
         families.get("sd4")
     assert families.from_model_id("stabilityai/stable-diffusion-xl-base-1.0").name == "sdxl"
     assert families.from_model_id("stabilityai/stable-diffusion-3.5-medium").name == "sd3"
+    assert families.from_model_id("black-forest-labs/FLUX.1-schnell").name == "flux"
     assert families.from_model_id("someone/my-model").name == families.DEFAULT
 
 
@@ -109,7 +117,8 @@ def test_family_parts_have_the_shapes_the_denoiser_takes(folders):
         models = load_models(str(folder))
         family, denoiser = models.family, models.denoiser
         f = family.encoder(denoiser, EncoderConfig(error="difference"))
-        x = torch.randn(2, denoiser.config.in_channels, 16, 16)
+        x = torch.randn(2, family.latent_channels(denoiser), 16, 16)
+        assert x.shape[1] == models.vae.config.latent_channels
         cond = family.example_cond(denoiser, 2, 32)
         timestep = family.noise_process(models.scheduler, ObjectiveConfig()).model_timestep(torch.tensor([10, 500]))
         with torch.no_grad():

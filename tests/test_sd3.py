@@ -267,24 +267,8 @@ def script_args(model, out, loss, *extra):
             "lora.rank=4", "train.report_to=none", *extra]
 
 
-def run_script(loss, argv):
-    import importlib
-
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # each run starts like a new process
-    return importlib.import_module(f"train_ncp_{loss}").main(argv)
-
-
-@pytest.fixture
-def scripts_importable(monkeypatch):
-    from pathlib import Path
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-
-
 @pytest.mark.parametrize("loss", ["dpo", "cpo", "sft"])
-def test_scripts_train_sd3_lora_only(tiny_sd3, tmp_path, scripts_importable, loss):
+def test_scripts_train_sd3_lora_only(tiny_sd3, tmp_path, run_script, loss):
     from accelerate.utils import set_seed
 
     from ncp.config import load_config
@@ -309,7 +293,7 @@ def test_scripts_train_sd3_lora_only(tiny_sd3, tmp_path, scripts_importable, los
     assert list((out / "validation").glob("step-*.png"))
 
 
-def test_sd3_resume_gives_the_same_losses_and_lora(tiny_sd3, tmp_path, scripts_importable):
+def test_sd3_resume_gives_the_same_losses_and_lora(tiny_sd3, tmp_path, run_script):
     """A run stopped after step 2 (checkpoint) and resumed to step 4 equals a straight 4-step run, with the
     logit-normal timestep density and the stochastic reverse step (every random draw is restored)."""
     from safetensors.torch import load_file
@@ -329,7 +313,7 @@ def test_sd3_resume_gives_the_same_losses_and_lora(tiny_sd3, tmp_path, scripts_i
     assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
 
 
-def test_sd3_lora_loads_into_the_pipeline_changes_images_and_unloads(tiny_sd3, tmp_path, scripts_importable):
+def test_sd3_lora_loads_into_the_pipeline_changes_images_and_unloads(tiny_sd3, tmp_path, run_script):
     """The saved LoRA loads with StableDiffusion3Pipeline.load_lora_weights, reproduces the trained transformer,
     changes the images, and unload_lora_weights restores the base; ncp.generate renders base and LoRA."""
     import json
@@ -376,7 +360,7 @@ def test_sd3_lora_loads_into_the_pipeline_changes_images_and_unloads(tiny_sd3, t
     assert "StableDiffusion3Pipeline" in card and "stable-diffusion-3" in card and "transformer encoder" in card
 
 
-def test_sd3_latent_cache_matches_pixels(tiny_sd3, tmp_path, scripts_importable):
+def test_sd3_latent_cache_matches_pixels(tiny_sd3, tmp_path, run_script):
     """The cache stores SD3 latents ((mean - shift) * scale) and pooled projections as encode() computes them."""
     from ncp.data.cache import main as build_cache
     from ncp.metrics import read_metrics

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import NcpError
 from ..models import Models, to_latents
 
 
@@ -34,7 +35,7 @@ class Family:
     class: validation, generation, LoRA save and load), `denoiser_key` (the pipeline's denoiser component, and the
     LoRA file's key prefix `<key>_lora_layers`), `denoiser_kind` (for texts), `hub_tag` (model card tag),
     `id_hints` (substrings of a hub id naming the family, for a card whose config has no model.arch), `configs`
-    (globs of its configs/ files, for tests).
+    (globs of its configs/ files, for tests), `setting_keys` (config keys only this family reads, `configure`).
     """
 
     name: str = ""
@@ -44,6 +45,8 @@ class Family:
     hub_tag: str = ""
     id_hints: tuple[str, ...] = ()
     configs: tuple[str, ...] = ()
+    setting_keys: tuple[str, ...] = ()
+    variants: tuple[str, ...] = ()  # named variants `tiny` can build (flux: dev, schnell)
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -87,10 +90,26 @@ class Family:
         """Per-image conditioning added to a [winners; losers] `Cond` (SDXL's time ids); none by default."""
         return cond
 
+    def latent_channels(self, denoiser: torch.nn.Module) -> int:
+        """Channels of the (N, C, h, w) latents the process runs on (a family that packs them says so)."""
+        return denoiser.config.in_channels
+
     def to_latents(self, vae, mean: torch.Tensor) -> torch.Tensor:
         """VAE posterior mean -> the latents the denoiser was trained on (scale and shift from the VAE's config).
         A family whose denoiser takes packed tokens packs them inside `denoise`, never here."""
         return to_latents(vae, mean)
+
+    def configure(self, models: Models, cfg) -> None:
+        """Apply the run's settings of this family's `setting_keys` to the loaded parts (flux: model.guidance). A key
+        only other families read must stay at its default: it would be silently ignored here."""
+        from . import FAMILIES
+
+        for family in FAMILIES.values():
+            for key in set(family.setting_keys) - set(self.setting_keys):
+                section, name = key.split(".")
+                value, default = getattr(getattr(cfg, section), name), getattr(type(getattr(cfg, section))(), name)
+                if value != default:
+                    raise NcpError(f"{key}={value!r} applies to {family.name} models only; this is {self.name}")
 
     # -- the noise process and the denoiser --------------------------------------------------------------------
     def noise_process(self, scheduler, objective_cfg, resolution: int | None = None):

@@ -149,25 +149,18 @@ class SD3(Family):
         """SD3.5-style: 4 joint blocks (qk RMS-norm, a dual-attention first block), two CLIP encoders with
         projection, a T5 encoder with a locally built tokenizer, a 16-channel VAE with SD3's shift and scale and
         SD3's flow-matching scheduler (shift 3); 16x16x16 latents. T5 included (model.text_encoder_3=false drops it)."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-        from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+        from transformers import T5TokenizerFast
 
-        from ..tiny import clip_tokenizers, text_encoder, write_t5_tokenizer
+        from ..tiny import clip_tokenizers, t5_encoder, text_encoder, tiny_vae, write_t5_tokenizer
 
         with clip_tokenizers(out_dir, 2) as (tok_dir, (tokenizer, tokenizer_2)):
             write_t5_tokenizer(tok_dir / "3")
             tokenizer_3 = T5TokenizerFast.from_pretrained(tok_dir / "3")
-            torch.manual_seed(seed)
-            vae = AutoencoderKL(  # SD3's VAE: 16 channels, latents = (z - shift_factor) * scaling_factor, no quant convs
-                in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32), layers_per_block=1,
-                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                norm_num_groups=8, sample_size=32, scaling_factor=1.5305, shift_factor=0.0609,
-                use_quant_conv=False, use_post_quant_conv=False,
-            )
-            torch.manual_seed(seed + 4)
-            t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=96, d_kv=8, d_ff=64, num_layers=2,
-                                         num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
-                                         decoder_start_token_id=0))
+            # SD3's VAE: 16 channels, latents = (z - shift_factor) * scaling_factor, no quant convs
+            vae = tiny_vae(seed, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                           use_post_quant_conv=False)
+            t5 = t5_encoder(len(tokenizer_3), seed + 4)
             text_encoders = [text_encoder(len(tokenizer), True, seed + 1), text_encoder(len(tokenizer), True, seed + 3)]
             torch.manual_seed(seed + 2)
             pipe = StableDiffusion3Pipeline(
