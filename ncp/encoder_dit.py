@@ -31,7 +31,11 @@ def default_blocks(num_layers: int) -> int:
 
 class DiTPerceptualEncoder(nn.Module):
     """blocks: K, the number of joint blocks kept (None = `default_blocks`); pool: mean over image tokens.
-    error, batch_calls: as PerceptualEncoder's. Build it before LoRA is added."""
+    error, batch_calls: as PerceptualEncoder's. Build it before LoRA is added. A subclass for another transformer
+    names its `embedders`, its `block_kind` and its default K (`_default_k`), and runs them in `_forward`."""
+
+    embedders = ("pos_embed", "time_text_embed", "context_embedder")  # what runs before the blocks
+    block_kind = "joint"
 
     def __init__(self, transformer, blocks: int | None = None, pool: bool = False, error: str = "difference",
                  batch_calls: bool = False, share: bool = True):
@@ -41,15 +45,15 @@ class DiTPerceptualEncoder(nn.Module):
         if any("lora" in name for name, _ in transformer.named_parameters()):
             raise NcpError("build the perceptual encoder from the base transformer before adding LoRA")
         num_layers = len(transformer.transformer_blocks)
-        blocks = default_blocks(num_layers) if blocks is None else blocks
+        blocks = self._default_k(transformer) if blocks is None else blocks
         if not 1 <= blocks <= num_layers:
-            raise NcpError(f"encoder.blocks must be between 1 and the transformer's {num_layers} joint blocks, got {blocks}")
+            raise NcpError(f"encoder.blocks must be between 1 and the transformer's {num_layers} {self.block_kind} "
+                           f"blocks, got {blocks}")
         self.blocks, self.pool, self.error, self.batch_calls = blocks, pool, error, batch_calls
         self.linearize = "vmap"  # ncp.encoder.LINEARIZE: how jvp runs (a benchmark's switch, not a setting)
         self.config = transformer.config
-        modules = dict(pos_embed=transformer.pos_embed, time_text_embed=transformer.time_text_embed,
-                       context_embedder=transformer.context_embedder,
-                       transformer_blocks=nn.ModuleList(transformer.transformer_blocks[:blocks]))
+        modules = {name: getattr(transformer, name) for name in self.embedders}
+        modules["transformer_blocks"] = nn.ModuleList(transformer.transformer_blocks[:blocks])
         self._base = None  # the transformer whose modules f runs (None: f holds a copy)
         if not share or (self.fp32 and transformer.dtype != torch.float32):
             for name, module in modules.items():  # its own copy, registered: .float() and .to() reach it
@@ -62,6 +66,10 @@ class DiTPerceptualEncoder(nn.Module):
                 object.__setattr__(self, name, module)
         self.requires_grad_(False)
         self.eval()
+
+    @staticmethod
+    def _default_k(transformer) -> int:
+        return default_blocks(len(transformer.transformer_blocks))
 
     def to(self, *args, **kwargs):
         refuse_cast(self, "transformer", args, kwargs)

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from ..encoder import ERRORS, PerceptualEncoder
+from ..encoder_dit import DiTPerceptualEncoder
 from ..errors import NcpError
 from ..flow import SHIFTS, STEPS, FlowSchedule
 from ..models import Models
@@ -213,45 +212,24 @@ def default_blocks(transformer) -> int:
     return max(1, min(c.num_layers, round(DEFAULT_BLOCK_FRACTION * (c.num_layers + c.num_single_layers))))
 
 
-class FluxPerceptualEncoder(PerceptualEncoder):
+class FluxPerceptualEncoder(DiTPerceptualEncoder):
     """f for FLUX: embedders + the first K double-stream blocks of the base transformer; returns the image tokens'
-    hidden states after block K (N, h/2 * w/2, D), or their mean (pool). Same interface as PerceptualEncoder
-    (forward(x, timestep, cond) with x unpacked (N, C, h, w) and the flow timestep sigma * 1000, jvp, error modes),
-    and like it runs the transformer's own modules with its LoRA off (share=True), or a copy (share=False, or
-    error=fp32 in a half-precision run). It takes the guidance the denoiser takes (the transformer's `settings`)."""
+    hidden states after block K (N, h/2 * w/2, D), or their mean (pool). The DiT encoder's interface and sharing
+    (forward(x, timestep, cond) with x unpacked (N, C, h, w) and the flow timestep sigma * 1000, jvp, error modes;
+    the transformer's own modules with its LoRA off, or a copy). It takes the guidance the denoiser takes (the
+    transformer's `settings`)."""
+
+    embedders = ("x_embedder", "time_text_embed", "context_embedder", "pos_embed")
+    block_kind = "double-stream"
 
     def __init__(self, transformer, blocks: int | None = None, pool: bool = False, error: str = "difference",
-                 share: bool = True, batch_calls: bool = False):
-        nn.Module.__init__(self)
-        if error not in ERRORS:
-            raise NcpError(f"encoder.error must be one of {ERRORS}, got {error!r}")
-        if any("lora" in name for name, _ in transformer.named_parameters()):
-            raise NcpError("build the perceptual encoder from the base transformer before adding LoRA")
-        num_layers = len(transformer.transformer_blocks)
-        blocks = default_blocks(transformer) if blocks is None else blocks
-        if not 1 <= blocks <= num_layers:
-            raise NcpError(f"encoder.blocks must be between 1 and the transformer's {num_layers} double-stream "
-                           f"blocks, got {blocks}")
-        self.blocks, self.pool, self.error, self.features, self.batch_calls = blocks, pool, error, "blocks", batch_calls
-        self.linearize = "vmap"  # as PerceptualEncoder's (ncp.encoder.LINEARIZE)
-        self.config = transformer.config
+                 batch_calls: bool = False, share: bool = True):
+        super().__init__(transformer, blocks, pool, error, batch_calls, share)
         self.guidance_scale = settings(transformer).guidance
-        modules = {name: getattr(transformer, name) for name in ("x_embedder", "time_text_embed", "context_embedder",
-                                                                 "pos_embed")}
-        modules["transformer_blocks"] = nn.ModuleList(transformer.transformer_blocks[:blocks])
-        self._keep = list(modules)
-        self._base = None
-        if not share or (self.fp32 and transformer.dtype != torch.float32):
-            for name, m in modules.items():
-                setattr(self, name, copy.deepcopy(m))
-            if self.fp32:
-                self.float()
-        else:  # the base's own modules, unregistered: f adds no parameters and no memory
-            object.__setattr__(self, "_base", transformer)
-            for name, m in modules.items():
-                object.__setattr__(self, name, m)
-        self.requires_grad_(False)
-        self.eval()
+
+    @staticmethod
+    def _default_k(transformer) -> int:
+        return default_blocks(transformer)
 
     @property
     def dtype(self) -> torch.dtype:
