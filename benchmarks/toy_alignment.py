@@ -42,6 +42,11 @@ K = 1 of 4), plus NCP-DPO with K = 2 and K = 4 (every block) at NCP-DPO's chosen
 differ in K alone; beta is scaled per space and per K. No bf16 rows (tests/test_sd3.py covers precision).
 
     python benchmarks/toy_alignment.py --arch sd3 --quick --workers 1 --out outputs/toy-sd3-quick
+
+FLUX variant (--arch flux): the same on the tiny FLUX.1 dev pipeline (guidance 3.5, the training sigmas unshifted),
+f = the first K double-stream blocks (configs/tiny_flux_*.yaml: K = 2 of 4), plus NCP-DPO with K = 1 and K = 4.
+
+    python benchmarks/toy_alignment.py --arch flux --quick --workers 1 --out outputs/toy-flux-quick
 """
 
 from __future__ import annotations
@@ -76,12 +81,14 @@ METHODS = {"NCP-DPO": ("dpo", "perceptual", "no", "difference"), "latent DPO": (
            "NCP-DPO bf16 difference": ("dpo", "perceptual", "bf16", "difference"),
            "NCP-DPO bf16 linearized": ("dpo", "perceptual", "bf16", "linearized")}
 OBJECTIVES = list(METHODS)[:6]
-# SD3 variant: NCP-DPO with more joint blocks in f (encoder.blocks = K); the tiny configs' default is K = 1
-SD3_BLOCKS = {"NCP-DPO K=2": 2, "NCP-DPO K=4": 4}
+# The transformers: NCP-DPO at other depths of f (encoder.blocks = K) than the tiny configs' (sd3: K = 1 of 4 joint
+# blocks; flux: K = 2 of 4 double-stream blocks)
+SD3_BLOCKS = {"NCP-DPO K=1": 1, "NCP-DPO K=2": 2, "NCP-DPO K=4": 4}
 ALL_METHODS = {**METHODS, **{name: METHODS["NCP-DPO"] for name in SD3_BLOCKS}}  # METHODS stays the sd15 set
 SD3_LRS = [1e-4, 3e-4]  # the sd3 variant's lr grid, one step lower than the U-Net's (chosen on validation captions)
-DEFAULT_METHODS = {"sd15": list(METHODS), "sd3": OBJECTIVES + list(SD3_BLOCKS)}
-ARCH_LRS = {"sd3": SD3_LRS}  # lr grids that differ from the configuration's, by base
+DEFAULT_METHODS = {"sd15": list(METHODS), "sd3": OBJECTIVES + ["NCP-DPO K=2", "NCP-DPO K=4"],
+                   "flux": OBJECTIVES + ["NCP-DPO K=1", "NCP-DPO K=4"]}
+ARCH_LRS = {"sd3": SD3_LRS, "flux": SD3_LRS}  # lr grids that differ from the configuration's, by base
 PAIRS = [("DPO", "NCP-DPO", "latent DPO"), ("CPO", "NCP-CPO", "latent CPO"), ("SFT", "NCP-SFT", "latent SFT")]
 
 # Sizes. img_seeds x 18 test captions >= 256 test images per point (full, quick).
@@ -385,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=2, help="runs in parallel processes, 1 torch thread each")
     p.add_argument("--methods", nargs="+", help="subset of the methods (default: every method of the arch)")
     p.add_argument("--arch", choices=list(DEFAULT_METHODS), default="sd15",
-                   help="the base: tiny SD1.5 (U-Net, DDPM) or tiny SD3 (MMDiT, flow matching)")
+                   help="the base: tiny SD1.5 (U-Net, DDPM), tiny SD3 or tiny FLUX.1 dev (MMDiTs, flow matching)")
     a = p.parse_args(argv)
     a.methods = a.methods or DEFAULT_METHODS[a.arch]
     unknown = set(a.methods) - set(ALL_METHODS)

@@ -403,3 +403,25 @@ def test_flux_latent_cache_matches_pixels(tiny_flux, tmp_path, run_script):
                                   f"data.cache_dir={cache}"))
     a, b = read_metrics(tmp_path / "pixels"), read_metrics(tmp_path / "cached")
     assert a[0]["err_w"] == pytest.approx(b[0]["err_w"], rel=1e-4)
+
+
+def test_toy_alignment_smoke_on_a_flux_base(tmp_path):
+    """benchmarks/toy_alignment.py --arch flux: its own pretrained tiny FLUX.1 dev base, NCP-DPO at the config's K
+    (2) and at K = 1, latent DPO; every run trains flux with the K it names."""
+    import importlib.util
+    from pathlib import Path
+
+    from ncp.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_toy_flux", root / "benchmarks" / "toy_alignment.py")
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    out = tmp_path / "toy"
+    result = toy.main(["--smoke", "--arch", "flux", "--workers", "1", "--out", str(out),
+                       "--methods", "NCP-DPO", "latent DPO", "NCP-DPO K=1"])
+    assert load_models(str(out / "base")).family.name == "flux"
+    runs = {r["method"]: load_config(str(Path(r["run_dir"]) / "config.yaml")) for r in result["runs"]}
+    assert {m: (c.model.arch, c.encoder.blocks) for m, c in runs.items() if m != "latent DPO"} == {
+        "NCP-DPO": ("flux", 2), "NCP-DPO K=1": ("flux", 1)}
+    assert set(result["setup"]["beta_scale"]) == {"perceptual", "perceptual K=1", "latent"}
