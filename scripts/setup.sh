@@ -13,4 +13,4 @@ fi
 echo "ncp setup: installing requirements.txt into .venv: diffusers, transformers, peft, accelerate, bitsandbytes," \
      "datasets, tensorboard... (about 80 s the first time, seconds after; log: .venv/pip.log)"
 pip install -q -r requirements.txt -c constraints.txt > .venv/pip.log 2>&1 || { cat .venv/pip.log; exit 1; }
-python -c "import torch, diffusers, peft, accelerate; print(f'ncp setup: torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}')"
+python -c "import ncp, torch, diffusers, peft, accelerate; print(f'ncp setup: torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}')"
