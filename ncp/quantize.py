@@ -47,7 +47,8 @@ def dequantized_weight(layer) -> torch.Tensor:
 
     if isinstance(layer, bnb.nn.Linear4bit):
         return BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-    return BF.int8_vectorwise_dequant(layer.weight.data, layer.weight.SCB)
+    scb = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB  # its first forward moves it
+    return BF.int8_vectorwise_dequant(layer.weight.data, scb)
 
 
 def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,3 +77,29 @@ def dequantized_linears():
         for cls, forward in zip(classes, saved):
             cls.forward = forward
 
+
+
+def quantize_linears(module: torch.nn.Module, quantize: str, dtype: torch.dtype, skip=("proj_out",)) -> torch.nn.Module:
+    """Every nn.Linear of `module` (but `skip`: diffusers keeps the output projection) replaced in place by its
+    bitsandbytes layer, quantized on the weight's device: what `from_pretrained(quantization_config=...)` makes,
+    for random-weight models (benchmarks, tests; diffusers' quantizer itself loads on a GPU only)."""
+    import bitsandbytes as bnb
+
+    for name, child in list(module.named_children()):
+        if name in skip:
+            continue
+        if not isinstance(child, torch.nn.Linear):
+            quantize_linears(child, quantize, dtype, skip)
+            continue
+        w, device, shape = child.weight.data, child.weight.device, (child.in_features, child.out_features)
+        if quantize == "nf4":
+            layer = bnb.nn.Linear4bit(*shape, bias=child.bias is not None, compute_dtype=dtype, quant_type="nf4",
+                                      device="meta")
+            layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")._quantize(device)
+        else:
+            layer = bnb.nn.Linear8bitLt(*shape, bias=child.bias is not None, has_fp16_weights=False, threshold=6.0,
+                                        device="meta")
+            layer.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)._quantize(device)
+        layer.bias = child.bias
+        setattr(module, name, layer.requires_grad_(False))
+    return module

@@ -88,3 +88,60 @@ def test_jvp_through_bitsandbytes_layers(kind):
     import bitsandbytes as bnb
 
     assert bnb.nn.Linear4bit.forward.__name__ == "forward" and bnb.nn.Linear8bitLt.forward.__name__ == "forward"
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_models(tmp_path_factory):
+    from ncp.models import load_models
+    from ncp.tiny import build_tiny_pipeline
+
+    return load_models(str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "flux", "flux")))
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_flux_qlora_step_on_cpu(tiny_flux_models, kind):
+    """The tiny FLUX transformer with its linears quantized as from_pretrained would (quantize_linears): f's jvp
+    equals the float transformer's holding the dequantized weights, and one NCP-DPO step with the linearized error
+    gives every LoRA parameter a finite gradient and none to the quantized base (QLoRA)."""
+    import copy
+
+    import bitsandbytes as bnb
+
+    from ncp.config import EncoderConfig
+    from ncp.models import add_lora
+    from ncp.objective import ObjectiveConfig, compute_objective, randomness_for
+    from ncp.quantize import dequantized_weight, quantize_linears
+
+    models = tiny_flux_models
+    family, base = models.family, models.denoiser
+    quantized = quantize_linears(copy.deepcopy(base), kind, torch.float32)
+    layers = {n: m for n, m in quantized.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+    assert len(layers) > 10
+    dequantized = copy.deepcopy(base)
+    for name, layer in layers.items():
+        dequantized.get_submodule(name).weight.data.copy_(dequantized_weight(layer))
+    torch.manual_seed(0)
+    cond = family.example_cond(base, 2, 64)
+    x, t = torch.randn(2, 16, 8, 8), torch.tensor([500.0, 200.0])
+    tangents = [torch.randn_like(x) for _ in range(2)]
+    f = family.encoder(quantized, EncoderConfig(error="linearized"))
+    got = f.jvp(x, t, cond, tangents)
+    want = family.encoder(dequantized, EncoderConfig(error="linearized")).jvp(x, t, cond, tangents)
+    for g, w in zip(got, want):
+        assert g.abs().max() > 0
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+    params = add_lora(quantized, rank=4)
+    with torch.no_grad():  # B starts at zero: move the policy off the reference
+        for p in params:
+            p.add_(1e-2 * torch.randn_like(p))
+    cfg = ObjectiveConfig(loss="dpo", space="perceptual", beta=2500.0)
+    process = family.noise_process(models.scheduler, cfg)
+    x0 = torch.randn(2, 16, 8, 8)
+    rnd = randomness_for(cfg, process, 1, x0.shape[1:], torch.Generator().manual_seed(1))
+    loss, _ = compute_objective(quantized, f, process, x0, cond, rnd, cfg)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+    assert sum(p.grad.abs().sum() for p in params) > 0
+    assert all(not p.requires_grad for n, p in quantized.named_parameters() if "lora" not in n)

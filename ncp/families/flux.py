@@ -234,7 +234,7 @@ class FluxPerceptualEncoder(DiTPerceptualEncoder):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.x_embedder.weight.dtype
+        return self.x_embedder.bias.dtype  # not the weight's: model.quantize stores it in 8 / 4 bits
 
     def _forward(self, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
         # as FluxTransformer2DModel.forward (diffusers 0.42), stopped after double block K
