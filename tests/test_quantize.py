@@ -145,3 +145,22 @@ def test_flux_qlora_step_on_cpu(tiny_flux_models, kind):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
     assert sum(p.grad.abs().sum() for p in params) > 0
     assert all(not p.requires_grad for n, p in quantized.named_parameters() if "lora" not in n)
+
+
+def test_gpu_check_cost_flux_dry_run(tmp_path):
+    """The GPU check's cost-flux stage on CPU (tiny FLUX): bf16 and nf4 rows, and the CPU refusal of a quantized
+    load in its report (on the GPU the same stage loads the tiny FLUX in nf4 through diffusers and transformers)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks/gpu_check.py"), "--dry-run", "--stages", "cost-flux",
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=root,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    report = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]["cost-flux"]
+    assert proc.returncode == 0 and report["ok"], (tmp_path / "gpu_check.md").read_text()[-3000:]
+    assert [len(report["rows"][q]) for q in ("none", "nf4")] == [3, 3]
+    assert "needs a CUDA device" in report["summary"]
