@@ -80,7 +80,7 @@ def dequantized_linears():
 
 
 def quantize_linears(module: torch.nn.Module, quantize: str, dtype: torch.dtype, skip=("proj_out",)) -> torch.nn.Module:
-    """Every nn.Linear of `module` (but `skip`: diffusers keeps the output projection) replaced in place by its
+    """Every nn.Linear of `module` (but the top-level `skip`: diffusers keeps the output projection) replaced in place by its
     bitsandbytes layer, quantized on the weight's device: what `from_pretrained(quantization_config=...)` makes,
     for random-weight models (benchmarks, tests; diffusers' quantizer itself loads on a GPU only)."""
     import bitsandbytes as bnb
@@ -89,7 +89,7 @@ def quantize_linears(module: torch.nn.Module, quantize: str, dtype: torch.dtype,
         if name in skip:
             continue
         if not isinstance(child, torch.nn.Linear):
-            quantize_linears(child, quantize, dtype, skip)
+            quantize_linears(child, quantize, dtype, skip=())  # skip names top-level modules only
             continue
         w, device, shape = child.weight.data, child.weight.device, (child.in_features, child.out_features)
         if quantize == "nf4":

@@ -164,3 +164,28 @@ def test_gpu_check_cost_flux_dry_run(tmp_path):
     assert proc.returncode == 0 and report["ok"], (tmp_path / "gpu_check.md").read_text()[-3000:]
     assert [len(report["rows"][q]) for q in ("none", "nf4")] == [3, 3]
     assert "needs a CUDA device" in report["summary"]
+
+
+def test_flux_memory_counts():
+    """benchmarks/flux_memory.py: FLUX.1's 11.9B transformer parameters at 2 bytes in bf16; nf4 and int8 store the
+    linears in 0.5625 and ~1 byte (the rest stays bf16); LoRA rank 64 on FLUX's targets."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import flux_memory
+
+    parts = flux_memory.models()
+    t = parts["transformer"]
+    n = sum(p.numel() for p in t.parameters())
+    assert 11.8e9 < n < 12.0e9
+    linear = sum(m.weight.numel() for name, m in t.named_modules() if isinstance(m, torch.nn.Linear) and name != "proj_out")
+    assert flux_memory.weight_bytes(t, "bf16") == 2 * n
+    assert flux_memory.weight_bytes(t, "nf4") == pytest.approx(2 * (n - linear) + 0.5625 * linear)
+    assert 2 * (n - linear) + linear < flux_memory.weight_bytes(t, "int8") < 2 * (n - linear) + 1.01 * linear
+    lora = flux_memory.lora_params(t, 64)
+    assert lora == sum(64 * (m.in_features + m.out_features) for name, m in t.named_modules()
+                       if name.endswith(("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+                                         "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj",
+                                         "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")))
+    assert "Counted, not measured" in flux_memory.table()
