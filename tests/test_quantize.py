@@ -188,4 +188,4 @@ def test_flux_memory_counts():
                        if name.endswith(("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
                                          "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj",
                                          "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")))
-    assert "Counted, not measured" in flux_memory.table()
+    assert "counted, not measured" in flux_memory.table()
