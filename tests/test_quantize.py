@@ -29,14 +29,20 @@ def test_fp32_error_is_refused_on_a_quantized_base():
         load_config(overrides=["model.quantize=nf4", "train.mixed_precision=bf16", "objective.target=uniform"])
 
 
-def test_quantized_load_needs_cuda(tmp_path):
-    """diffusers' bitsandbytes quantizer refuses without a GPU: one line before anything loads."""
+def test_quantized_load_needs_cuda(tmp_path, run_script):
+    """diffusers' bitsandbytes quantizer refuses without a GPU: one line before anything loads, also through the
+    real script (before the run folder is made)."""
     from ncp.models import load_models
     from ncp.tiny import build_tiny_pipeline
 
     path = build_tiny_pipeline(tmp_path / "flux", "flux")
-    with pytest.raises(NcpError, match="model.quantize=nf4 needs a CUDA device: bitsandbytes quantization in diffusers"):
+    line = "model.quantize=nf4 needs a CUDA device: bitsandbytes quantization in diffusers"
+    with pytest.raises(NcpError, match=line):
         load_models(str(path), quantize="nf4", device="cpu")
+    with pytest.raises(NcpError, match=line):
+        run_script("dpo", ["--config", "configs/tiny_flux_ncp_dpo.yaml", f"model.pretrained={path}",
+                           "model.quantize=nf4", f"train.output_dir={tmp_path / 'run'}", "train.report_to=none"])
+    assert not (tmp_path / "run").exists()
 
 
 def test_quantization_config():
