@@ -106,7 +106,8 @@ def table(resolution: int = 1024, rank: int = 64) -> str:
     for name, m in parts.items():
         quantized = name in ("transformer", "T5-XXL")  # model.quantize: the transformer and T5
         count = sum(p.numel() for p in m.parameters()) / 1e9
-        rows[name] = (f"{name} weights ({count:.2f}B params)", [weight_bytes(m, k if quantized else "bf16") for k in BYTES])
+        cells = [weight_bytes(m, kind if quantized else "bf16") for kind in BYTES]
+        rows[name] = (f"{name} weights ({count:.2f}B params)", cells)
     rows["lora"] = (f"LoRA rank {rank} ({lora / 1e6:.0f}M params): fp32 + grad + 8-bit AdamW", [10.0 * lora] * 3)
     for key, label in (("policy", f"policy activations, 1 pair = 2 images x {act['tokens']} tokens, no checkpointing"),
                        ("policy_checkpointed", "policy activations, gradient checkpointing per block"),

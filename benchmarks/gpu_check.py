@@ -343,7 +343,8 @@ def stage_cost_flux(dry: bool) -> dict:
         r = step_cost.run(pairs=1, steps=1, warmup=1, repeats=1, errors=("linearized",), losses=("dpo",),
                           quantize=quantize, **kw)
         rows[quantize] = r["rows"]
-        lines += [f"| {quantize} | {row['method']} | {row['s_per_step']:.3f} | {row['peak_gb']:.2f} |" for row in r["rows"]]
+        lines += [f"| {quantize} | {row['method']} | {row['s_per_step']:.3f} | {row['peak_gb']:.2f} |"
+                  for row in r["rows"]]
         gc.collect()
         if not dry:
             torch.cuda.empty_cache()

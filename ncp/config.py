@@ -46,7 +46,7 @@ class ModelConfig:
     text_encoder_3: bool = True  # sd3: false drops T5 (4.7B parameters) as the pipeline allows: zeros in its place
     guidance: float | None = None  # flux dev: the embedded guidance scale it trains at (None = 3.5, diffusers' FLUX LoRA default); schnell has none
     max_sequence_length: int | None = None  # flux: T5 tokens per prompt (None = the pipeline's: dev 512, schnell 256)
-    quantize: str = "none"  # none | int8 | nf4: sd3/flux transformer and T5 frozen in 8 / 4 bits, LoRA on top (QLoRA); CUDA only
+    quantize: str = "none"  # none | int8 | nf4: sd3/flux transformer + T5 in 8 / 4 bits under the LoRA (QLoRA), CUDA only
 
 
 @dataclass
@@ -200,7 +200,7 @@ class Config:
         if self.encoder.error == "auto" and mp in AUTO_ERROR:
             mode = AUTO_ERROR[mp]
             self.encoder.error = "fp32" if mode == "linearized" and self.objective.target != "prev" else mode
-            if self.encoder.error == "fp32" and self.model.quantize != "none":
+            if self.encoder.error == "fp32" and self.model.quantize in QUANTIZE[1:]:  # a bad value: validate says
                 raise NcpError(f"encoder.error=auto chose fp32 (objective.target={self.objective.target}): "
                                + FP32_QUANTIZED)
         elif self.encoder.error == "difference" and mp in ("fp16", "bf16") and self.objective.space == "perceptual":

@@ -80,8 +80,8 @@ def dequantized_linears():
 
 
 def quantize_linears(module: torch.nn.Module, quantize: str, dtype: torch.dtype, skip=("proj_out",)) -> torch.nn.Module:
-    """Every nn.Linear of `module` (but the top-level `skip`: diffusers keeps the output projection) replaced in place by its
-    bitsandbytes layer, quantized on the weight's device: what `from_pretrained(quantization_config=...)` makes,
+    """Every nn.Linear of `module` (but the top-level `skip`: diffusers keeps the output projection) replaced in place
+    by its bitsandbytes layer, quantized on the weight's device: what `from_pretrained(quantization_config=...)` makes,
     for random-weight models (benchmarks, tests; diffusers' quantizer itself loads on a GPU only)."""
     import bitsandbytes as bnb
 

@@ -185,7 +185,8 @@ def test_flux_memory_counts():
     t = parts["transformer"]
     n = sum(p.numel() for p in t.parameters())
     assert 11.8e9 < n < 12.0e9
-    linear = sum(m.weight.numel() for name, m in t.named_modules() if isinstance(m, torch.nn.Linear) and name != "proj_out")
+    linear = sum(m.weight.numel() for name, m in t.named_modules()
+                 if isinstance(m, torch.nn.Linear) and name != "proj_out")
     assert flux_memory.weight_bytes(t, "bf16") == 2 * n
     assert flux_memory.weight_bytes(t, "nf4") == pytest.approx(2 * (n - linear) + 0.5625 * linear)
     assert 2 * (n - linear) + linear < flux_memory.weight_bytes(t, "int8") < 2 * (n - linear) + 1.01 * linear
