@@ -12,6 +12,9 @@ and ONE JSON file (benchmarks/gpu/gpu_check.md / .json). Every stage asserts wha
               (torch.cuda.set_sync_debug_mode("warn")), per micro-step
   precision   benchmarks/precision.py --device cuda on the SD1.5 architecture
   fast        step_cost.py --fast at 512 px: compile x channels-last, MFU
+  cost-flux   FLUX.1 (12B, random weights) at 1024 px, 1 pair, bf16, NCP-DPO with the linearized error: s/step and
+              peak memory with the frozen transformer in bf16 and in nf4 (model.quantize); and the tiny FLUX loaded
+              through diffusers' / transformers' bitsandbytes configs (load_models(quantize=nf4)) on the GPU
 
 Stages run in that order, each in its own process (a crash or an out-of-memory stays in its stage), each under a
 time limit, all under one deadline (--budget-s): a stage the deadline cuts off is reported as not run.
@@ -44,7 +47,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # stage: (seconds it may take on the GPU, in the dry run)
 STAGES = {"resume": (100, 200), "cost-sd15": (60, 60), "cost-sdxl": (75, 60), "cost-sd3": (75, 60),
-          "fidelity": (40, 60), "syncs": (40, 90), "precision": (60, 60), "fast": (150, 90)}
+          "fidelity": (40, 60), "syncs": (40, 90), "precision": (60, 60), "fast": (150, 90),
+          "cost-flux": (240, 90)}
 BUDGET_S = 480
 # paper configs (configs/*_ncp_dpo.yaml): per-GPU pairs, latent side, beta, grad_accum
 PAPER = {"sd15": (16, 64, 2500, 8), "sdxl": (2, 128, 2500, 64), "sd3": (2, 128, 2500, 64)}
@@ -321,7 +325,46 @@ def stage_fast(dry: bool) -> dict:
     return dict(ok=all(math.isfinite(row["loss"]) for row in r["rows"]), result=r, summary=step_cost.format_fast(r))
 
 
+def stage_cost_flux(dry: bool) -> dict:
+    """FLUX.1 at 1024 px, bf16 and nf4 under the LoRA: step time and peak memory (1 pair: 2 images); a quantized
+    load of the tiny FLUX through the real loaders (dry run: the CPU refusal)."""
+    import gc
+
+    import step_cost
+
+    from ncp.errors import NcpError
+    from ncp.models import load_models
+    from ncp.tiny import build_tiny_pipeline
+
+    kw = dict(model="tiny-flux", latent_size=8, device="cpu", dtype="fp32", threads=1) if dry else \
+        dict(model="flux", latent_size=128, device="cuda", dtype="bf16")
+    rows, lines = {}, []
+    for quantize in ("none", "nf4"):
+        r = step_cost.run(pairs=1, steps=1, warmup=1, repeats=1, errors=("linearized",), losses=("dpo",),
+                          quantize=quantize, **kw)
+        rows[quantize] = r["rows"]
+        lines += [f"| {quantize} | {row['method']} | {row['s_per_step']:.3f} | {row['peak_gb']:.2f} |"
+                  for row in r["rows"]]
+        gc.collect()
+        if not dry:
+            torch.cuda.empty_cache()
+    path = build_tiny_pipeline(Path(tempfile.mkdtemp(prefix="gpu-check-flux-")) / "flux", "flux")
+    try:
+        models = load_models(str(path), quantize="nf4", weight_dtype=torch.bfloat16, device=kw["device"])
+        kinds = {type(m).__name__ for part in (models.denoiser, models.text_encoders[1]) for m in part.modules()}
+        loaded = "Linear4bit" in kinds
+        load = f"tiny FLUX loaded with model.quantize=nf4: {'Linear4bit layers' if loaded else 'NO Linear4bit'}"
+    except NcpError as e:  # CPU: refused before loading
+        loaded, load = dry and "needs a CUDA device" in str(e), f"model.quantize=nf4 on {kw['device']}: {e}"
+    ok = loaded and all(math.isfinite(row["loss"]) for r in rows.values() for row in r)
+    summary = "\n".join([f"{kw['model']}, {kw['latent_size'] * 8} px, 1 pair, {kw['dtype']}, {kw['device']}", "",
+                         "| model.quantize | method | s/step | peak GB |", "|---|---|---|---|", *lines, "", load])
+    return dict(ok=ok, rows=rows, summary=summary)
+
+
 def run_stage(name: str, dry: bool) -> dict:
+    if name == "cost-flux":
+        return stage_cost_flux(dry)
     if name.startswith("cost-"):
         return stage_cost(name.removeprefix("cost-"), dry)
     return {"resume": stage_resume, "fidelity": stage_fidelity, "syncs": stage_syncs, "precision": stage_precision,

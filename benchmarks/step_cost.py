@@ -133,8 +133,9 @@ FULL_SIZE = {"sd15": ("UNet2DConditionModel", SD15_UNET, "DDPMScheduler", SCHEDU
 
 # ---------------------------------------------------------------- the model, data and randomness
 def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtype: torch.dtype,
-          errors=("difference",), blocks: int | None = None):
-    """(unet with LoRA, LoRA params, {error: encoder}, schedule, x0, cond) for `pairs` pairs on `device`."""
+          errors=("difference",), blocks: int | None = None, quantize: str = "none"):
+    """(unet with LoRA, LoRA params, {error: encoder}, schedule, x0, cond) for `pairs` pairs on `device`.
+    quantize (model.quantize): the frozen denoiser's linears in int8 / nf4 under the LoRA (QLoRA)."""
     import diffusers
 
     family = families.get(model.removeprefix("tiny-"))
@@ -156,13 +157,17 @@ def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtyp
             if "num_layers" not in config:
                 raise SystemExit(f"--blocks is for transformers, not --model {model}")
             config = dict(config, num_layers=blocks)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.device(device):  # built in place: FLUX.1 is 48 GB in fp32
             warnings.simplefilter("ignore")
             unet = getattr(diffusers, denoiser_class)(**config)
         unet.requires_grad_(False).eval().to(device, dtype)
         scheduler = getattr(diffusers, scheduler_class).from_config(scheduler_config)
         # random text: only its shape matters here
         cond = family.example_cond(unet, pairs, 8 * latent_size).repeat(2).to(device=device, dtype=dtype)
+    if quantize != "none":
+        from ncp.quantize import quantize_linears
+
+        quantize_linears(unet, quantize, dtype)
     # before LoRA: f is the frozen base (U-Net: its down path; MMDiT: its first K joint blocks, default K)
     encoders = {e: family.encoder(unet, EncoderConfig(error=e, blocks=blocks)) for e in errors}
     params = add_lora(unet, rank)
@@ -259,7 +264,7 @@ def loader_pairs_per_s(latent_size: int, pairs: int, batches: int = 8) -> float:
 def run(model: str = "tiny-sd15", latent_size: int = 32, pairs: int = 1, steps: int = 2, warmup: int = 1,
         repeats: int = 5, rank: int | None = None, device: str | None = None, profile: bool = False,
         threads: int | None = None, errors=("difference",), dtype: str | None = None,
-        losses=("dpo", "cpo", "sft")) -> dict:
+        losses=("dpo", "cpo", "sft"), quantize: str = "none") -> dict:
     """Measure every method of `losses` (dpo first: ratios are to latent DPO); returns {"rows": [...],
     "setup": {...}} (rows in `methods(errors, losses)` order).
 
@@ -268,7 +273,8 @@ def run(model: str = "tiny-sd15", latent_size: int = 32, pairs: int = 1, steps: 
     thread (measured here: a tiny U-Net forward 0.17 s with 1 thread, 3.6 s with 2).
     """
     with torch_threads(threads):
-        return _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors, dtype, losses)
+        return _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors, dtype, losses,
+                    quantize)
 
 
 @contextlib.contextmanager
@@ -300,9 +306,11 @@ def flop_floor(loss: str, space: str, error: str, u_flops: int, e_flops: int) ->
     return (nu * u_flops + ne * e_flops) / (6 * u_flops)
 
 
-def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors, dtype, losses) -> dict:
+def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors, dtype, losses,
+         quantize="none") -> dict:
     device, dtype, rank, errors = resolve(model, device, dtype, rank, errors)
-    unet, params, encoders, schedule, x0, cond = build(model, latent_size, pairs, rank, device, dtype, errors)
+    unet, params, encoders, schedule, x0, cond = build(model, latent_size, pairs, rank, device, dtype, errors,
+                                                       quantize=quantize)
     optimizer, opt_name = make_optimizer(params)
     spec = methods(errors, ("dpo", *[loss for loss in losses if loss != "dpo"]))
     cfgs = {name: (ObjectiveConfig(loss=loss, space=space, beta=1.0), encoders[error]) for name, loss, space, error in spec}
@@ -359,8 +367,8 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
                          flop_counted=counted[name] / counted[base], step_gflop=counted[name] / 1e9,
                          peak_gb=peaks[name], loss=losses[name]))
     loader = loader_pairs_per_s(latent_size, pairs)
-    setup = dict(model=model, latent_size=latent_size, pairs=pairs, steps=steps, warmup=warmup, repeats=repeats,
-                 rank=rank, device=device, dtype=str(dtype).removeprefix("torch."), optimizer=opt_name,
+    setup = dict(model=model, quantize=quantize, latent_size=latent_size, pairs=pairs, steps=steps, warmup=warmup,
+                 repeats=repeats, rank=rank, device=device, dtype=str(dtype).removeprefix("torch."), optimizer=opt_name,
                  threads=torch.get_num_threads(), torch=torch.__version__,
                  encoder_share=e_flops / u_flops, unet_gflop_per_image=u_flops / 1e9,
                  loader_pairs_per_s=loader, step_pairs_per_s=pairs / step_s["NCP-DPO"], errors=list(errors))
@@ -676,6 +684,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--part", choices=["step", "errors"], default="step", help="--modes: the whole step or f's part only")
     p.add_argument("--blocks", type=int, help="--model sd3: a transformer of this many joint blocks (f = all of them)")
     p.add_argument("--child-mode", choices=list(MODES), help=argparse.SUPPRESS)
+    p.add_argument("--quantize", choices=["none", "int8", "nf4"], default="none",
+                   help="model.quantize: the frozen denoiser in 8 / 4 bits under the LoRA (bitsandbytes)")
     p.add_argument("--json", help="write the result here")
     a = p.parse_args(argv)
     if a.child_mode:
@@ -700,7 +710,7 @@ def main(argv: list[str] | None = None) -> dict:
             write_json(a.json, result)
         return result
     result = run(a.model, a.latent_size, a.pairs, a.steps, a.warmup, a.repeats, a.rank, a.device, a.profile, a.threads,
-                 a.errors, a.dtype)
+                 a.errors, a.dtype, quantize=a.quantize)
     print(format_table(result))
     for name, table in result.get("profile", {}).items():
         print(f"\nprofile of one {name} step\n{table}")

@@ -25,11 +25,14 @@ from .errors import NcpError
 from .fast import ATTENTION, COMPILE_MODES
 from .models import LORA_TARGETS
 from .objective import ObjectiveConfig
+from .quantize import QUANTIZE
 
 
 # encoder.error=auto: per train.mixed_precision, the cheapest way to compute the perceptual error whose
 # per-sample errors stay within 5% of float64 (median, every t bucket) with a LoRA-gradient cosine >= 0.99,
 # on the toy base and the SD1.5 architecture (benchmarks/precision.py, benchmarks/RESULTS.md section 3).
+FP32_QUANTIZED = ("encoder.error=fp32 keeps an fp32 copy of f, which model.quantize would have to dequantize (4 bytes "
+                  "a weight); use encoder.error=linearized (exact through the quantized layers) or difference")
 AUTO_ERROR = {"no": "difference", "fp16": "linearized", "bf16": "linearized"}
 
 
@@ -43,6 +46,7 @@ class ModelConfig:
     text_encoder_3: bool = True  # sd3: false drops T5 (4.7B parameters) as the pipeline allows: zeros in its place
     guidance: float | None = None  # flux dev: the embedded guidance scale it trains at (None = 3.5, diffusers' FLUX LoRA default); schnell has none
     max_sequence_length: int | None = None  # flux: T5 tokens per prompt (None = the pipeline's: dev 512, schnell 256)
+    quantize: str = "none"  # none | int8 | nf4: sd3/flux transformer + T5 in 8 / 4 bits under the LoRA (QLoRA), CUDA only
 
 
 @dataclass
@@ -144,6 +148,12 @@ class Config:
         self.data.validate()
         if self.model.arch not in (None, *families.names()):
             raise NcpError(f"model.arch must be {', '.join(families.names())} or null, got {self.model.arch!r}")
+        if self.model.quantize not in QUANTIZE:
+            raise NcpError(f"model.quantize must be one of {', '.join(QUANTIZE)}, got {self.model.quantize!r}")
+        if self.model.quantize != "none" and self.model.arch is not None:
+            families.get(self.model.arch).check_quantize(self.model.quantize)
+        if self.model.quantize != "none" and self.encoder.error == "fp32":
+            raise NcpError(FP32_QUANTIZED)
         if self.encoder.blocks is not None and self.encoder.blocks < 1:
             raise NcpError(f"encoder.blocks must be >= 1 or null, got {self.encoder.blocks}")
         if self.encoder.features not in FEATURES:
@@ -190,6 +200,9 @@ class Config:
         if self.encoder.error == "auto" and mp in AUTO_ERROR:
             mode = AUTO_ERROR[mp]
             self.encoder.error = "fp32" if mode == "linearized" and self.objective.target != "prev" else mode
+            if self.encoder.error == "fp32" and self.model.quantize in QUANTIZE[1:]:  # a bad value: validate says
+                raise NcpError(f"encoder.error=auto chose fp32 (objective.target={self.objective.target}): "
+                               + FP32_QUANTIZED)
         elif self.encoder.error == "difference" and mp in ("fp16", "bf16") and self.objective.space == "perceptual":
             warnings.warn(f"encoder.error=difference with train.mixed_precision={mp}: rounding of f's two evaluations "
                           f"exceeds the error they measure (benchmarks/RESULTS.md, precision); encoder.error=auto "

@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention import blockwise_sdpa
 from .errors import NcpError
+from .quantize import dequantized_linears
 from .models import adapters_disabled
 
 FEATURES = ("last", "mid", "multiscale")
@@ -54,14 +55,15 @@ def linearize(fn, x: torch.Tensor, tangents: list[torch.Tensor], path: str = "vm
       blockwise  one jvp per tangent (the primal again each time), blockwise attention;
       math       one jvp per tangent through SDPA's math kernel (PyTorch's own rule: every score matrix and its
                  tangent at once; kept to measure against).
-    The fused SDPA kernels have no forward-AD formula (PyTorch 2.13), hence the math kernel or the custom rule."""
+    The fused SDPA kernels have no forward-AD formula (PyTorch 2.13), hence the math kernel or the custom rule.
+    bitsandbytes layers (model.quantize) have none either: they run as their dequantized weight's linear map."""
     x = x.detach().contiguous()
     tangents = [tan.to(x.dtype).contiguous() for tan in tangents]
     jvp = lambda tan: torch.func.jvp(fn, (x,), (tan,))[1]  # noqa: E731
     if path == "math":
-        with sdpa_kernel([SDPBackend.MATH]):
+        with sdpa_kernel([SDPBackend.MATH]), dequantized_linears():
             return [jvp(tan) for tan in tangents]
-    with blockwise_sdpa():
+    with blockwise_sdpa(), dequantized_linears():
         if path == "blockwise" or len(tangents) == 1:
             return [jvp(tan) for tan in tangents]
         return list(torch.func.vmap(jvp)(torch.stack(tangents)).unbind(0))

@@ -54,7 +54,8 @@ class Models:
             if m is not None:
                 m.requires_grad_(False)
                 m.eval()
-                m.to(device)
+                if getattr(m, "hf_quantizer", None) is None:  # a quantized model is placed by its loader
+                    m.to(device)
         return self
 
 
@@ -70,17 +71,21 @@ def to_latents(vae, mean: torch.Tensor) -> torch.Tensor:
 def load_models(
     path: str, arch: str | None = None, vae: str | None = None, revision: str | None = None,
     variant: str | None = None, weight_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-    text_encoder_3: bool = True,
+    text_encoder_3: bool = True, quantize: str = "none",
 ) -> Models:
     """The frozen parts of the pipeline folder or hub id at `path`, loaded by its family (detected from the folder;
-    `arch`, when given, must match it). `vae` overrides the pipeline's VAE (e.g. `madebyollin/sdxl-vae-fp16-fix`)."""
+    `arch`, when given, must match it). `vae` overrides the pipeline's VAE (e.g. `madebyollin/sdxl-vae-fp16-fix`).
+    quantize (model.quantize): the transformer and T5 in int8 / nf4, refused before loading where it cannot be."""
     from . import families
+    from .quantize import check_device
 
     family = families.detect(path, revision)
     if arch is not None and arch != family.name:
         raise NcpError(f"model.arch={arch!r} but {path!r} holds an {family.name} {family.denoiser_kind}; "
                        f"set model.arch={family.name} or leave it empty")
-    return family.load(path, vae, revision, variant, weight_dtype, device, text_encoder_3)
+    family.check_quantize(quantize)
+    check_device(quantize, device)
+    return family.load(path, vae, revision, variant, weight_dtype, device, text_encoder_3, quantize)
 
 
 def add_lora(unet, rank: int = 64, alpha: float | None = None, init: str | bool = "gaussian",

@@ -133,7 +133,7 @@ def build_models(cfg: Config, acc) -> Parts:
 
     m, tc = cfg.model, cfg.train
     models = load_models(m.pretrained, m.arch, m.vae, m.revision, m.variant, DTYPES[tc.mixed_precision], acc.device,
-                         m.text_encoder_3)
+                         m.text_encoder_3, m.quantize)
     cfg.model.arch = models.arch  # config.yaml records the detected family
     models.family.configure(models, cfg)             # family-only settings (flux: guidance, T5 length)
     if cfg.data.cache_dir:  # latents and text embeddings come from the cache: free the VAE and text encoders

@@ -47,6 +47,7 @@ class Family:
     configs: tuple[str, ...] = ()
     setting_keys: tuple[str, ...] = ()
     variants: tuple[str, ...] = ()  # named variants `tiny` can build (flux: dev, schnell)
+    quantizes: bool = False  # model.quantize: `load` takes a bitsandbytes config for the denoiser (and T5)
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -69,7 +70,7 @@ class Family:
     # -- loading -----------------------------------------------------------------------------------------------
     def load(self, path: str, vae: str | None = None, revision: str | None = None, variant: str | None = None,
              weight_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-             text_encoder_3: bool = True) -> Models:
+             text_encoder_3: bool = True, quantize: str = "none") -> Models:
         """The frozen parts (`requires_grad_(False)`, eval, on `device`) in `weight_dtype`; `vae` overrides the
         pipeline's VAE; a VAE whose config asks for `force_upcast` stays fp32. text_encoder_3=False drops the
         family's optional large text encoder (SD3's T5) where it has one."""
@@ -98,6 +99,16 @@ class Family:
         """VAE posterior mean -> the latents the denoiser was trained on (scale and shift from the VAE's config).
         A family whose denoiser takes packed tokens packs them inside `denoise`, never here."""
         return to_latents(vae, mean)
+
+    def check_quantize(self, quantize: str) -> None:
+        """model.quantize is for the large transformers; a U-Net (0.9B / 2.6B parameters) fits a 24 GB card in
+        bf16, and diffusers' bitsandbytes quantizer replaces only its linear layers, not its convolutions."""
+        if quantize != "none" and not self.quantizes:
+            from . import FAMILIES
+
+            names = ", ".join(f.name for f in FAMILIES.values() if f.quantizes)
+            raise NcpError(f"model.quantize={quantize} applies to the transformer families ({names}); "
+                           f"{self.name}'s {self.denoiser_kind} loads unquantized: use model.quantize=none")
 
     def configure(self, models: Models, cfg) -> None:
         """Apply the run's settings of this family's `setting_keys` to the loaded parts (flux: model.guidance). A key

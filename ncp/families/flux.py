@@ -32,6 +32,7 @@ import torch
 
 from ..encoder_dit import DiTPerceptualEncoder
 from ..errors import NcpError
+from ..quantize import quantization_config
 from ..flow import SHIFTS, STEPS, FlowSchedule
 from ..models import Models
 from .base import Family, read_config
@@ -233,7 +234,7 @@ class FluxPerceptualEncoder(DiTPerceptualEncoder):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.x_embedder.weight.dtype
+        return self.x_embedder.bias.dtype  # not the weight's: model.quantize stores it in 8 / 4 bits
 
     def _forward(self, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
         # as FluxTransformer2DModel.forward (diffusers 0.42), stopped after double block K
@@ -302,6 +303,7 @@ class Flux(Family):
     pipeline_name = "FluxPipeline"
     denoiser_key = "transformer"
     denoiser_kind = "transformer"
+    quantizes = True
     hub_tag = "flux"
     id_hints = ("flux",)
     configs = ("flux_*.yaml", "tiny_flux_*.yaml")
@@ -316,21 +318,23 @@ class Flux(Family):
         return type(denoiser).__name__ == "FluxTransformer2DModel"
 
     def load(self, path, vae=None, revision=None, variant=None, weight_dtype=torch.float32, device="cpu",
-             text_encoder_3=True) -> Models:
+             text_encoder_3=True, quantize="none") -> Models:
         """Transformer (the variant's default `Settings` until `configure`), CLIP-L, T5, the 16-channel VAE and the
         flow-matching scheduler."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
         kw = dict(revision=revision, variant=variant, torch_dtype=weight_dtype)
+        t5_kw = dict(kw, quantization_config=quantization_config(quantize, weight_dtype, "transformers"))
         try:
-            transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
+            transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw,
+                quantization_config=quantization_config(quantize, weight_dtype))
         except (OSError, ValueError) as e:
             raise NcpError(f"model.pretrained={path!r}: cannot load a FLUX transformer from it ({e})") from e
         tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
                       T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2", revision=revision)]
         text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
-                         T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **kw)]
+                         T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **t5_kw)]
         vae_path, vae_kw = (path, dict(subfolder="vae", revision=revision)) if vae is None else (vae, {})
         vae_dtype = torch.float32 if AutoencoderKL.load_config(vae_path, **vae_kw).get("force_upcast") else weight_dtype
         vae_model = AutoencoderKL.from_pretrained(vae_path, variant=variant if vae is None else None,

@@ -38,7 +38,7 @@ class SD15(Family):
         return [tokenizer], [encoder]
 
     def load(self, path, vae=None, revision=None, variant=None, weight_dtype=torch.float32, device="cpu",
-             text_encoder_3=True) -> Models:
+             text_encoder_3=True, quantize="none") -> Models:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         try:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NcpError
+from ..quantize import quantization_config
 from ..models import Models
 from .base import Family, read_config
 
@@ -27,6 +28,7 @@ class SD3(Family):
     pipeline_name = "StableDiffusion3Pipeline"
     denoiser_key = "transformer"
     denoiser_kind = "transformer"
+    quantizes = True
     hub_tag = "stable-diffusion-3"
     id_hints = ("diffusion-3",)
     configs = ("sd3_*.yaml", "tiny_sd3_*.yaml")
@@ -39,15 +41,17 @@ class SD3(Family):
         return type(denoiser).__name__ == "SD3Transformer2DModel"
 
     def load(self, path, vae=None, revision=None, variant=None, weight_dtype=torch.float32, device="cpu",
-             text_encoder_3=True) -> Models:
+             text_encoder_3=True, quantize="none") -> Models:
         """text_encoder_3=False drops T5 as `StableDiffusion3Pipeline.from_pretrained(..., text_encoder_3=None,
         tokenizer_3=None)` does (the pipeline then feeds zeros in its place)."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
         kw = dict(revision=revision, variant=variant, torch_dtype=weight_dtype)
+        t5_kw = dict(kw, quantization_config=quantization_config(quantize, weight_dtype, "transformers"))
         try:
-            transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
+            transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", **kw,
+                quantization_config=quantization_config(quantize, weight_dtype))
         except (OSError, ValueError) as e:
             raise NcpError(f"model.pretrained={path!r}: cannot load an SD3 transformer from it ({e})") from e
         tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=f, revision=revision) for f in ("tokenizer", "tokenizer_2")]
@@ -56,7 +60,7 @@ class SD3(Family):
         t5, t5_tokenizer = None, None
         if text_encoder_3:
             try:
-                t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", **kw)
+                t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", **t5_kw)
                 t5_tokenizer = T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_3", revision=revision)
             except (OSError, ValueError) as e:
                 raise NcpError(f"model.pretrained={path!r}: cannot load its T5 (text_encoder_3: {e}); "
