@@ -71,10 +71,10 @@ def test_unknown_folder_is_one_clear_error(tmp_path):
 
 def test_each_family_answers_the_whole_protocol():
     """A family overrides every question the base class cannot answer (what a new family must implement)."""
-    required = ("detect", "owns", "load", "encode_prompts", "noise_process", "encoder", "tiny", "example_cond")
+    required = ("load", "encode_prompts", "noise_process", "encoder", "tiny", "example_cond")
     for family in families.FAMILIES.values():
         assert all(getattr(type(family), m) is not getattr(families.Family, m) for m in required), family
-        assert family.name and family.pipeline_name and family.hub_tag and family.denoiser_key
+        assert family.name and family.pipeline_name and family.hub_tag and family.denoiser_key and family.denoiser_class
         assert family.config_files(ROOT), f"{family.name}: no configs/ file matches {family.configs}"
 
 

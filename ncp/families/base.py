@@ -45,6 +45,7 @@ class Family:
     hub_tag: str = ""
     id_hints: tuple[str, ...] = ()
     configs: tuple[str, ...] = ()
+    denoiser_class: str = ""  # the denoiser's diffusers class, as its config.json names it
     setting_keys: tuple[str, ...] = ()
     variants: tuple[str, ...] = ()  # named variants `tiny` can build (flux: dev, schnell)
     quantizes: bool = False  # model.quantize: `load` takes a bitsandbytes config for the denoiser (and T5)
@@ -53,13 +54,19 @@ class Family:
         return f"<family {self.name}>"
 
     # -- what the pipeline folder is -------------------------------------------------------------------------
+    def claims(self, config: dict) -> bool:
+        """Whether a denoiser's config (its config.json, or a loaded denoiser's) is this family's: by its class
+        by default; a family that shares its denoiser class with another refines this."""
+        return config.get("_class_name") == self.denoiser_class
+
     def detect(self, folder, revision: str | None = None) -> bool:
-        """Whether the pipeline folder (or hub id) holds this family, read from its subfolder configs."""
-        raise NotImplementedError
+        """Whether the pipeline folder (or hub id) holds this family, read from its denoiser's config."""
+        config = read_config(folder, self.denoiser_key, revision)
+        return config is not None and self.claims(config)
 
     def owns(self, denoiser: torch.nn.Module) -> bool:
         """Whether a denoiser module (no folder at hand: `add_lora`) is this family's."""
-        raise NotImplementedError
+        return self.claims(dict(denoiser.config, _class_name=type(denoiser).__name__))
 
     @property
     def pipeline_class(self):

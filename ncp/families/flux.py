@@ -35,7 +35,7 @@ from ..errors import NcpError
 from ..quantize import quantization_config
 from ..flow import SHIFTS, STEPS, FlowSchedule
 from ..models import Models
-from .base import Family, read_config
+from .base import Family
 
 VARIANTS = ("dev", "schnell")
 VAE_SCALE = 8  # FLUX.1's VAE (every variant's): 8x down; the tiny one is built alike
@@ -310,12 +310,7 @@ class Flux(Family):
     setting_keys = ("model.guidance", "model.max_sequence_length", "objective.flow_shift")
     variants = VARIANTS
 
-    def detect(self, folder, revision=None) -> bool:
-        config = read_config(folder, "transformer", revision)
-        return config is not None and config.get("_class_name") == "FluxTransformer2DModel"
-
-    def owns(self, denoiser) -> bool:
-        return type(denoiser).__name__ == "FluxTransformer2DModel"
+    denoiser_class = "FluxTransformer2DModel"
 
     def load(self, path, vae=None, revision=None, variant=None, weight_dtype=torch.float32, device="cpu",
              text_encoder_3=True, quantize="none") -> Models:

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import NcpError
 from ..models import Models
-from .base import Family, read_config
+from .base import Family
 
 
 class SD15(Family):
@@ -18,15 +18,10 @@ class SD15(Family):
     configs = ("sd15_*.yaml", "tiny_sd15_*.yaml", "quickstart_*.yaml")
     text_time = False  # SDXL's U-Nets take pooled text + micro-conditioning (addition_embed_type="text_time")
 
-    def _is_mine(self, unet_config: dict | None) -> bool:
-        return (unet_config is not None and unet_config.get("_class_name") == "UNet2DConditionModel"
-                and (unet_config.get("addition_embed_type") == "text_time") == self.text_time)
+    denoiser_class = "UNet2DConditionModel"
 
-    def detect(self, folder, revision=None) -> bool:
-        return self._is_mine(read_config(folder, "unet", revision))
-
-    def owns(self, denoiser) -> bool:
-        return type(denoiser).__name__ == "UNet2DConditionModel" and self._is_mine(dict(denoiser.config))
+    def claims(self, config: dict) -> bool:
+        return super().claims(config) and (config.get("addition_embed_type") == "text_time") == self.text_time
 
     # -- loading -----------------------------------------------------------------------------------------------
     def _text_models(self, path, revision, variant, weight_dtype):

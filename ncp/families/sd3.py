@@ -10,7 +10,7 @@ import torch
 from ..errors import NcpError
 from ..quantize import quantization_config
 from ..models import Models
-from .base import Family, read_config
+from .base import Family
 
 # the joint attention's context stream (diffusers train_dreambooth_lora_sd3.py): LoRA'd beside the image stream's
 CONTEXT_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -33,12 +33,7 @@ class SD3(Family):
     id_hints = ("diffusion-3",)
     configs = ("sd3_*.yaml", "tiny_sd3_*.yaml")
 
-    def detect(self, folder, revision=None) -> bool:
-        config = read_config(folder, "transformer", revision)
-        return config is not None and config.get("_class_name") == "SD3Transformer2DModel"
-
-    def owns(self, denoiser) -> bool:
-        return type(denoiser).__name__ == "SD3Transformer2DModel"
+    denoiser_class = "SD3Transformer2DModel"
 
     def load(self, path, vae=None, revision=None, variant=None, weight_dtype=torch.float32, device="cpu",
              text_encoder_3=True, quantize="none") -> Models:
