@@ -87,6 +87,24 @@ def as_base(base):
             m.gradient_checkpointing = True
 
 
+def hold(encoder: nn.Module, base: nn.Module, modules: dict, share: bool) -> None:
+    """f's modules (name -> module of the frozen base): the base's own, unregistered, so f adds no parameters and
+    no memory (`encoder._base` = base: its LoRA is switched off around f's calls); or, with share=False or an fp32 f
+    (`error="fp32"`) of a half-precision base, a copy of its own, registered so .float() and .to() reach it."""
+    encoder._base = None
+    if not share or (encoder.fp32 and base.dtype != torch.float32):
+        for name, module in modules.items():
+            setattr(encoder, name, copy.deepcopy(module))
+        if encoder.fp32:
+            encoder.float()
+    else:
+        object.__setattr__(encoder, "_base", base)
+        for name, module in modules.items():
+            object.__setattr__(encoder, name, module)
+    encoder.requires_grad_(False)
+    encoder.eval()
+
+
 def refuse_cast(encoder, denoiser: str, args, kwargs) -> None:
     """A shared f runs the denoiser's own weights: casting f alone would do nothing, so it is refused."""
     dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
@@ -137,18 +155,7 @@ class PerceptualEncoder(nn.Module):
         if features != "last":
             keep.append("mid_block")
         self._keep = keep
-        self._base = None  # the U-Net whose modules f runs (None: f holds a copy)
-        if not share or (self.fp32 and unet.dtype != torch.float32):
-            for name in keep:  # its own copy, registered: .float() and .to() reach it
-                setattr(self, name, copy.deepcopy(getattr(unet, name)))
-            if self.fp32:
-                self.float()
-        else:  # the base's own modules, unregistered: f adds no parameters and no memory
-            object.__setattr__(self, "_base", unet)
-            for name in keep:
-                object.__setattr__(self, name, getattr(unet, name))
-        self.requires_grad_(False)
-        self.eval()
+        hold(self, unet, {name: getattr(unet, name) for name in keep}, share)
 
     def to(self, *args, **kwargs):
         refuse_cast(self, "U-Net", args, kwargs)

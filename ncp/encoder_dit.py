@@ -12,12 +12,11 @@ of these modules only. Its weights never get gradients; gradients flow through i
 
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch import nn
 
-from .encoder import ERRORS, _f_precision, as_base, linearize, refuse_cast
+from .encoder import ERRORS, _f_precision, as_base, hold, linearize, refuse_cast
 from .errors import NcpError
 
 # Default K, measured (docs/sd3.md, benchmarks/RESULTS.md section 4): the first quarter of the joint blocks
@@ -54,22 +53,18 @@ class DiTPerceptualEncoder(nn.Module):
         self.config = transformer.config
         modules = {name: getattr(transformer, name) for name in self.embedders}
         modules["transformer_blocks"] = nn.ModuleList(transformer.transformer_blocks[:blocks])
-        self._base = None  # the transformer whose modules f runs (None: f holds a copy)
-        if not share or (self.fp32 and transformer.dtype != torch.float32):
-            for name, module in modules.items():  # its own copy, registered: .float() and .to() reach it
-                setattr(self, name, copy.deepcopy(module))
-            if self.fp32:
-                self.float()
-        else:  # the base's own modules, unregistered: f adds no parameters and no memory
-            object.__setattr__(self, "_base", transformer)
-            for name, module in modules.items():
-                object.__setattr__(self, name, module)
-        self.requires_grad_(False)
-        self.eval()
+        hold(self, transformer, modules, share)
 
     @staticmethod
     def _default_k(transformer) -> int:
         return default_blocks(len(transformer.transformer_blocks))
+
+    @classmethod
+    def from_config(cls, transformer, encoder_cfg, family: str):
+        """f from the `encoder` settings (ncp.config.EncoderConfig): a transformer's f has a depth K, no U-Net features."""
+        if encoder_cfg.features != "last":
+            raise NcpError(f"encoder.features={encoder_cfg.features!r} is for U-Nets; {family} uses encoder.blocks (K)")
+        return cls(transformer, encoder_cfg.blocks, encoder_cfg.pool, encoder_cfg.error, batch_calls=encoder_cfg.batch_calls)
 
     def to(self, *args, **kwargs):
         refuse_cast(self, "transformer", args, kwargs)

@@ -96,11 +96,6 @@ def randomness_for(cfg: ObjectiveConfig, schedule, num_pairs: int, latent_shape,
                              cfg.logit_mean, cfg.logit_std, next_t=schedule.next_t)
 
 
-def model_timestep(schedule, t: torch.Tensor) -> torch.Tensor:
-    """What the denoiser (and f) takes as its timestep: the DDPM index itself, or a flow model's sigma * 1000."""
-    return schedule.model_timestep(t)
-
-
 def predict(unet, schedule, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, denoise=None) -> torch.Tensor:
     """The denoiser's output (the process's target: eps, or v for a flow model) at index t, at least fp32.
     denoise: the family's call (`ncp.families.Family.denoise`); None = that of the denoiser's family."""
@@ -134,7 +129,7 @@ def perceptual_errors(encoder, schedule: Schedule, cfg: ObjectiveConfig, x_t, t,
     policy = reference the errors are then bitwise equal (loss log 2, accuracy 1/2 at any batch size).
     Gradients reach eps_hat (the policy's) only through f's activations, never f's weights."""
     x_true = _x_target(schedule, cfg, x_t, t, eps, z, t_target, x0=x0).detach()
-    t_target = model_timestep(schedule, t_target)  # f takes what the denoiser takes
+    t_target = schedule.model_timestep(t_target)  # f takes what the denoiser takes
     if encoder.error != "linearized":
         points = [_x_target(schedule, cfg, x_t, t, e, z, t_target) for e in eps_hats]
         if getattr(encoder, "batch_calls", False):  # one call, [policy; reference; true]: policy and reference at the rows they take alone

@@ -377,10 +377,7 @@ class Flux(Family):
 
     def encoder(self, denoiser, encoder_cfg):
         """f = the embedders and the first encoder.blocks double-stream blocks (default 16 of FLUX.1's 19)."""
-        if encoder_cfg.features != "last":
-            raise NcpError(f"encoder.features={encoder_cfg.features!r} is for U-Nets; flux uses encoder.blocks (K)")
-        return FluxPerceptualEncoder(denoiser, encoder_cfg.blocks, encoder_cfg.pool, encoder_cfg.error,
-                                     batch_calls=encoder_cfg.batch_calls)
+        return FluxPerceptualEncoder.from_config(denoiser, encoder_cfg, self.name)
 
     def lora_targets(self, denoiser, targets):
         """The default lora.targets become diffusers' FLUX targets (`TARGETS`); an explicit list is kept."""

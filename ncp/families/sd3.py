@@ -111,10 +111,7 @@ class SD3(Family):
         """f = the patch, time and text embeddings and the first encoder.blocks joint blocks (default a quarter)."""
         from ..encoder_dit import DiTPerceptualEncoder
 
-        if encoder_cfg.features != "last":
-            raise NcpError(f"encoder.features={encoder_cfg.features!r} is for U-Nets; sd3 uses encoder.blocks (K)")
-        return DiTPerceptualEncoder(denoiser, encoder_cfg.blocks, encoder_cfg.pool, encoder_cfg.error,
-                                    batch_calls=encoder_cfg.batch_calls)
+        return DiTPerceptualEncoder.from_config(denoiser, encoder_cfg, self.name)
 
     def lora_targets(self, denoiser, targets):
         """The default (image-stream) targets gain the context stream's projections, so both streams of every joint
