@@ -5,9 +5,9 @@ SD's VAE, a CLIP ViT-L/14-size text encoder; written once with `save_pretrained`
 `python -m ncp.data.cache` at the given resolution, then `train_ncp_dpo.py` for a few steps, 1 pair per step,
 LoRA rank 64, 8-bit AdamW, once per setting and in alternating rounds (these machines drift by 10-15%).
 Reports the median step time of steps 3 on (from metrics.jsonl; step 1 holds any compiling) and the peak
-RSS of the whole training process (getrusage of the child), beside the peers' figures on this CPU
-(measured on the same 2-core CPU, fp32, SD1.5 architecture with random weights: the authors' NCP-DPO 9.1-9.7 s and 8.2 GB at 128 px, diffusers' DPO
-example 5.7-6.7 s and 4.9 GB; both decode, VAE-encode and text-encode every step).
+RSS of the whole training process (getrusage of the child), and each setting's ratio to the first. It compares
+ncp's settings with each other only: a ratio to another trainer counts only when both ran side by side in one
+alternated run (benchmarks/RESULTS.md section 5 has such a run against the authors' and diffusers' scripts).
 
     python benchmarks/train_cost.py --resolution 128 --steps 12 --rounds 2 \\
         --setting plain= --setting fast=train.compile=true,train.channels_last=true
@@ -26,10 +26,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
-# the peers on this CPU at 128 px (environment.md): (seconds per step low, high), peak GB
-PEERS = {"authors' NCP-DPO script": ((9.1, 9.7), 8.2), "diffusers diffusion_dpo (latent DPO)": ((5.7, 6.7), 4.9)}
-
 
 def write_sd15_pipeline(out: Path) -> Path:
     """An SD1.5-architecture pipeline with random weights (configs of stable-diffusion-v1-5), saved once."""
@@ -137,11 +133,6 @@ def main(argv: list[str] | None = None) -> dict:
                              first_step_s=max(x["first_step_s"] for x in runs), runs=runs)
         print(f"| ncp NCP-DPO {name} | {s:.2f} | {s / plain:.3f}x | {summary[name]['peak_gb']:.2f} | "
               f"{summary[name]['first_step_s']:.1f} |")
-    if a.model != "tiny" and a.resolution == 128:  # the peers were measured on the SD1.5 architecture
-        for peer, ((lo, hi), gb) in PEERS.items():
-            print(f"| {peer} (environment.md) | {lo}-{hi} | | {gb} | |")
-        best = min(summary.values(), key=lambda x: x["step_s"])["step_s"]
-        print(f"\nfastest setting vs the authors' script: {best / 9.7:.2f}-{best / 9.1:.2f}x")
     result = dict(settings=settings, summary=summary, model=a.model, resolution=a.resolution)
     if a.json:
         write_json(a.json, result)

@@ -177,3 +177,25 @@ def test_precision_smoke_reports_every_row_and_a_decision(tmp_path, capsys):
             assert all(0 <= c["flip"] <= 1 and -1 - 1e-9 <= c["cos"] <= 1 + 1e-9 for c in bucket.values())
     assert set(saved["decision"]) == {"no", "fp16", "bf16"}
     assert (tmp_path / "precision.md").read_text().startswith("### toy")
+
+
+def test_train_profile_splits_the_real_steps_into_phases(tmp_path, tiny_sd15, capsys):
+    import ncp.train
+
+    train_profile = load("train_profile")
+    encode = ncp.train.encode
+    summary = train_profile.main(["--steps-from", "2", "--json", str(tmp_path / "p.json"), "--",
+                                  "--config", str(ROOT / "configs/tiny_sd15_ncp_dpo.yaml"), f"model.pretrained={tiny_sd15}",
+                                  f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3", "train.grad_accum=2",
+                                  "train.validation_prompts=[]", "train.report_to=none", "data.toy_num_pairs=8"])
+    phases = summary["phases"]
+    assert summary["steps"] == 2 and ncp.train.encode is encode  # the originals are back
+    for name in ("data", "encode (VAE, text)", "objective forward", "  denoiser, policy", "  denoiser, reference",
+                 "  f (perceptual errors)", "backward", "optimizer"):
+        assert phases[name][0] > 0, name
+    inside = sum(phases[n][0] for n in ("data", "encode (VAE, text)", "objective forward", "backward", "optimizer"))
+    assert inside <= phases["step"][0] and phases["rest of the step"][0] >= 0
+    nested = sum(phases[n][0] for n in ("  denoiser, policy", "  denoiser, reference", "  f (perceptual errors)"))
+    assert nested <= phases["objective forward"][0]
+    assert len(json.loads((tmp_path / "p.json").read_text())["steps"]) == 3
+    assert "| **whole step** |" in capsys.readouterr().out
