@@ -9,8 +9,12 @@ objective.space=latent trains the latent-space baseline of the same loss (mean((
     accelerate launch -q train_ncp_sft.py --config configs/sd15_ncp_sft.yaml [key.sub=value ...]
 """
 
-from ncp.train import main as train_main
-from ncp.errors import run_cli
+from ncp.hostmem import keep_host_memory
+
+keep_host_memory()  # first, before torch loads: a CPU step reuses the memory it freed (ncp/hostmem.py)
+
+from ncp.train import main as train_main  # noqa: E402
+from ncp.errors import run_cli  # noqa: E402
 
 
 def main(argv=None):

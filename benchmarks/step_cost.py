@@ -57,15 +57,18 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a clean checkout
+from ncp.hostmem import keep_host_memory  # noqa: E402
+
+keep_host_memory()  # before torch loads, as the training scripts do: the steps timed here are theirs
+
+import torch  # noqa: E402
 
 from ncp.conditioning import build_cond  # noqa: E402
 from ncp import families  # noqa: E402
 from ncp.config import EncoderConfig, OptimConfig  # noqa: E402
 from ncp.encoder import ERRORS  # noqa: E402
-from ncp.fast import compile_stats, configure_inductor, keep_host_memory  # noqa: E402
+from ncp.fast import compile_stats, configure_inductor  # noqa: E402
 from ncp.families.flux import SCHEDULER_CONFIGS as FLUX_SCHEDULER_CONFIGS  # noqa: E402
 from ncp.families.sd3 import SCHEDULER_CONFIG as SD3_SCHEDULER_CONFIG  # noqa: E402
 from ncp.models import add_lora  # noqa: E402
@@ -688,7 +691,6 @@ def main(argv: list[str] | None = None) -> dict:
                    help="model.quantize: the frozen denoiser in 8 / 4 bits under the LoRA (bitsandbytes)")
     p.add_argument("--json", help="write the result here")
     a = p.parse_args(argv)
-    keep_host_memory(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # as the training command does
     if a.child_mode:
         print(json.dumps(child_mode(a.child_mode, a.model, a.latent_size, a.pairs, a.warmup, a.repeats, a.part,
                                     a.blocks, a.rank, a.device, a.threads, a.dtype)))

@@ -29,6 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from ncp.hostmem import keep_host_memory  # noqa: E402
+
+keep_host_memory()  # before torch loads, as the training scripts do
 
 
 class PhaseClock:

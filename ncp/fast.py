@@ -1,16 +1,13 @@
 """The fast path (docs/training.md "Fast path"): channels-last memory format, the SDPA attention backend and
 torch.compile, each a switch (train.channels_last, train.attention, train.compile). With them on, the
 losses and LoRA gradients equal the plain path's within float tolerance (tests/test_fast.py); the
-defaults are what `benchmarks/step_cost.py --fast` measured (benchmarks/RESULTS.md, section 5). On a CPU device
-the process also keeps the memory it frees (`keep_host_memory`).
+defaults are what `benchmarks/step_cost.py --fast` measured (benchmarks/RESULTS.md, section 5).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
-import sys
 
 import torch
 import torch._inductor.config
@@ -46,27 +43,6 @@ def apply_fast_path(parts, tc) -> None:
         log.info("train.compile: f's forward-mode derivative (encoder.error=linearized) runs eagerly")
     else:
         parts.encoder.compile(mode=tc.compile_mode)
-
-
-# glibc's mallopt parameters
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-HOST_MEMORY = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 256 << 20))
-
-
-def keep_host_memory(device) -> bool:
-    """Training on a CPU under glibc: blocks up to 32 MiB come from the heap instead of a fresh mmap each, and the
-    heap is not trimmed back to the system after every free, so a step does not pay the kernel to map and zero
-    its activations again (on the SD1.5 architecture at 128 px that was a third of the step, spent as system
-    time: benchmarks/RESULTS.md section 5). The process keeps its peak resident. Returns whether it applied:
-    not on a GPU (its caching allocator already reuses memory) and not under another C library."""
-    if torch.device(device).type != "cpu" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl or another C library: nothing to tune
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return all(mallopt(param, value) == 1 for param, value in HOST_MEMORY)
 
 
 def configure_inductor() -> None:

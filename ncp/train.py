@@ -23,7 +23,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .conditioning import build_cond
 from .config import Config, check_paths, describe_keys, load_config
 from .errors import NcpError
-from .fast import apply_fast_path, attention_backend, keep_host_memory
+from . import hostmem
+from .fast import apply_fast_path, attention_backend
 from .models import Models, add_lora, load_models
 from .objective import compute_objective, randomness_for
 from .run import Run
@@ -37,8 +38,9 @@ def train(cfg: Config, resume_command: str | None = None) -> Run:
     tc = cfg.train
     check_paths(cfg)                                  # missing model or data files: one line, before the folder guard
     acc = make_accelerator(tc)
-    if keep_host_memory(acc.device):                  # CPU: freed activations stay with the process for the next step
-        log.info("CPU training: freed memory is kept for reuse (glibc mallopt), not returned to the system")
+    if acc.device.type == "cpu" and not hostmem.applied:
+        log.info("CPU training without ncp.hostmem.keep_host_memory() before torch loaded (as train_ncp_*.py call "
+                 "it): each step may fault its activations in again")
     run = Run.open(cfg, acc, resume_command)         # folder guard, resume point, fingerprint: before minutes of loading
     loader = build_data(cfg, acc)                     # data first: a bad file fails before the models load
     max_steps = run.set_length(loader.sampler.batches_per_epoch)
