@@ -38,9 +38,8 @@ def train(cfg: Config, resume_command: str | None = None) -> Run:
     tc = cfg.train
     check_paths(cfg)                                  # missing model or data files: one line, before the folder guard
     acc = make_accelerator(tc)
-    if acc.device.type == "cpu" and not hostmem.applied:
-        log.info("CPU training without ncp.hostmem.keep_host_memory() before torch loaded (as train_ncp_*.py call "
-                 "it): each step may fault its activations in again")
+    if acc.device.type == "cpu" and hostmem.applied:
+        log.info("CPU training: freed memory stays with the process for the next step (ncp/hostmem.py)")
     run = Run.open(cfg, acc, resume_command)         # folder guard, resume point, fingerprint: before minutes of loading
     loader = build_data(cfg, acc)                     # data first: a bad file fails before the models load
     max_steps = run.set_length(loader.sampler.batches_per_epoch)

@@ -198,8 +198,20 @@ def test_cpu_training_keeps_freed_memory_instead_of_faulting_it_in_every_step():
     faults)."""
     faults = {}
     for keep in ("1", "0"):
-        env = dict(os.environ, NCP_KEEP_HOST_MEMORY=keep)
+        env = dict(os.environ, NCP_KEEP_HOST_MEMORY=keep)  # 1: as on a machine without a GPU
         out = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, cwd=ROOT, check=True, env=env)
         applied, faults[keep] = out.stdout.split()
         assert applied == {"1": "True", "0": "False"}[keep]
     assert int(faults["1"]) * 4 < int(faults["0"]), faults
+
+
+def test_host_memory_is_left_alone_on_a_gpu_machine(monkeypatch):
+    from ncp import hostmem
+
+    monkeypatch.setattr(hostmem, "applied", False)
+    monkeypatch.setattr(hostmem, "gpu_present", lambda: True)
+    monkeypatch.delenv("NCP_KEEP_HOST_MEMORY", raising=False)
+    assert hostmem.keep_host_memory() is False
+    monkeypatch.setenv("NCP_KEEP_HOST_MEMORY", "0")
+    monkeypatch.setattr(hostmem, "gpu_present", lambda: False)
+    assert hostmem.keep_host_memory() is False
