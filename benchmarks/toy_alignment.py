@@ -96,12 +96,12 @@ DEFAULT_METHODS = {"sd15": list(METHODS), "sd3": OBJECTIVES + ["NCP-DPO K=2", "N
 RESOLUTION = 32  # toy images and training pixels (ncp.toy_base renders 32 px)
 PAIRS = [("DPO", "NCP-DPO", "latent DPO"), ("CPO", "NCP-CPO", "latent CPO"), ("SFT", "NCP-SFT", "latent SFT")]
 
-# Sizes. img_seeds x 18 test captions >= 144 test images per point. Checkpoints every eval_every steps: the
+# Sizes. img_seeds x 18 test captions: 270 test images per point (full), 108 (quick). Checkpoints every eval_every steps: the
 # learning-speed curves interpolate between them. max_ext: how many times a grid axis may be extended past an edge.
 FULL = dict(vae_steps=200, base_max=1800, base_check=150, base_batch=16, base_lr=2e-3, ema=0.995,
             steps=160, eval_every=20, pairs=4, num_pairs=512, rank=8, seeds=3, img_seeds=15, val_seeds=8,
             lrs=[3e-4, 1e-3], beta_mults=[1.0, 4.0], sample_steps=8, max_ext=2)
-QUICK = dict(FULL, base_max=600, steps=60, eval_every=20, img_seeds=8, beta_mults=[1.0], max_ext=1)
+QUICK = dict(FULL, base_max=600, steps=40, eval_every=20, img_seeds=6, beta_mults=[1.0], max_ext=1)
 SMOKE = dict(vae_steps=3, base_max=4, base_check=2, base_batch=4, base_lr=2e-3, ema=0.9, steps=2, eval_every=1,
              pairs=2, num_pairs=8, rank=4, seeds=2, img_seeds=1, val_seeds=1, lrs=[5e-4], beta_mults=[1.0, 2.0],
              sample_steps=2, max_ext=1)
