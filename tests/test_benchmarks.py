@@ -257,3 +257,19 @@ def test_precision_smoke_reports_every_row_and_a_decision(tmp_path, capsys):
             assert all(0 <= c["flip"] <= 1 and -1 - 1e-9 <= c["cos"] <= 1 + 1e-9 for c in bucket.values())
     assert set(saved["decision"]) == {"no", "fp16", "bf16"}
     assert (tmp_path / "precision.md").read_text().startswith("### toy")
+
+
+def test_toy_diagnose_trains_and_probes_a_toy_folder(tmp_path, capsys):
+    """benchmarks/toy_diagnose.py train on a tiny pipeline: it prints a probe line whose LoRA has moved and whose
+    held-out margin is a number; follow gives shares in [0, 1]."""
+    from ncp.tiny import build_tiny_pipeline
+    from ncp.toy_base import split_captions, write_train_pairs
+
+    diag = load("toy_diagnose")
+    build_tiny_pipeline(tmp_path / "base", "sd15")
+    write_train_pairs(tmp_path, split_captions()["train"], 64)
+    diag.main(["train", "--out", str(tmp_path), "--steps", "2", "--eval", "2", "--seeds", "1", "--lr", "1e-3"])
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step 2 ")][0]
+    assert float(re.search(r"\|LoRA - init\| (\S+)", line)[1]) > 0 and "held_margin" in line
+    shares = diag.follow(tmp_path / "base", seeds=1, steps=2)
+    assert all(0 <= shares[k] <= 1 for k in ("colour", "shape", "background"))
