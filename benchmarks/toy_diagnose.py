@@ -5,6 +5,9 @@ section 4):
   base      pretrain the quick base of toy_alignment.py (`--arch`, QUICK sizes) and write its training pairs
   follow    does the base follow its captions? per attribute, the share of images whose best-scoring caption
             (that attribute varied, the others as captioned) is the caption itself; chance is 1/6, 1/3, 1/3
+  sensitivity  how much the denoiser's output moves when one caption word is swapped, relative to dropping the
+            caption, at three noise levels (16 toy latents)
+  lora      the share of the denoiser's weights that the LoRA's target modules hold
   train     a LoRA trained with `compute_objective` directly (torch AdamW, the benchmark's eps and clip) from the
             base, printing every `--eval` steps: loss, implicit accuracy, gradient norm, |LoRA - its init|, the
             latent DPO margin on 64 held-out pairs with fixed noise, and the validation reward (base and tuned
@@ -63,6 +66,59 @@ def follow(base: Path, seeds: int = 8, steps: int = 8) -> dict:
             hits[key].append(max(alts, key=lambda x: toy_reward(img, make(x))) == want)
     return {**{k: float(np.mean(v)) for k, v in hits.items()},
             "reward": float(np.mean([toy_reward(i, c) for i, (c, _) in zip(images, jobs)]))}
+
+
+def sensitivity(base: Path) -> list[str]:
+    """||out(c') - out(c)|| / ||out(c) - out('')||, mean over 16 toy latents, c' = c with one attribute swapped."""
+    import random
+
+    from ncp.conditioning import build_cond
+    from ncp.data.loader import to_tensor
+    from ncp.data.toy import BACKGROUNDS, COLOURS, SHAPES, parse_caption, toy_caption, toy_pair
+    from ncp.models import load_models
+    from ncp.objective import ObjectiveConfig
+
+    m = load_models(str(base))
+    fam, rng, n = m.family, random.Random(0), 16
+    schedule = fam.noise_process(m.scheduler, ObjectiveConfig())
+    pairs = [toy_pair(5, i, 32) for i in range(n)]
+    caps = [c for c, _, _ in pairs]
+    lines = []
+    with torch.no_grad():
+        x0 = fam.to_latents(m.vae, m.vae.encode(torch.stack([to_tensor(w) for _, w, _ in pairs])).latent_dist.mean)
+
+        def out(captions, x_t, t):
+            return fam.denoise(m.unet, x_t, schedule.model_timestep(t), build_cond(m, captions).index(slice(0, n)))
+
+        for frac in (0.2, 0.5, 0.8):
+            t = torch.full((n,), int(frac * schedule.num_timesteps))
+            x_t = schedule.q_sample(x0, t, torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)))
+            base_out = out(caps, x_t, t)
+            ref = (base_out - out([""] * n, x_t, t)).flatten(1).norm(dim=1)
+            rel = {}
+            for i, (key, values) in enumerate((("colour", COLOURS), ("shape", SHAPES), ("background", BACKGROUNDS))):
+                alt = []
+                for c in caps:
+                    parts = list(parse_caption(c))
+                    parts[i] = rng.choice([v for v in values if v != parts[i]])
+                    alt.append(toy_caption(*parts))
+                rel[key] = float(((out(alt, x_t, t) - base_out).flatten(1).norm(dim=1) / ref).mean())
+            lines.append(f"{fam.name} t index {int(frac * schedule.num_timesteps)}: |out(caption) - out(empty)| "
+                         f"{float(ref.mean()):.3g}; relative change when swapping "
+                         + ", ".join(f"{k} {v:.3f}" for k, v in rel.items()))
+    return lines
+
+
+def lora_share(base: Path, rank: int) -> dict:
+    """LoRA modules, LoRA parameters and the share of the denoiser's weights its target modules hold."""
+    from ncp.models import add_lora, load_models
+
+    unet = load_models(str(base)).unet
+    total = sum(p.numel() for p in unet.parameters())
+    lora = sum(p.numel() for p in add_lora(unet, rank=rank))
+    targeted = [mod for mod in unet.modules() if hasattr(mod, "base_layer")]
+    held = sum(p.numel() for mod in targeted for p in mod.base_layer.parameters())
+    return dict(modules=len(targeted), lora_params=lora, share=held / total)
 
 
 def train(a) -> None:
@@ -148,7 +204,7 @@ def train(a) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("probe", choices=["base", "follow", "train"])
+    p.add_argument("probe", choices=["base", "follow", "sensitivity", "lora", "train"])
     p.add_argument("--out", required=True, help="the toy folder: base/ and pairs/")
     p.add_argument("--arch", default="sd3", help="base: the tiny pipeline to pretrain")
     p.add_argument("--space", default="latent", choices=["latent", "perceptual"])
@@ -167,6 +223,10 @@ def main(argv: list[str] | None = None) -> None:
         print(make_base(Path(a.out), a.arch))
     elif a.probe == "follow":
         print(follow(Path(a.out) / "base"))
+    elif a.probe == "sensitivity":
+        print("\n".join(sensitivity(Path(a.out) / "base")))
+    elif a.probe == "lora":
+        print(lora_share(Path(a.out) / "base", a.rank))
     else:
         train(a)
 
