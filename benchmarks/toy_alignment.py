@@ -103,8 +103,8 @@ FULL = dict(vae_steps=200, base_max=1800, base_check=150, base_batch=16, base_lr
             lrs=[3e-4, 1e-3], beta_mults=[1.0, 4.0], sample_steps=8, max_ext=2)
 QUICK = dict(FULL, base_max=600, steps=40, eval_every=20, img_seeds=6, beta_mults=[1.0], max_ext=1)
 SMOKE = dict(vae_steps=3, base_max=4, base_check=2, base_batch=4, base_lr=2e-3, ema=0.9, steps=2, eval_every=1,
-             pairs=2, num_pairs=8, rank=4, seeds=2, img_seeds=1, val_seeds=1, lrs=[5e-4], beta_mults=[1.0, 2.0],
-             sample_steps=2, max_ext=1)
+             pairs=2, num_pairs=8, rank=4, seeds=2, img_seeds=1, val_seeds=1, lrs=[5e-4], beta_mults=[1.0],
+             sample_steps=2, max_ext=1)  # one-value axes: no extension (tests cover search_grid by hand)
 # --device cuda: a larger toy for one GPU: 64 px images (32x32 latents), the tiny denoiser `width` times as wide,
 # 4x the pairs per step. Sized by counted FLOPs for about 10 minutes on one H200; never run on a GPU yet, and only
 # its --dry-run (the larger pipeline built and one step counted, on the CPU) is wired: ncp.toy_base renders and
