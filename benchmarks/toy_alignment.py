@@ -1,38 +1,43 @@
-"""Toy alignment benchmark v2: does preference training raise a toy reward, and does NCP beat latent training
-at equal optimizer steps and at equal compute? (the paper's Figure 3 and Table 1, in miniature, on a CPU)
+"""Toy alignment benchmark v3: how fast does each preference objective raise a toy reward, per optimizer step and
+per counted FLOP? (the paper's claim that NCP reaches a given reward in fewer steps, and its Figure 3 and Table 1,
+in miniature, on a CPU)
 
 Every selection rule below is fixed in code and printed (`rules()`) before any test prompt is scored.
 
 0. Prompts. The toy captions ("a <colour> <shape> on a <background> background", 54 of them) are split once,
    by a seeded shuffle, into three disjoint sets: train captions (the preference pairs), validation captions
    (the base's stopping rule and the lr / beta choice) and test captions (every reported number).
-1. Base. The tiny SD1.5 pipeline (ncp.tiny): its VAE trained as an autoencoder on toy images, then its U-Net
-   with epsilon-MSE on winners' latents of every caption (a pretraining stream separate from the pairs; 10%
-   empty captions; CAPTION_NOISE of the images show the loser instead, as web captions are noisy), with an EMA
-   of the weights (diffusers' EMAModel). The EMA U-Net is scored on the
-   validation captions every `base_check` steps; training stops at the first check where the reward gained
-   less than BASE_TOL over the last two checks (it has stopped moving), or at `base_max` steps. The EMA
-   weights at that check are the base.
+1. Base. The tiny pipeline of --arch (ncp.tiny) pretrained on toy images by `ncp.toy_base.pretrain_base` (its
+   docstring: VAE, then the denoiser with an EMA on noisy captions). The EMA is scored on the validation captions
+   every `base_check` steps; training stops at the first check where the reward gained less than BASE_TOL over the
+   last two checks, or at `base_max` steps. The EMA weights at that check are the base.
 2. Grid. Each of the six objectives (NCP / latent x DPO / CPO / SFT) trains with training seed 0 from the
    base for every lr in the grid (x every beta multiplier for DPO / CPO; beta = multiplier / median
    |err_w - err_l| of the base on the training pairs, per space). The setting with the highest mean
-   validation reward at the last step wins (ties: the first in grid order). NCP-DPO under bf16 (difference
-   and linearized error) takes NCP-DPO's chosen setting, so the precision rows differ in precision alone.
+   validation reward at the last step wins (ties: the first tried). Where the winner's lr or beta multiplier is
+   the smallest or largest value tried, one more value past that edge (at the grid's ratio) is trained and the
+   choice made again, at most `max_ext` times per axis; a choice still on an edge is reported as such
+   (`grid` column). NCP-DPO under bf16 (difference and linearized error) takes NCP-DPO's chosen setting, so the
+   precision rows differ in precision alone.
 3. Test. Every method with its chosen setting trains with `seeds` training seeds (seed 0 is the grid's run)
    through the real scripts (`train_ncp_{dpo,cpo,sft}.main`), a checkpoint every `eval_every` steps. Each
    checkpoint and the base render every test caption x `img_seeds` image seeds, scored with `toy_reward`.
-4. Statistics. 95% intervals: percentile bootstrap over test prompts (2000 resamples), one prompt's images
-   (all image seeds, all training seeds) one cluster. Differences (NCP - latent) are paired by prompt.
-   Equal steps: at the last step. Equal compute: at the training time of the cheaper method of a pair
-   (wall time per step from metrics.jsonl, mean over seeds; runs in parallel workers share the CPU, so
-   RESULTS.md also gives the comparison by counted FLOPs), the costlier one's scores interpolated
-   linearly between its checkpoints.
+4. Cost. The FLOPs of one optimizer step's objective, forward and backward, counted per method on the base with
+   the run's LoRA and batch (torch.utils.flop_counter; VAE encoding and the optimizer, alike for every method,
+   left out). A checkpoint at step s has cost s x that.
+5. Statistics. 95% intervals: percentile bootstrap over test prompts (2000 resamples), one prompt's images
+   (all image seeds, all training seeds) one cluster. Differences (NCP - latent) are paired by prompt, at equal
+   steps (the last) and at equal FLOPs (the cheaper run's total, the other run interpolated linearly between its
+   checkpoints). Learning speed, the headline: the steps (and FLOPs) each method needs to reach 50% and 80% of
+   the best method's final mean gain, linear between checkpoints, with intervals from resampling prompts and
+   training seeds together; a target a method never reaches is "not reached" (null in the JSON), and an interval
+   whose upper end is "not reached" says some resamples never got there.
 
-Outputs in --out: toy_alignment.json (every number), curves.png (reward vs step and vs training time,
-95% bands), table.md (the tables printed at the end), runs/ and base/.
+Outputs in --out: toy_alignment.json (every number: the tables are formatted from it), curves.png (gain vs step
+and vs counted FLOPs, 95% bands), table.md (the tables printed at the end), runs/ and base/.
 
-    python benchmarks/toy_alignment.py --out outputs/toy-v2               # full: about 40 minutes, 2 workers
-    python benchmarks/toy_alignment.py --quick --out outputs/toy-v2-quick # under 15 minutes, 2 workers
+    python benchmarks/toy_alignment.py --out outputs/toy-v3               # full (not yet run with v3)
+    python benchmarks/toy_alignment.py --quick --out outputs/toy-v3-quick # shorter base and runs (not yet timed)
     python benchmarks/toy_alignment.py --smoke --out /tmp/toy-smoke       # seconds: the code runs
 
 SD3 variant (--arch sd3): the same protocol on the tiny SD3 pipeline (MMDiT, flow matching): its own base
@@ -68,6 +73,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the training scripts and ncp, from a clean checkout
+sys.path.insert(0, str(ROOT / "benchmarks"))  # step_cost's FLOP counter
 
 from ncp import families  # noqa: E402
 from ncp.data.toy import BACKGROUNDS, COLOURS, SHAPES, parse_caption, render, toy_reward  # noqa: E402
@@ -85,20 +91,65 @@ OBJECTIVES = list(METHODS)[:6]
 # blocks; flux: K = 2 of 4 double-stream blocks)
 SD3_BLOCKS = {"NCP-DPO K=1": 1, "NCP-DPO K=2": 2, "NCP-DPO K=4": 4}
 ALL_METHODS = {**METHODS, **{name: METHODS["NCP-DPO"] for name in SD3_BLOCKS}}  # METHODS stays the sd15 set
-SD3_LRS = [1e-4, 3e-4]  # the sd3 variant's lr grid, one step lower than the U-Net's (chosen on validation captions)
 DEFAULT_METHODS = {"sd15": list(METHODS), "sd3": OBJECTIVES + ["NCP-DPO K=2", "NCP-DPO K=4"],
                    "flux": OBJECTIVES + ["NCP-DPO K=1", "NCP-DPO K=4"]}
-ARCH_LRS = {"sd3": SD3_LRS, "flux": SD3_LRS}  # lr grids that differ from the configuration's, by base
+RESOLUTION = 32  # toy images and training pixels (ncp.toy_base renders 32 px)
 PAIRS = [("DPO", "NCP-DPO", "latent DPO"), ("CPO", "NCP-CPO", "latent CPO"), ("SFT", "NCP-SFT", "latent SFT")]
 
-# Sizes. img_seeds x 18 test captions >= 256 test images per point (full, quick).
+# Sizes. img_seeds x 18 test captions: 270 test images per point (full), 108 (quick). Checkpoints every eval_every steps: the
+# learning-speed curves interpolate between them. max_ext: how many times a grid axis may be extended past an edge.
 FULL = dict(vae_steps=200, base_max=1800, base_check=150, base_batch=16, base_lr=2e-3, ema=0.995,
-            steps=80, eval_every=40, pairs=4, num_pairs=512, rank=8, seeds=3, img_seeds=15, val_seeds=8,
-            lrs=[3e-4, 1e-3], beta_mults=[1.0, 4.0], sample_steps=8)
-QUICK = dict(FULL, base_max=600, steps=40, eval_every=40, beta_mults=[1.0])
+            steps=160, eval_every=20, pairs=4, num_pairs=512, rank=8, seeds=3, img_seeds=15, val_seeds=8,
+            lrs=[3e-4, 1e-3], beta_mults=[1.0, 4.0], sample_steps=8, max_ext=2)
+QUICK = dict(FULL, base_max=600, steps=40, eval_every=20, img_seeds=6, beta_mults=[1.0], max_ext=1)
 SMOKE = dict(vae_steps=3, base_max=4, base_check=2, base_batch=4, base_lr=2e-3, ema=0.9, steps=2, eval_every=1,
-             pairs=2, num_pairs=8, rank=4, seeds=2, img_seeds=1, val_seeds=1, lrs=[5e-4], beta_mults=[1.0, 2.0],
-             sample_steps=2)
+             pairs=2, num_pairs=8, rank=4, seeds=2, img_seeds=1, val_seeds=1, lrs=[5e-4], beta_mults=[1.0],
+             sample_steps=2, max_ext=1)  # one-value axes: no extension (tests cover search_grid by hand)
+# --device cuda: a larger toy for one GPU: 64 px images (32x32 latents), the tiny denoiser `width` times as wide,
+# 4x the pairs per step. Sized by counted FLOPs for about 10 minutes on one H200; never run on a GPU yet, and only
+# its --dry-run (the larger pipeline built and one step counted, on the CPU) is wired: ncp.toy_base renders and
+# pretrains at 32 px on the CPU.
+CUDA = dict(FULL, base_max=3000, base_batch=64, steps=200, eval_every=25, pairs=16, num_pairs=2048, img_seeds=32,
+            resolution=64, width=4)
+SPEED_FRACTIONS = (0.5, 0.8)  # learning speed: steps to reach these shares of the best method's final gain
+
+
+def larger_pipeline(out: Path, arch: str, width: int, resolution: int) -> Path:
+    """The arch's tiny pipeline (ncp.tiny) with its denoiser `width` times as wide (U-Net: channels; transformers:
+    attention heads) and sized for `resolution` px, fresh weights; saved to `out`."""
+    from ncp.config import ModelConfig
+    from ncp.tiny import build_tiny_pipeline
+
+    family = families.get(arch)
+    build_tiny_pipeline(out, arch, seed=0)
+    pipe = family.pipeline_class.from_pretrained(out, **family.pipeline_extras(ModelConfig()))
+    denoiser = getattr(pipe, family.denoiser_key)
+    cfg = dict(denoiser.config)
+    latent = resolution // pipe.vae_scale_factor
+    if "block_out_channels" in cfg:  # U-Net
+        cfg.update(block_out_channels=[c * width for c in cfg["block_out_channels"]], sample_size=latent)
+    else:  # MMDiT: more heads of the same size
+        cfg["num_attention_heads"] *= width
+        if "caption_projection_dim" in cfg:
+            cfg.update(caption_projection_dim=cfg["caption_projection_dim"] * width, sample_size=latent)
+    torch.manual_seed(0)
+    pipe.register_modules(**{family.denoiser_key: type(denoiser).from_config(cfg)})
+    pipe.save_pretrained(out)
+    return out
+
+
+def dry_run(out: Path, arch: str, cfg: dict) -> dict:
+    """Build the --device cuda toy's pipeline on the CPU and count one NCP-DPO and one latent DPO step's FLOPs (no
+    training): the larger configuration builds and runs."""
+    from ncp.models import load_models
+
+    folder = larger_pipeline(out / "dry-run", arch, cfg["width"], cfg["resolution"])
+    params = sum(p.numel() for p in load_models(str(folder)).unet.parameters())
+    one = step_flops(folder, ["NCP-DPO", "latent DPO"], arch, 1, cfg["rank"], cfg["resolution"])
+    flops = {m: f * cfg["pairs"] for m, f in one.items()}  # counted on one pair: FLOPs grow linearly with the batch
+    print(f"dry run ({arch}, {cfg['resolution']} px, width x{cfg['width']}): denoiser {params / 1e6:.2f}M parameters; "
+          + ", ".join(f"{m} {f / 1e9:.3g} GFLOP per step of {cfg['pairs']} pairs" for m, f in flops.items()))
+    return dict(arch=arch, denoiser_params=params, flops_per_step=flops, setup=cfg)
 
 
 def slug(name: str) -> str:
@@ -129,14 +180,27 @@ def reference_levels(prompts: list[str], size: int = 32) -> dict:
 # ---------------------------------------------------------------- 1. the base model
 
 # ---------------------------------------------------------------- 2. beta scale, runs
+def config_blocks(arch: str) -> int | None:
+    """K of f in the arch's tiny NCP config (None: a U-Net's f has no K): what NCP-DPO trains with."""
+    from ncp.config import load_config
+
+    return load_config(str(ROOT / f"configs/tiny_{arch}_ncp_dpo.yaml")).encoder.blocks
+
+
 def space_key(method: str) -> str:
-    """Which beta scale a method uses: its space, and for the SD3 K rows the perceptual space of their f."""
+    """Which beta scale a method uses: its space, and for the K rows the perceptual space of their f."""
     return f"perceptual K={SD3_BLOCKS[method]}" if method in SD3_BLOCKS else ALL_METHODS[method][1]
 
 
-def beta_scale(base: Path, pairs_path: Path, blocks: list[int] = ()) -> dict:
+def method_blocks(method: str, arch: str) -> int | None:
+    """K of the method's f: its K row's, else the tiny config's."""
+    return SD3_BLOCKS.get(method, config_blocks(arch))
+
+
+def beta_scale(base: Path, pairs_path: Path, blocks: list[int] = (), arch: str = "sd15") -> dict:
     """1 / median |err_w - err_l| of the base on (up to) 64 training pairs, per space: beta x (error gap) is O(1) in
-    both spaces (perceptual errors of the tiny U-Net are ~1e-5, latent ~1e-1). SD3: also per K in `blocks`."""
+    both spaces (perceptual errors of the tiny U-Net are ~1e-5, latent ~1e-1). Transformers: "perceptual" at the
+    tiny config's K, and "perceptual K=k" for each k in `blocks`."""
     from ncp.conditioning import build_cond
     from ncp.config import EncoderConfig
     from ncp.data.config import DataConfig
@@ -147,8 +211,8 @@ def beta_scale(base: Path, pairs_path: Path, blocks: list[int] = ()) -> dict:
     models = load_models(str(base))
     family = models.family
     schedule = family.noise_process(models.scheduler, ObjectiveConfig())
-    # f at the tiny configs' K = 1 (an MMDiT's; a U-Net's f has no K), and at each K in `blocks` (sd3 only)
-    encoders = {"perceptual": family.encoder(models.unet, EncoderConfig(blocks=1, error="difference"))}
+    k = config_blocks(arch)
+    encoders = {"perceptual": family.encoder(models.unet, EncoderConfig(blocks=k, error="difference"))}
     encoders.update({f"perceptual K={k}": family.encoder(models.unet, EncoderConfig(blocks=k, error="difference"))
                      for k in blocks})
     loader = build_dataloader(DataConfig(source="pairs", path=str(pairs_path)), 8, seed=0)
@@ -166,6 +230,39 @@ def beta_scale(base: Path, pairs_path: Path, blocks: list[int] = ()) -> dict:
                                          ObjectiveConfig(loss="cpo", space=space.split(" ")[0], beta=1.0))
                 gaps[space] += (m["err_w"] - m["err_l"]).abs().tolist()
     return {space: 1.0 / max(statistics.median(v), 1e-12) for space, v in gaps.items()}
+
+
+def step_flops(base: Path, methods: list[str], arch: str, pairs: int, rank: int, resolution: int = 32) -> dict[str, int]:
+    """FLOPs of one optimizer step's objective, forward and backward (torch.utils.flop_counter), per method, on
+    `pairs` pairs with the run's LoRA: the denoiser's and f's work, which is what differs between methods. The VAE
+    encoding of the pixels and the optimizer update, nearly the same for every method, are left out; precision
+    does not change the count (a bf16 row counts as its fp32 twin with the same encoder.error)."""
+    from step_cost import count_flops  # benchmarks/step_cost.py
+
+    from ncp.conditioning import build_cond
+    from ncp.config import EncoderConfig
+    from ncp.models import add_lora, load_models
+    from ncp.objective import ObjectiveConfig, compute_objective, randomness_for
+
+    models = load_models(str(base))
+    family = models.family
+    schedule = family.noise_process(models.scheduler, ObjectiveConfig())
+    kinds = {(method_blocks(m, arch), ALL_METHODS[m][3]) for m in methods}
+    encoders = {(k, e): family.encoder(models.unet, EncoderConfig(blocks=k, error=e)) for k, e in kinds}  # before LoRA
+    add_lora(models.unet, rank)
+    models.unet.train()
+    size = resolution // models.vae_scale_factor
+    x0 = torch.randn(2 * pairs, family.latent_channels(models.unet), size, size)
+    cond = build_cond(models, ["a red circle on a white background"] * pairs)
+    rnd = randomness_for(ObjectiveConfig(), schedule, pairs, x0.shape[1:], torch.Generator().manual_seed(0))
+    flops = {}
+    for m in methods:
+        loss, space, _, error = ALL_METHODS[m]
+        encoder = encoders[(method_blocks(m, arch), error)]
+        step = lambda: compute_objective(models.unet, encoder, schedule, x0, cond, rnd,  # noqa: E731
+                                         ObjectiveConfig(loss=loss, space=space, beta=1.0))[0].backward()
+        flops[m] = count_flops(step)
+    return flops
 
 
 def run_name(method: str, steps: int, lr: float, beta_mult: float | None, seed: int) -> str:
@@ -195,7 +292,7 @@ def train_and_score(job: dict) -> dict:
                 f"train.checkpoint_every={job['eval_every']}", "train.keep_checkpoints=100000",
                 "train.validate_every=0", "train.validation_prompts=[]", "train.report_to=none",
                 f"train.seed={job['seed']}", "data.source=pairs", f"data.path={job['pairs_path']}",
-                "data.resolution=32"] + ([f"encoder.blocks={SD3_BLOCKS[job['method']]}"] if job["method"] in SD3_BLOCKS else [])
+                f"data.resolution={RESOLUTION}"] + ([f"encoder.blocks={SD3_BLOCKS[job['method']]}"] if job["method"] in SD3_BLOCKS else [])
         importlib.import_module(f"train_ncp_{loss}").main(argv)
     rows = read_metrics(run_dir)
     seconds, total = {0: 0.0}, 0.0
@@ -237,40 +334,173 @@ def run_jobs(jobs: list[dict], workers: int, log=print) -> list[dict]:
     return done
 
 
+# ---------------------------------------------------------------- 2. the grid, extended past its edges
+AXES = ("lr", "beta_mult")
+
+
+def axis_edge(best: float | None, values: list) -> str | None:
+    """'low' / 'high' where `best` is the smallest / largest of an axis's values (2 or more), else None (interior,
+    or a one-value axis: a fixed setting, not a search)."""
+    values = sorted(v for v in set(values) if v is not None)
+    if best is None or len(values) < 2:
+        return None
+    return "low" if best == values[0] else "high" if best == values[-1] else None
+
+
+def beyond(values: list, side: str) -> float:
+    """The next value past an axis's `side` end, at the ratio of the two values nearest it (a log-spaced grid)."""
+    v = sorted(set(values))
+    return float(f"{(v[0] * v[0] / v[1] if side == 'low' else v[-1] * v[-1] / v[-2]):.3g}")
+
+
+def best_run(cands: list[dict]) -> dict:
+    """The highest validation reward at the last step; ties: the first tried (max keeps the first)."""
+    return max(cands, key=lambda r: r["val_reward"])
+
+
+def grid_status(cands: list[dict], extensions: dict, max_ext: int) -> dict:
+    """Per axis: the values tried, where the best lies (None = interior / fixed), how often it was extended, and
+    the extension due next (a value past the edge while extensions are left)."""
+    best, status = best_run(cands), {}
+    for axis in AXES:
+        values = sorted({r[axis] for r in cands if r[axis] is not None})
+        edge = axis_edge(best[axis], values)
+        due = beyond(values, edge) if edge and extensions[axis] < max_ext else None
+        status[axis] = dict(values=values, edge=edge, extensions=extensions[axis], next=due)
+    return status
+
+
+def grid_verdict(status: dict) -> str:
+    """One phrase per method: interior, or on which edge after how many extensions."""
+    words = [f"{axis} {s['edge']} edge after {s['extensions']} extension(s)" for axis, s in status.items() if s["edge"]]
+    ext = sum(s["extensions"] for s in status.values())
+    return "; ".join(words) if words else (f"interior after {ext} extension(s)" if ext else "interior")
+
+
+def search_grid(first: list[dict], make_job, run, max_ext: int, log=print) -> tuple[dict, list[dict]]:
+    """Run the grid's jobs, then, while a method's best lr or beta multiplier lies on an edge of the values tried,
+    run one more value past that edge (at the best value of the other axis), at most max_ext times per axis.
+    Returns ({method: its grid record}, every grid run)."""
+    runs = run(first)
+    extensions = {m: dict.fromkeys(AXES, 0) for m in dict.fromkeys(j["method"] for j in first)}
+    while True:
+        jobs = []
+        for m, ext in extensions.items():
+            cands = [r for r in runs if r["method"] == m]
+            best, status = best_run(cands), grid_status(cands, ext, max_ext)
+            for axis, s in status.items():
+                if s["next"] is not None:
+                    setting = {"lr": best["lr"], "beta_mult": best["beta_mult"], axis: s["next"]}
+                    jobs.append(make_job(m, setting["lr"], setting["beta_mult"]))
+                    ext[axis] += 1
+                    log(f"grid {m}: best {axis} {best[axis]:g} on the {s['edge']} edge of {s['values']}: "
+                        f"extended to {s['next']:g}")
+        if not jobs:
+            break
+        runs += run(jobs)
+    grids = {}
+    for m, ext in extensions.items():
+        cands = [r for r in runs if r["method"] == m]
+        status = grid_status(cands, ext, max_ext)
+        grids[m] = dict(best=best_run(cands), axes=status, verdict=grid_verdict(status))
+    return grids, runs
+
+
 # ---------------------------------------------------------------- 4. statistics
 
-def at_time(curve: dict[int, np.ndarray], seconds: dict[int, float], t: float) -> np.ndarray:
-    """Scores at training time t, linear between the checkpoints around it (curve and seconds keyed by step)."""
+def at_cost(curve: dict[int, np.ndarray], cost: dict[int, float], c: float) -> np.ndarray:
+    """Scores at cost c (training time, or FLOPs), linear between the checkpoints around it (curve and cost keyed by
+    step); past the last checkpoint, its scores."""
     steps = sorted(curve)
-    times = [seconds[s] for s in steps]
-    for (s0, t0), (s1, t1) in zip(zip(steps, times), zip(steps[1:], times[1:])):
-        if t0 <= t <= t1:
-            w = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
+    costs = [cost[s] for s in steps]
+    for (s0, c0), (s1, c1) in zip(zip(steps, costs), zip(steps[1:], costs[1:])):
+        if c0 <= c <= c1:
+            w = (c - c0) / (c1 - c0) if c1 > c0 else 1.0
             return (1 - w) * curve[s0] + w * curve[s1]
     return curve[steps[-1]]
 
 
-def summarise(results: list[dict], base_scores: np.ndarray, chosen: dict, seed: int = 0) -> dict:
-    """Per method: curves with intervals, gain over the base, training times, metrics; NCP vs latent comparisons."""
+at_time = at_cost  # v2's name: the cost was the measured training time
+
+
+def first_reach(steps: list[int], gains: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The first step at which a gain curve reaches `target`, linear between checkpoints; inf where it never does.
+    gains (..., len(steps)) over `steps` (the first is step 0, gain 0); target (...)."""
+    steps = np.asarray(steps, dtype=float)
+    above = gains >= target[..., None]
+    i = above.argmax(axis=-1)
+    prev = np.maximum(i - 1, 0)
+    g0, g1 = np.take_along_axis(gains, prev[..., None], -1)[..., 0], np.take_along_axis(gains, i[..., None], -1)[..., 0]
+    w = np.where(g1 > g0, (target - g0) / np.where(g1 > g0, g1 - g0, 1.0), 1.0)
+    step = np.where(i == 0, steps[0], steps[prev] + w * (steps[i] - steps[prev]))
+    return np.where(above.any(axis=-1), step, np.inf)
+
+
+def resample_counts(n: int, rng: np.random.Generator, boot: int = BOOT) -> np.ndarray:
+    """(boot, n): how often each of n clusters is drawn in each bootstrap resample (with replacement)."""
+    idx = rng.integers(0, n, size=(boot, n))
+    return np.stack([np.bincount(row, minlength=n) for row in idx]).astype(float)
+
+
+def learning_speed(gain_curves: dict[str, np.ndarray], steps: list[int], flops: dict[str, int],
+                   rng: np.random.Generator) -> dict:
+    """Steps (and FLOPs) to reach SPEED_FRACTIONS of the best method's final gain, per method.
+
+    gain_curves: method -> (training seeds, prompts, len(steps)) gains over the base, each a prompt's mean over image
+    seeds; steps starts at 0. The best method has the highest final mean gain. Intervals: 95% percentile bootstrap
+    resampling prompts and training seeds together (the same draws for every method, and the target is recomputed
+    in each resample from the best method's resampled final gain); a resample that never reaches counts as inf, so
+    an upper bound can be "not reached"."""
+    names = list(gain_curves)
+    final = {m: float(g[..., -1].mean()) for m, g in gain_curves.items()}
+    best = max(names, key=final.get)
+    n_seeds, n_prompts = next(iter(gain_curves.values())).shape[:2]
+    cs, cp = resample_counts(n_seeds, rng), resample_counts(n_prompts, rng)
+    boot = {m: np.einsum("spk,bp,bs->bk", g, cp, cs) / (n_seeds * n_prompts) for m, g in gain_curves.items()}
+    out = dict(best=best, best_final_gain=final[best], fractions={})
+    for frac in SPEED_FRACTIONS:
+        if final[best] <= 0:  # nothing gained: there is no target to reach
+            out["fractions"][str(frac)] = None
+            continue
+        target, target_b = frac * final[best], frac * boot[best][:, -1]
+        rows = {}
+        for m in names:
+            point = float(first_reach(steps, gain_curves[m].mean(axis=(0, 1)), np.array(target)))
+            b = first_reach(steps, boot[m], target_b)
+            lo, hi = (float(np.quantile(b, q, method="inverted_cdf")) for q in (0.025, 0.975))
+            rows[m] = dict(steps=point, steps_low=lo, steps_high=hi, reached_share=float(np.isfinite(b).mean()),
+                           flops=point * flops[m], flops_low=lo * flops[m], flops_high=hi * flops[m])
+        out["fractions"][str(frac)] = dict(target=target, methods=rows)
+    return out
+
+
+def summarise(results: list[dict], base_scores: np.ndarray, chosen: dict, flops: dict[str, int], seed: int = 0) -> dict:
+    """Per method: curves with intervals (by step and by FLOPs), gain over the base, metrics; learning speed; NCP vs
+    latent at equal steps and at equal FLOPs."""
     rng = np.random.default_rng(seed)
-    out = {}
+    out, gain_curves = {}, {}
     for method in chosen:
         runs = sorted([r for r in results if r["method"] == method], key=lambda r: r["seed"])
         steps = sorted(int(s) for s in runs[0]["scores"])
         curve = {0: np.stack([base_scores] * len(runs))}
         curve.update({s: np.array([r["scores"][s] for r in runs]) for s in steps})
         seconds = {0: 0.0, **{s: statistics.mean(r["seconds"][s] for r in runs) for s in steps}}
+        cost = {s: s * flops[method] for s in curve}
         points = []
         for s in sorted(curve):
             m, lo, hi = bootstrap(per_prompt(curve[s]), rng)
             g, glo, ghi = bootstrap(per_prompt(curve[s] - base_scores), rng)
-            points.append(dict(step=s, seconds=seconds[s], reward=m, low=lo, high=hi, gain=g, gain_low=glo, gain_high=ghi))
+            points.append(dict(step=s, flops=cost[s], seconds=seconds[s], reward=m, low=lo, high=hi, gain=g,
+                               gain_low=glo, gain_high=ghi))
         last = steps[-1]
         per_seed = [float((np.array(r["scores"][last]) - base_scores).mean()) for r in runs]
         metrics = {k: statistics.mean(r["metrics"][k] for r in runs) if runs[0]["metrics"][k] is not None else None
                    for k in runs[0]["metrics"]}
+        gain_curves[method] = np.stack([(curve[s] - base_scores).mean(axis=2) for s in sorted(curve)], axis=-1)
         out[method] = dict(setting=chosen[method], points=points, final=points[-1], gain_per_seed=per_seed,
-                           seconds_per_step=seconds[last] / last, metrics=metrics, curve=curve, seconds=seconds)
+                           flops_per_step=flops[method], seconds_per_step=seconds[last] / last, metrics=metrics,
+                           curve=curve, cost=cost)
+    speed = learning_speed(gain_curves, sorted(next(iter(out.values()))["curve"]), flops, rng)
     comparisons = []
     for loss, ncp, lat in PAIRS:
         if ncp not in out or lat not in out:
@@ -278,15 +508,16 @@ def summarise(results: list[dict], base_scores: np.ndarray, chosen: dict, seed: 
         a, b = out[ncp], out[lat]
         last = max(a["curve"])
         d_steps = bootstrap(per_prompt(a["curve"][last]) - per_prompt(b["curve"][last]), rng)
-        t = min(a["seconds"][last], b["seconds"][max(b["curve"])])  # the cheaper run's whole training time
-        ra, rb = at_time(a["curve"], a["seconds"], t), at_time(b["curve"], b["seconds"], t)
-        d_time = bootstrap(per_prompt(ra) - per_prompt(rb), rng)
-        comparisons.append(dict(loss=loss, ncp=ncp, latent=lat, step=last, equal_steps=d_steps, seconds=t,
-                                ncp_at_seconds=bootstrap(per_prompt(ra - base_scores), rng),
-                                latent_at_seconds=bootstrap(per_prompt(rb - base_scores), rng), equal_compute=d_time))
+        f = min(a["cost"][last], b["cost"][max(b["curve"])])  # the cheaper run's whole training FLOPs
+        ra, rb = at_cost(a["curve"], a["cost"], f), at_cost(b["curve"], b["cost"], f)
+        comparisons.append(dict(loss=loss, ncp=ncp, latent=lat, step=last, equal_steps=d_steps, flops=f,
+                                ncp_step=f / a["flops_per_step"], latent_step=f / b["flops_per_step"],
+                                ncp_at_flops=bootstrap(per_prompt(ra - base_scores), rng),
+                                latent_at_flops=bootstrap(per_prompt(rb - base_scores), rng),
+                                equal_flops=bootstrap(per_prompt(ra) - per_prompt(rb), rng)))
     for m in out.values():  # arrays were for the comparisons; the JSON keeps the per-image scores in runs
-        del m["curve"], m["seconds"]
-    return dict(methods=out, comparisons=comparisons)
+        del m["curve"], m["cost"]
+    return dict(methods=out, speed=speed, comparisons=comparisons)
 
 
 # ---------------------------------------------------------------- outputs
@@ -295,22 +526,57 @@ def fmt(ci, digits: int = 4) -> str:
     return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
+def reach(v: float | None, scale: float = 1.0, digits: int = 0) -> str:
+    """A step or FLOP count to a target; inf (in the JSON: null) is a target never reached."""
+    return "not reached" if v is None or not np.isfinite(v) else f"{v / scale:.{digits}f}"
+
+
+def jsonable(x):
+    """The result with inf (a target never reached) as None: standard JSON."""
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    return None if isinstance(x, float) and not np.isfinite(x) else x
+
+
 def format_tables(result: dict) -> str:
     s = result["summary"]
-    lines = ["| method | lr | beta | gain over base [95% CI] | per training seed | s/step | implicit acc | "
-             "err_w first -> last | err_l first -> last |", "|---|---|---|---|---|---|---|---|---|"]
     e = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
+    gf = 1e9
+    lines = ["| method | lr | beta | grid | gain over base [95% CI] | per training seed | GFLOP/step | implicit acc | "
+             "err_w first -> last | err_l first -> last |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in s["methods"].items():
         f, mt, st = m["final"], m["metrics"], m["setting"]
-        lines.append(f"| {name} | {st['lr']:g} | {e(st['beta'])} | {fmt((f['gain'], f['gain_low'], f['gain_high']))} | "
-                     f"{', '.join(f'{g:+.4f}' for g in m['gain_per_seed'])} | {m['seconds_per_step']:.3f} | "
+        lines.append(f"| {name} | {st['lr']:g} | {e(st['beta'])} | {st.get('grid', '-')} | "
+                     f"{fmt((f['gain'], f['gain_low'], f['gain_high']))} | "
+                     f"{', '.join(f'{g:+.4f}' for g in m['gain_per_seed'])} | {m['flops_per_step'] / gf:.4g} | "
                      f"{e(mt['implicit_acc'])} | {e(mt['err_w_first'])} -> {e(mt['err_w_last'])} | "
                      f"{e(mt['err_l_first'])} -> {e(mt['err_l_last'])} |")
-    lines += ["", "| loss | NCP - latent at equal steps [95% CI] | equal compute: seconds | NCP gain | latent gain | "
-              "NCP - latent [95% CI] |", "|---|---|---|---|---|---|"]
+    sp = s["speed"]
+    lines += ["", f"Learning speed: steps and GFLOP to reach a share of the best method's final gain ({sp['best']}, "
+                  f"{sp['best_final_gain']:+.4f}); [95% CI], share of bootstrap resamples that reach it", ""]
+    fracs = [k for k, v in sp["fractions"].items() if v]
+    if fracs:
+        head = " | ".join(f"steps to {float(k):.0%} ({sp['fractions'][k]['target']:+.4f}) | GFLOP to {float(k):.0%}"
+                          for k in fracs)
+        lines += [f"| method | {head} |", "|---|" + "---|---|" * len(fracs)]
+        for name in s["methods"]:
+            cells = []
+            for k in fracs:
+                r = sp["fractions"][k]["methods"][name]
+                cells += [f"{reach(r['steps'], digits=1)} [{reach(r['steps_low'], digits=1)}, "
+                          f"{reach(r['steps_high'], digits=1)}] ({r['reached_share']:.0%})",
+                          f"{reach(r['flops'], gf, 1)} [{reach(r['flops_low'], gf, 1)}, {reach(r['flops_high'], gf, 1)}]"]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    else:
+        lines.append("No method gained over the base: no learning-speed target.")
+    lines += ["", "| loss | NCP - latent at equal steps [95% CI] | equal FLOPs: GFLOP | NCP step | latent step | NCP gain | "
+              "latent gain | NCP - latent [95% CI] |", "|---|---|---|---|---|---|---|---|"]
     for c in s["comparisons"]:
-        lines.append(f"| {c['loss']} | {fmt(c['equal_steps'])} (step {c['step']}) | {c['seconds']:.1f} | "
-                     f"{fmt(c['ncp_at_seconds'])} | {fmt(c['latent_at_seconds'])} | {fmt(c['equal_compute'])} |")
+        lines.append(f"| {c['loss']} | {fmt(c['equal_steps'])} (step {c['step']}) | {c['flops'] / gf:.4g} | "
+                     f"{c['ncp_step']:.1f} | {c['latent_step']:.1f} | {fmt(c['ncp_at_flops'])} | "
+                     f"{fmt(c['latent_at_flops'])} | {fmt(c['equal_flops'])} |")
     steps = sorted({p["step"] for m in s["methods"].values() for p in m["points"]})
     lines += ["", "| step | " + " | ".join(s["methods"]) + " |", "|---|" + "---|" * len(s["methods"])]
     for st in steps:
@@ -319,27 +585,35 @@ def format_tables(result: dict) -> str:
         lines.append(f"| {st} | " + " | ".join(cells) + " |")
     ref, b = result["reference"], result["base"]
     lines += ["", f"Test captions: chance {ref['chance']:.4f}, loser image {ref['loser']:.4f}, winner 1.0; VAE "
-                  f"reconstruction of winners {b['vae_recon_reward']:.4f} (ceiling); base (EMA, U-Net step "
+                  f"reconstruction of winners {b['vae_recon_reward']:.4f} (ceiling); base (EMA, step "
                   f"{b['unet_steps']}, stopped by {b['stopped_by']}) {result['base_test_reward']:.4f} "
                   f"on {result['test_images']} test images.", "", verdict(s)]
     return "\n".join(lines)
 
 
 def verdict(summary: dict) -> str:
-    """The two answers in words: who beats the base beyond its interval; NCP vs latent per loss, both budgets."""
+    """The answers in words: who beats the base beyond its interval; NCP vs latent per loss at equal steps and
+    equal FLOPs; who reaches 80% of the best gain in the fewest FLOPs."""
     up = [n for n, m in summary["methods"].items() if m["final"]["gain_low"] > 0]
     down = [n for n, m in summary["methods"].items() if m["final"]["gain_high"] < 0]
     lines = [f"Above the base by more than the 95% interval at the last step: {', '.join(up) or 'none'}; "
              f"below it: {', '.join(down) or 'none'}."]
     word = lambda ci: ("NCP higher" if ci[1] > 0 else "latent higher" if ci[2] < 0 else "no significant difference")  # noqa: E731
     for c in summary["comparisons"]:
-        lines.append(f"{c['loss']}: equal steps {word(c['equal_steps'])} ({fmt(c['equal_steps'])}); equal compute "
-                     f"({c['seconds']:.0f} s of training) {word(c['equal_compute'])} ({fmt(c['equal_compute'])}).")
+        lines.append(f"{c['loss']}: equal steps {word(c['equal_steps'])} ({fmt(c['equal_steps'])}); equal FLOPs "
+                     f"({c['flops'] / 1e9:.4g} GFLOP) {word(c['equal_flops'])} ({fmt(c['equal_flops'])}).")
+    top = summary["speed"]["fractions"].get(str(SPEED_FRACTIONS[-1]))
+    if top:
+        rows = {m: r for m, r in top["methods"].items() if np.isfinite(r["flops"])}
+        fastest = min(rows, key=lambda m: rows[m]["flops"]) if rows else None
+        lines.append(f"Fewest FLOPs to {SPEED_FRACTIONS[-1]:.0%} of the best final gain: {fastest or 'none reached it'}"
+                     + (f" ({rows[fastest]['flops'] / 1e9:.4g} GFLOP, step {rows[fastest]['steps']:.1f})" if fastest else "")
+                     + "; not reached: " + (", ".join(m for m in top["methods"] if m not in rows) or "none") + ".")
     return "\n".join(lines)
 
 
 def plot(summary: dict, path: Path) -> None:
-    """Gain over the base vs step and vs measured training time, one line per method with its 95% band.
+    """Gain over the base vs step and vs counted FLOPs, one line per method with its 95% band.
 
     Gains, not rewards: the band of a mean reward is mostly the spread between prompts, which every
     checkpoint shares; the gain is paired with the base image by image, as the table's intervals are."""
@@ -351,13 +625,13 @@ def plot(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for name, m in summary["methods"].items():
         style = "-" if name.startswith("NCP") else "--"
-        for ax, x in zip(axes, ("step", "seconds")):
-            xs = [p[x] for p in m["points"]]
+        for ax, x, scale in zip(axes, ("step", "flops"), (1, 1e9)):
+            xs = [p[x] / scale for p in m["points"]]
             line, = ax.plot(xs, [p["gain"] for p in m["points"]], style, marker="o", ms=3, label=name)
             ax.fill_between(xs, [p["gain_low"] for p in m["points"]], [p["gain_high"] for p in m["points"]],
                             color=line.get_color(), alpha=0.12)
     axes[0].set_xlabel("optimizer step (equal steps)")
-    axes[1].set_xlabel("measured training time, s (equal compute)")
+    axes[1].set_xlabel("counted GFLOP of the objective, forward + backward (equal compute)")
     axes[0].set_ylabel("toy reward gain over the base, test captions (95% band)")
     for ax in axes:
         ax.axhline(0, color="black", lw=0.8)
@@ -376,10 +650,15 @@ def rules(cfg: dict, split: dict, betas: dict | None = None) -> str:
             f"stop when the gain over the last two checks < {BASE_TOL}, or at {cfg['base_max']} steps",
             f"grid (training seed 0, {cfg['steps']} steps, validation captions x {cfg['val_seeds']} image seeds, "
             f"highest mean reward at the last step): lr {cfg['lrs']}; beta multiplier {cfg['beta_mults']} for DPO/CPO"
-            + (f" of {', '.join(f'{k} {v:.4g}' for k, v in betas.items())}" if betas else ""),
+            + (f" of {', '.join(f'{k} {v:.4g}' for k, v in betas.items())}" if betas else "")
+            + f"; a best value on an edge of the values tried is extended one grid ratio past it, up to "
+              f"{cfg['max_ext']} time(s) per axis, then reported as on the edge",
             "NCP-DPO bf16 difference / linearized (sd3: NCP-DPO K=2, K=4): NCP-DPO's chosen lr and beta multiplier",
             f"test: {cfg['seeds']} training seeds x {len(split['test'])} test captions x {cfg['img_seeds']} image "
-            f"seeds; 95% bootstrap over prompts ({BOOT} resamples), a prompt's images one cluster"]
+            f"seeds; 95% bootstrap over prompts ({BOOT} resamples), a prompt's images one cluster",
+            f"learning speed: steps (x counted FLOPs per step) to reach {', '.join(f'{f:.0%}' for f in SPEED_FRACTIONS)} "
+            f"of the best method's final mean gain, linear between checkpoints; 95% bootstrap over prompts and "
+            f"training seeds; equal FLOPs: at the cheaper method's total, the other interpolated between checkpoints"]
     return "\n".join("rule: " + t for t in text)
 
 
@@ -393,14 +672,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--methods", nargs="+", help="subset of the methods (default: every method of the arch)")
     p.add_argument("--arch", choices=list(DEFAULT_METHODS), default="sd15",
                    help="the base: tiny SD1.5 (U-Net, DDPM), tiny SD3 or tiny FLUX.1 dev (MMDiTs, flow matching)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the larger toy (CUDA sizes: 64 px, a wider denoiser); only with --dry-run so far")
+    p.add_argument("--dry-run", action="store_true", help="build the sized pipeline and count a step's FLOPs, no training")
     a = p.parse_args(argv)
+    if a.device == "cuda" and not a.dry_run:
+        p.error("--device cuda: only --dry-run is wired (ncp.toy_base renders and pretrains at 32 px on the CPU)")
     a.methods = a.methods or DEFAULT_METHODS[a.arch]
     unknown = set(a.methods) - set(ALL_METHODS)
     if unknown:
         p.error(f"--methods: unknown {sorted(unknown)}; choose from {list(ALL_METHODS)}")
-    cfg = dict(SMOKE if a.smoke else QUICK if a.quick else FULL)
-    if not a.smoke:  # RESULTS.md section 4: on the sd3 base every method at lr 3e-4 (the U-Net grid's lowest) fell
-        cfg["lrs"] = ARCH_LRS.get(a.arch, cfg["lrs"])  # below the base on the validation captions
+    cfg = dict(CUDA if a.device == "cuda" else SMOKE if a.smoke else QUICK if a.quick else FULL)
+    if a.dry_run:
+        torch.set_num_threads(1)
+        return dry_run(Path(a.out), a.arch, dict(cfg, resolution=cfg.get("resolution", RESOLUTION), width=cfg.get("width", 1)))
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     out = Path(a.out)
@@ -427,7 +712,7 @@ def main(argv: list[str] | None = None) -> dict:
         base = pretrain_base(out, cfg, split["val"], check_seeds, arch=a.arch)
         saved.write_text(json.dumps(dict(settings=base_key, base=base), indent=2))
     base_dir = str(out / "base")
-    betas = beta_scale(out / "base", pairs_path, [SD3_BLOCKS[m] for m in a.methods if m in SD3_BLOCKS])
+    betas = beta_scale(out / "base", pairs_path, [SD3_BLOCKS[m] for m in a.methods if m in SD3_BLOCKS], a.arch)
     print(f"beta scale per space (1 / median |err_w - err_l| of the base): "
           + ", ".join(f"{k} {v:.4g}" for k, v in betas.items()))
     common = dict(arch=a.arch, base=base_dir, pairs_path=str(pairs_path), rank=cfg["rank"], pairs=cfg["pairs"], steps=cfg["steps"],
@@ -451,23 +736,28 @@ def main(argv: list[str] | None = None) -> dict:
     grid_jobs = [job(m, lr, mult, 0, split["val"], val_seeds, [cfg["steps"]])
                  for m in OBJECTIVES if m in a.methods or (m == "NCP-DPO" and any(x not in OBJECTIVES for x in a.methods))
                  for lr in cfg["lrs"] for mult in (cfg["beta_mults"] if ALL_METHODS[m][0] != "sft" else [1.0])]
-    grid = run_jobs(grid_jobs, a.workers)
-    chosen = {}
-    for m in dict.fromkeys(j["method"] for j in grid_jobs):
-        cands = [r for r in grid if r["method"] == m]
-        for r in cands:
+
+    def run_grid(jobs):
+        done = run_jobs(jobs, a.workers)
+        for r in done:
             r["val_reward"] = float(np.mean(r["scores"][cfg["steps"]]))
-            print(f"grid {m}: lr {r['lr']:g}, beta x{r['beta_mult']}: validation reward {r['val_reward']:.4f}")
-        best = max(cands, key=lambda r: r["val_reward"])  # max keeps the first of equal ones
+            print(f"grid {r['method']}: lr {r['lr']:g}, beta x{r['beta_mult']}: validation reward {r['val_reward']:.4f}")
+        return done
+
+    grids, grid = search_grid(grid_jobs, lambda m, lr, mult: job(m, lr, mult, 0, split["val"], val_seeds, [cfg["steps"]]),
+                              run_grid, cfg["max_ext"])
+    chosen = {}
+    for m, g in grids.items():
+        best = g["best"]
         chosen[m] = dict(lr=best["lr"], beta_mult=best["beta_mult"], beta=best["beta"] if best["beta_mult"] else None,
-                         val_reward=best["val_reward"])
+                         val_reward=best["val_reward"], grid=g["verdict"], grid_axes=g["axes"])
     for m in a.methods:
         if "bf16" in m or m in SD3_BLOCKS:  # precision / K rows: NCP-DPO's setting, beta rescaled to their f
-            chosen[m] = dict(chosen["NCP-DPO"])
+            chosen[m] = dict(chosen["NCP-DPO"], grid="NCP-DPO's setting")
             if m in SD3_BLOCKS:
                 chosen[m]["beta"] = betas[space_key(m)] * chosen[m]["beta_mult"]
     chosen = {m: chosen[m] for m in ALL_METHODS if m in a.methods}
-    print("chosen: " + "; ".join(f"{m} lr {c['lr']:g} beta x{c['beta_mult']}" for m, c in chosen.items()))
+    print("chosen: " + "; ".join(f"{m} lr {c['lr']:g} beta x{c['beta_mult']} ({c['grid']})" for m, c in chosen.items()))
     grid_minutes = (time.perf_counter() - t_grid) / 60
 
     # 3. test: chosen settings, every training seed, every checkpoint (the grid's seed-0 runs are reused)
@@ -480,13 +770,17 @@ def main(argv: list[str] | None = None) -> dict:
     test = run_jobs(test_jobs, a.workers)
     test_minutes = (time.perf_counter() - t_test) / 60
 
-    summary = summarise(test, base_test, chosen)
+    flops = step_flops(out / "base", list(chosen), a.arch, cfg["pairs"], cfg["rank"], RESOLUTION)
+    print("counted GFLOP per step (objective, forward + backward): "
+          + ", ".join(f"{m} {f / 1e9:.4g}" for m, f in flops.items()))
+    summary = summarise(test, base_test, chosen, flops)
     plot(summary, out / "curves.png")
     result = dict(command=command, setup=dict(cfg, guidance=GUIDANCE, base_tol=BASE_TOL, caption_noise=CAPTION_NOISE, split_seed=SPLIT_SEED,
                                               workers=a.workers, methods=a.methods, beta_scale=betas),
                   rules=rules(cfg, split, betas), split=split, reference=reference_levels(split["test"]), base=base,
                   base_val_reward=base_val, base_test_reward=float(base_test.mean()), test_images=int(base_test.size),
                   grid=[{k: r[k] for k in ("method", "lr", "beta_mult", "beta", "val_reward", "metrics")} for r in grid],
+                  flops_per_step=flops,
                   chosen=chosen, summary=summary, base_test_scores=base_test.tolist(),
                   runs=[{k: r[k] for k in ("method", "seed", "lr", "beta", "run_dir", "scores", "seconds", "metrics")}
                         for r in test],
@@ -494,7 +788,7 @@ def main(argv: list[str] | None = None) -> dict:
                                total=(time.perf_counter() - t0) / 60))
     tables = format_tables(result)
     (out / "table.md").write_text(tables + "\n")
-    (out / "toy_alignment.json").write_text(json.dumps(result, indent=2))
+    (out / "toy_alignment.json").write_text(json.dumps(jsonable(result), indent=2))
     print(tables)
     print(f"total {result['minutes']['total']:.1f} min (base {result['minutes']['base']:.1f}, grid {grid_minutes:.1f}, "
           f"test {test_minutes:.1f}); plot {out / 'curves.png'}, numbers {out / 'toy_alignment.json'}")

@@ -113,31 +113,46 @@ def test_toy_alignment_smoke_selects_on_validation_and_reports_intervals(tmp_pat
                 or set(split["val"]) & set(split["test"]))
     pairs = [json.loads(line) for line in (out / "pairs" / "pairs.jsonl").read_text().splitlines()]
     assert {p["prompt"] for p in pairs} <= set(split["train"])  # no preference pair shows a val/test caption
-    # grid: every lr x beta multiplier for DPO/CPO, lr alone for SFT; the winner has the best validation reward
+    # grid: every lr x beta multiplier for DPO/CPO, lr alone for SFT (smoke: one value each, a fixed setting that
+    # is never extended); the winner has the best validation reward of everything tried
     cfg = toy.SMOKE
     for m in toy.OBJECTIVES:
         cands = [g for g in result["grid"] if g["method"] == m]
         assert len(cands) == len(cfg["lrs"]) * (1 if "SFT" in m else len(cfg["beta_mults"]))
         assert result["chosen"][m]["val_reward"] == max(g["val_reward"] for g in cands)
+        assert result["chosen"][m]["grid"] == "interior" and result["chosen"][m]["grid_axes"]["lr"]["edge"] is None
     for m in ("NCP-DPO bf16 difference", "NCP-DPO bf16 linearized"):
-        assert result["chosen"][m] == result["chosen"]["NCP-DPO"]  # precision rows differ in precision alone
-    rows = table_rows(text)
+        assert result["chosen"][m]["lr"] == result["chosen"]["NCP-DPO"]["lr"]  # precision rows differ in precision alone
+        assert result["chosen"][m]["beta"] == result["chosen"]["NCP-DPO"]["beta"]
+    rows = table_rows(text[:text.index("Learning speed")])  # the methods table
     methods = list(toy.METHODS)
-    assert set(methods) <= set(rows) and {"DPO", "CPO", "SFT"} <= set(rows)
+    assert set(methods) <= set(rows) and {"DPO", "CPO", "SFT"} <= set(table_rows(text))
     summary = result["summary"]["methods"]
+    flops = result["flops_per_step"]
+    assert flops["NCP-DPO"] > flops["latent DPO"] > flops["latent SFT"] > 0  # f's calls; SFT: winners, no reference
+    assert flops["NCP-DPO bf16 difference"] == flops["NCP-DPO"]
     for m in methods:
         assert sum(r["method"] == m for r in result["runs"]) == cfg["seeds"]
         points = summary[m]["points"]
-        assert [p["step"] for p in points] == [0, 1, 2]
+        assert [p["step"] for p in points] == [0, 1, 2] and [p["flops"] for p in points] == [0, flops[m], 2 * flops[m]]
         assert points[0]["gain"] == 0 and points[0]["reward"] == pytest.approx(result["base_test_reward"])
         for p in points:
             assert p["low"] <= p["reward"] <= p["high"] and p["gain_low"] <= p["gain"] <= p["gain_high"]
             assert 0 <= p["reward"] <= 1
         assert points[-1]["seconds"] > 0
-        assert len(numbers(rows[m][2:3])) == 3  # gain [low, high]
+        assert len(numbers(rows[m][3:4])) == 3  # gain [low, high]
+        assert float(rows[m][5]) == pytest.approx(flops[m] / 1e9, rel=1e-3)  # the table's GFLOP/step is the JSON's
+    speed = result["summary"]["speed"]
+    assert speed["best"] == max(summary, key=lambda m: summary[m]["final"]["gain"])
+    for frac in ("0.5", "0.8"):
+        if speed["fractions"][frac]:
+            for m, r in speed["fractions"][frac]["methods"].items():
+                assert r["steps_low"] <= r["steps_high"] and 0 <= r["reached_share"] <= 1
+                assert r["flops"] == r["steps"] * flops[m] or not math.isfinite(r["steps"])
     for c in result["summary"]["comparisons"]:
         assert c["equal_steps"][1] <= c["equal_steps"][0] <= c["equal_steps"][2]
-        assert 0 < c["seconds"] <= max(summary[c["ncp"]]["final"]["seconds"], summary[c["latent"]]["final"]["seconds"])
+        assert c["flops"] == min(2 * flops[c["ncp"]], 2 * flops[c["latent"]])
+        assert c["equal_flops"][1] <= c["equal_flops"][0] <= c["equal_flops"][2]
     assert result["test_images"] == len(split["test"]) * cfg["img_seeds"]
     assert (out / "curves.png").stat().st_size > 0 and (out / "table.md").is_file()
     assert json.loads((out / "toy_alignment.json").read_text())["command"].endswith("--smoke --workers 1 --out " + str(out))
@@ -153,12 +168,73 @@ def test_toy_alignment_statistics_by_hand():
     assert toy.per_prompt(scores).tolist() == [0.5, 3.0]
     m, lo, hi = toy.bootstrap(np.array([0.0, 1.0] * 50), rng)
     assert m == 0.5 and 0.38 < lo < 0.45 and 0.55 < hi < 0.62  # +-1.96 x 0.05
-    # equal compute: linear between the checkpoints around the time, the last checkpoint past the end
+    # equal compute: linear between the checkpoints around the cost, the last checkpoint past the end
     curve = {0: np.array([0.0]), 10: np.array([1.0]), 20: np.array([3.0])}
-    seconds = {0: 0.0, 10: 4.0, 20: 6.0}
-    assert toy.at_time(curve, seconds, 2.0).tolist() == [0.5]
-    assert toy.at_time(curve, seconds, 5.0).tolist() == [2.0]
-    assert toy.at_time(curve, seconds, 9.0).tolist() == [3.0]
+    cost = {0: 0.0, 10: 4.0, 20: 6.0}
+    assert toy.at_cost(curve, cost, 2.0).tolist() == [0.5]
+    assert toy.at_cost(curve, cost, 5.0).tolist() == [2.0]
+    assert toy.at_cost(curve, cost, 9.0).tolist() == [3.0]
+    # first step reaching a target: gain 0 at step 0, 0.2 at 20, 0.6 at 40 -> 0.4 is reached at step 30; 0.7 never
+    steps, gains = [0, 20, 40], np.array([[0.0, 0.2, 0.6], [0.0, 0.5, 0.1]])
+    assert toy.first_reach(steps, gains, np.array([0.4, 0.4])).tolist() == [30.0, 16.0]
+    assert toy.first_reach(steps, gains[:1], np.array([0.7])).tolist() == [math.inf]
+
+
+def test_toy_alignment_cuda_toy_builds_on_cpu(tmp_path):
+    """--device cuda --dry-run: the larger toy's pipeline (64 px, a 4x wider U-Net) builds and one step is counted;
+    a full --device cuda run is refused with one line until ncp.toy_base renders at other sizes."""
+    toy = load("toy_alignment")
+    dry = toy.main(["--device", "cuda", "--dry-run", "--out", str(tmp_path)])
+    from ncp.models import load_models
+
+    unet = load_models(str(tmp_path / "dry-run")).unet
+    assert unet.config.block_out_channels == [128, 256] and unet.config.sample_size == 32
+    assert dry["denoiser_params"] == sum(p.numel() for p in unet.parameters())
+    assert dry["flops_per_step"]["NCP-DPO"] > dry["flops_per_step"]["latent DPO"] > 0
+    with pytest.raises(SystemExit):
+        toy.main(["--device", "cuda", "--out", str(tmp_path)])
+
+
+def test_toy_alignment_learning_speed_and_grid_extension_by_hand():
+    toy = load("toy_alignment")
+    np = __import__("numpy")
+    # two methods, 3 seeds x 4 prompts, identical in every seed and prompt: zero-width intervals. "fast" ends at a
+    # gain of 0.4 (the best), "slow" at 0.3. 50% of 0.4 = 0.2: fast at step 10, slow at 30 (0.1 at 20, 0.3 at 40);
+    # 80% = 0.32: fast at step 16, slow never
+    steps = [0, 20, 40]
+    curves = {"fast": np.tile([0.0, 0.4, 0.4], (3, 4, 1)), "slow": np.tile([0.0, 0.1, 0.3], (3, 4, 1))}
+    speed = toy.learning_speed(curves, steps, {"fast": 2, "slow": 1}, np.random.default_rng(0))
+    assert speed["best"] == "fast" and speed["best_final_gain"] == pytest.approx(0.4)
+    half, most = speed["fractions"]["0.5"]["methods"], speed["fractions"]["0.8"]["methods"]
+    assert [half["fast"]["steps"], half["fast"]["flops"], half["slow"]["steps"]] == pytest.approx([10, 20, 30])
+    assert half["fast"]["steps_low"] == pytest.approx(half["fast"]["steps_high"]) and half["slow"]["reached_share"] == 1.0
+    assert most["fast"]["steps"] == pytest.approx(16)
+    assert most["slow"]["steps"] == math.inf and most["slow"]["reached_share"] == 0.0  # 0.32 never reached
+    assert toy.reach(most["slow"]["steps"]) == "not reached"
+    # nothing gained: no target
+    flat = toy.learning_speed({"a": np.zeros((3, 4, 3))}, steps, {"a": 1}, np.random.default_rng(0))
+    assert flat["fractions"]["0.5"] is None
+    # grid axes: an edge is the end of 2+ values tried; the next value keeps the grid's ratio
+    assert toy.axis_edge(1e-3, [3e-4, 1e-3]) == "high" and toy.axis_edge(1e-3, [3e-4, 1e-3, 3e-3]) is None
+    assert toy.axis_edge(5e-4, [5e-4]) is None  # a one-value axis is a fixed setting, not a search
+    assert toy.beyond([1.0, 4.0], "high") == 16.0 and toy.beyond([1.0, 4.0], "low") == 0.25
+    assert toy.beyond([3e-4, 1e-3], "high") == pytest.approx(3.33e-3)
+    # the search extends past an edge until the best is interior, at most max_ext times per axis
+    peak = {"A": 3e-3, "B": 1.0}  # validation reward peaks at lr 3e-3 for A; B keeps rising with lr
+
+    def make_job(m, lr, mult):
+        return dict(method=m, lr=lr, beta_mult=mult)
+
+    def run(jobs):
+        return [dict(j, val_reward=-abs(np.log(j["lr"] / peak[j["method"]]))) for j in jobs]
+
+    first = [make_job(m, lr, None) for m in ("A", "B") for lr in (3e-4, 1e-3)]
+    grids, runs = toy.search_grid(first, make_job, run, max_ext=2, log=lambda *_: None)
+    assert grids["A"]["best"]["lr"] == 3.33e-3 and grids["A"]["axes"]["lr"]["edge"] is None
+    assert grids["A"]["verdict"] == "interior after 2 extension(s)"  # 3.33e-3 was an edge until 1.11e-2 was tried
+    assert grids["B"]["axes"]["lr"] == dict(values=[3e-4, 1e-3, 3.33e-3, 1.11e-2], edge="high", extensions=2, next=None)
+    assert grids["B"]["verdict"] == "lr high edge after 2 extension(s)"
+    assert len(runs) == 4 + 2 + 2
 
 
 def test_precision_smoke_reports_every_row_and_a_decision(tmp_path, capsys):
@@ -199,3 +275,19 @@ def test_train_profile_splits_the_real_steps_into_phases(tmp_path, tiny_sd15, ca
     assert nested <= phases["objective forward"][0]
     assert len(json.loads((tmp_path / "p.json").read_text())["steps"]) == 3
     assert "| **whole step** |" in capsys.readouterr().out
+
+
+def test_toy_diagnose_trains_and_probes_a_toy_folder(tmp_path, capsys):
+    """benchmarks/toy_diagnose.py train on a tiny pipeline: it prints a probe line whose LoRA has moved and whose
+    held-out margin is a number; follow gives shares in [0, 1]."""
+    from ncp.tiny import build_tiny_pipeline
+    from ncp.toy_base import split_captions, write_train_pairs
+
+    diag = load("toy_diagnose")
+    build_tiny_pipeline(tmp_path / "base", "sd15")
+    write_train_pairs(tmp_path, split_captions()["train"], 64)
+    diag.main(["train", "--out", str(tmp_path), "--steps", "2", "--eval", "2", "--seeds", "1", "--lr", "1e-3"])
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step 2 ")][0]
+    assert float(re.search(r"\|LoRA - init\| (\S+)", line)[1]) > 0 and "held_margin" in line
+    shares = diag.follow(tmp_path / "base", seeds=1, steps=2)
+    assert all(0 <= shares[k] <= 1 for k in ("colour", "shape", "background"))
