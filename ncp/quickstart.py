@@ -1,12 +1,15 @@
 """The first run: NCP-DPO aligns a tiny model that has something to learn, and shows it (CPU, offline, minutes).
 
-1. base: the toy base (`ncp.toy_base`: a tiny SD1.5 pretrained on toy shapes whose captions are wrong 40% of the
-   time), written once to outputs/toy-sd15-base from the shipped weights;
-2. pairs: toy preference pairs (winner = the caption drawn exactly, loser = one attribute wrong) on the train
-   captions only;
+1. base: the toy base (`ncp.toy_base`: a tiny SD1.5 pretrained on toy shapes whose captions swap yellow and blue,
+   so it paints a yellow shape when asked for blue and the other way round), written once to
+   outputs/toy-sd15-base from the shipped weights;
+2. pairs: toy preference pairs on the train captions only: winner = the caption drawn exactly, loser = the base's
+   swapped colour for yellow and blue captions, one other attribute wrong for the rest;
 3. training: the normal entry point, `accelerate launch train_ncp_dpo.py --config configs/quickstart_ncp_dpo.yaml`;
-4. results: the toy reward of the base and of every checkpoint on held-out test captions, with 95% intervals
-   (bootstrap over prompts), `reward_curve.png` and `before_after.png` (the same prompts and seeds, base and aligned).
+4. results: the toy reward of the base and of every checkpoint on held-out test captions (the swapped colours among
+   them), with 95% intervals (bootstrap over prompts), chance and the ceiling, `reward_curve.png` and
+   `before_after.png` (the same prompts and seeds, base and aligned). Images are sampled with classifier-free
+   guidance BASE_GUIDANCE, so the base follows its (wrong) captions firmly.
 
 Each run writes a new folder, outputs/quickstart/<date-time>. Extra arguments are config overrides for step 3.
 
@@ -54,7 +57,8 @@ def ensure_base(base: Path) -> Path:
     from ncp.toy_base import write_base
 
     if not (base / "model_index.json").is_file():
-        print(f"quickstart: writing the toy base (tiny SD1.5 pretrained on noisy toy captions) to {base}", flush=True)
+        print(f"quickstart: writing the toy base (tiny SD1.5 pretrained on toy captions with two colours swapped) "
+              f"to {base}", flush=True)
         write_base(base)
     return base
 
@@ -72,19 +76,37 @@ def score_run(base: Path, run: Path, prompts: list[str], seeds: list[int], steps
 
     from ncp.curves import run_loras
     from ncp.generate import load_pipeline
-    from ncp.toy_base import score_images
+    from ncp.toy_base import BASE_GUIDANCE, score_images
 
     pipe = load_pipeline(str(base), "cpu")
     scores = {}
     with torch.no_grad():
-        scores[0] = score_images(pipe, prompts, seeds, steps)
+        scores[0] = score_images(pipe, prompts, seeds, steps, guidance=BASE_GUIDANCE)
         for step, lora in run_loras(run):
             pipe.load_lora_weights(str(lora), adapter_name="ncp_quickstart")
             try:
-                scores[step] = score_images(pipe, prompts, seeds, steps)
+                scores[step] = score_images(pipe, prompts, seeds, steps, guidance=BASE_GUIDANCE)
             finally:
                 pipe.unload_lora_weights()
     return scores
+
+
+def reference_levels(base: Path, prompts: list[str]) -> dict:
+    """Toy reward, mean over `prompts`, of chance (the exact image of any of the 54 toy captions) and of the
+    ceiling (the exact image through the base's VAE: what its latents can show at best)."""
+    import torch
+
+    from ncp.data.loader import to_tensor
+    from ncp.data.toy import BACKGROUNDS, COLOURS, SHAPES, parse_caption, render, toy_reward
+    from ncp.generate import load_pipeline
+
+    every = [render(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
+    chance = np.mean([[toy_reward(img, p) for img in every] for p in prompts])
+    vae = load_pipeline(str(base), "cpu").vae
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(torch.stack([to_tensor(render(*parse_caption(p))) for p in prompts]))
+                           .latent_dist.mean).sample
+    return dict(chance=float(chance), ceiling=float(np.mean([toy_reward(r, p) for r, p in zip(recon, prompts)])))
 
 
 def summarise(scores: dict[int, np.ndarray]) -> list[dict]:
@@ -101,17 +123,27 @@ def summarise(scores: dict[int, np.ndarray]) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], n_prompts: int, n_seeds: int) -> str:
+def table(rows: list[dict], n_prompts: int, n_seeds: int, levels: dict | None = None,
+          by_colour: dict | None = None) -> str:
+    """The results table; `levels`: chance and ceiling; `by_colour`: {"swapped" | "other": (captions, base mean,
+    aligned mean)}, the rewards on the captions whose colour the base swaps and on the rest."""
     base, last = rows[0], rows[-1]
     verdict = ("the gain lies above its 95% interval's zero: the aligned model follows the captions better"
                if last["gain_low"] > 0 else "the gain's interval covers zero or lies below it: no clear gain in this run")
+    notes = []
+    if levels:
+        notes.append(f"reference: chance (a random toy image) {levels['chance']:.4f}, ceiling (the exact image "
+                     f"through the base's VAE) {levels['ceiling']:.4f}")
+    if by_colour:
+        named = dict(swapped="whose colour the base swaps", other="of other colours")
+        notes.append("; ".join(f"{n} captions {named[k]}: {b:.4f} -> {a:.4f}" for k, (n, b, a) in by_colour.items() if n))
     return "\n".join([
         f"toy reward on {n_prompts} held-out captions x {n_seeds} seeds (1 = the caption drawn exactly; "
         f"95% bootstrap intervals over prompts)",
         "| model | step | toy reward [95% CI] | gain over base [95% CI] |", "|---|---|---|---|",
         f"| base | 0 | {base['reward']:.4f} [{base['low']:.4f}, {base['high']:.4f}] | |",
         f"| NCP-DPO | {last['step']} | {last['reward']:.4f} [{last['low']:.4f}, {last['high']:.4f}] | "
-        f"{last['gain']:+.4f} [{last['gain_low']:+.4f}, {last['gain_high']:+.4f}] |", "", verdict])
+        f"{last['gain']:+.4f} [{last['gain_low']:+.4f}, {last['gain_high']:+.4f}] |", "", *notes, verdict])
 
 
 def plot_curve(rows: list[dict], path: Path) -> None:
@@ -142,14 +174,14 @@ def before_after(base: Path, run: Path, prompts: list[str], seeds: list[int], st
 
     from ncp.data.toy import toy_reward
     from ncp.generate import load_pipeline, render
-    from ncp.toy_base import GUIDANCE
+    from ncp.toy_base import BASE_GUIDANCE
 
     pipe = load_pipeline(str(base), "cpu")
     jobs = [(p, s) for p in prompts for s in seeds]
     with torch.no_grad():
-        before = render(pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, GUIDANCE, 32)
+        before = render(pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, BASE_GUIDANCE, 32)
         pipe.load_lora_weights(str(run), adapter_name="ncp_quickstart")
-        after = render(pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, GUIDANCE, 32)
+        after = render(pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, BASE_GUIDANCE, 32)
     cell, pad, label, gap, head = 32 * scale, 2, 290, 16, 24
     step = cell + pad
     grid = Image.new("RGB", (label + 2 * len(seeds) * step + gap, head + len(prompts) * step), "white")
@@ -178,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     import torch
 
-    from ncp.toy_base import split_captions, write_train_pairs
+    from ncp.toy_base import BASE_DATA, split_captions, swapped, write_train_pairs
 
     # tiny models: one thread each; on a busy 2-core machine a second thread made a tiny U-Net forward 20x slower
     # (benchmarks/RESULTS.md, Machine), and a single one costs little on an idle one
@@ -188,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = new_run_dir(Path(a.out))
     base = ensure_base(Path(a.base))
     split = split_captions()
-    pairs = write_train_pairs(out, split["train"], 512)
+    swap = BASE_DATA["colour_swap"]
+    pairs = write_train_pairs(out, split["train"], 512, colour_swap=swap)
     cmd = train_command(out, base, pairs, a.overrides)
     print(f"quickstart: run folder {out}\nquickstart: training NCP-DPO on toy pairs of {len(split['train'])} train "
           f"captions:\n  {shlex.join(cmd)}", flush=True)
@@ -204,12 +237,17 @@ def main(argv: list[str] | None = None) -> dict:
           flush=True)
     scores = score_run(base, out / "run", prompts, seeds, a.sample_steps)
     rows = summarise(scores)
-    text = table(rows, len(prompts), len(seeds))
+    levels = reference_levels(base, prompts)
+    is_swapped = np.array([swapped(p, swap) is not None for p in prompts])
+    by_colour = {k: (int(m.sum()), float(scores[0][m].mean()) if m.any() else 0.0,
+                     float(scores[max(scores)][m].mean()) if m.any() else 0.0)
+                 for k, m in (("swapped", is_swapped), ("other", ~is_swapped))}
+    text = table(rows, len(prompts), len(seeds), levels, by_colour)
     plot_curve(rows, out / "reward_curve.png")
     before_after(base, out / "run", prompts[:SHOW["prompts"]], seeds[:SHOW["seeds"]], a.sample_steps,
                  out / "before_after.png", SHOW["scale"])
-    result = dict(command=shlex.join(cmd), rows=rows, prompts=prompts, seeds=seeds,
-                  scores={str(k): v.tolist() for k, v in scores.items()},
+    result = dict(command=shlex.join(cmd), rows=rows, prompts=prompts, seeds=seeds, levels=levels,
+                  by_colour=by_colour, scores={str(k): v.tolist() for k, v in scores.items()},
                   seconds=dict(train=t_train - t0, total=time.perf_counter() - t0))
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "results.md").write_text(text + "\n")
@@ -221,11 +259,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def next_steps(out: Path, base: Path) -> str:
+    from ncp.toy_base import BASE_GUIDANCE
+
     run = out / "run"
     return f"""
 Next:
   tensorboard --logdir {run}/logs                   # loss, implicit accuracy, errors per step
-  python -m ncp.generate --model {base} --lora {run} --prompts {out}/prompts.txt --seeds 0 1 --steps 8 --guidance 1 --resolution 32 --device cpu --out {out}/gen
+  python -m ncp.generate --model {base} --lora {run} --prompts {out}/prompts.txt --seeds 0 1 --steps 8 --guidance {BASE_GUIDANCE:g} --resolution 32 --device cpu --out {out}/gen
   python -m ncp.evaluate --index {out}/gen/index.jsonl --reward toy --out {out}/eval   # win rate over the base
   accelerate launch -q --num_processes 4 train_ncp_dpo.py --config configs/sd15_ncp_dpo.yaml   # the paper's SD1.5 run, 4 GPUs
   accelerate launch -q --num_processes 4 train_ncp_dpo.py --config configs/sdxl_ncp_dpo.yaml   # SDXL

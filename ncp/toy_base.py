@@ -1,15 +1,19 @@
-"""The toy base model: a tiny SD1.5 (or SD3) pipeline pretrained on the toy shapes with noisy captions, so that
+"""The toy base model: a tiny SD1.5 (or SD3) pipeline pretrained on the toy shapes with wrong captions, so that
 preference training has something to correct, and the held-out scoring that shows it (toy reward, bootstrap
 intervals over prompts). Shared by the quickstart (`ncp.quickstart`) and the toy benchmarks.
 
 The 54 toy captions are split once into train / validation / test captions; preference pairs use train captions,
 every reported number test captions. The base's VAE is trained as an autoencoder on toy images, then its U-Net
-with epsilon-MSE on captioned latents where CAPTION_NOISE of the images show the pair's loser (one attribute
-wrong) instead, with an EMA of the weights; the EMA weights are the base.
+with epsilon-MSE on captioned latents, with an EMA of the weights; the EMA weights are the base. Two kinds of
+caption error can be pretrained in (`pretrain_base`'s keywords): web-like noise, a share `caption_noise` of the
+images showing the pair's loser (one attribute wrong, at random) instead, and a systematic error, `colour_swap`,
+colours swapped in every caption that names them (the base then paints them wrong, every time). Captions of
+every split name the swapped colours, so the error shows on the test captions too.
 
 The quickstart's base ships as `ncp/assets/toy_sd15_base.safetensors` (U-Net, VAE and text encoder in fp16, about
-2 MB). `python -m ncp.toy_base --out DIR` writes it as a pipeline folder in seconds; `--retrain` trains it again
-from the tiny random pipeline (23 minutes on a busy 2-core CPU: benchmarks/RESULTS.md section 7) and `--save-weights FILE` writes such a file.
+2 MB): BASE_SETTINGS on BASE_DATA, exact captions with yellow and blue swapped. `python -m ncp.toy_base --out DIR`
+writes it as a pipeline folder in seconds; `--retrain` trains it again from the tiny random pipeline (minutes:
+benchmarks/RESULTS.md section 7) and `--save-weights FILE` writes such a file.
 
     python -m ncp.toy_base --out outputs/toy-sd15-base
     python -m ncp.toy_base --retrain --out outputs/toy-sd15-base --save-weights ncp/assets/toy_sd15_base.safetensors
@@ -28,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ncp.data.loader import to_tensor
-from ncp.data.toy import BACKGROUNDS, COLOURS, SHAPES, toy_caption, toy_pair, toy_reward
+from ncp.data.toy import BACKGROUNDS, COLOURS, SHAPES, parse_caption, render, toy_caption, toy_pair, toy_reward
 from ncp import families
 from ncp.errors import NcpError, run_cli
 
@@ -39,11 +44,12 @@ SPLIT = (27, 9, 18)  # train / validation / test captions out of the 54
 SPLIT_SEED = 10
 PRETRAIN_SEED = 1  # pretraining images come from another toy stream than the preference pairs (PAIRS_SEED)
 # Share of pretraining images that show the pair's loser (one attribute wrong) under the caption: web-like
-# caption noise. A base fitted to clean winners left no room for preference training at all (benchmarks/RESULTS.md, section 2).
+# caption noise, pretrain_base's default (the toy benchmark's base; the quickstart's: BASE_DATA). A base fitted to
+# clean winners left no room for preference training at all (benchmarks/RESULTS.md, section 2).
 CAPTION_NOISE = 0.4
 PAIRS_SEED = 0
 BOOT = 2000  # bootstrap resamples
-GUIDANCE = 1.0  # no classifier-free guidance: the base follows captions only partly, which leaves room to align
+GUIDANCE = 1.0  # no classifier-free guidance (the toy benchmark): the base follows captions only partly
 
 def split_captions() -> dict[str, list[str]]:
     """The 54 toy captions, shuffled once with SPLIT_SEED, cut into disjoint train / val / test sets."""
@@ -53,14 +59,24 @@ def split_captions() -> dict[str, list[str]]:
     return dict(train=captions[:n_train], val=captions[n_train:n_train + n_val], test=captions[n_train + n_val:])
 
 
-def write_train_pairs(out: Path, captions: list[str], n: int) -> Path:
-    """The first n toy pairs (stream PAIRS_SEED) whose caption is a train caption, as a `pairs` JSONL."""
+def swapped(caption: str, colour_swap: dict[str, str] | None) -> Image.Image | None:
+    """The image a base pretrained with `colour_swap` draws for `caption` (the caption's shape and background in
+    the swapped colour); None when the caption's colour is not swapped."""
+    colour, shape, background = parse_caption(caption)
+    return render(colour_swap[colour], shape, background) if colour_swap and colour in colour_swap else None
+
+
+def write_train_pairs(out: Path, captions: list[str], n: int, colour_swap: dict[str, str] | None = None) -> Path:
+    """The first n toy pairs (stream PAIRS_SEED) whose caption is a train caption, as a `pairs` JSONL. With
+    `colour_swap`, a pair whose caption's colour is swapped has the base's systematic mistake as its loser."""
     folder = out / "pairs"
     folder.mkdir(parents=True, exist_ok=True)
     keep, rows, i = set(captions), [], 0
     while len(rows) < n:
         caption, win, lose = toy_pair(PAIRS_SEED, i, 32)
         if caption in keep:
+            mistake = swapped(caption, colour_swap)
+            lose = lose if mistake is None else mistake
             win.save(folder / f"{i}-w.png")
             lose.save(folder / f"{i}-l.png")
             rows.append(dict(prompt=caption, chosen=f"{i}-w.png", rejected=f"{i}-l.png"))
@@ -70,15 +86,16 @@ def write_train_pairs(out: Path, captions: list[str], n: int) -> Path:
     return path
 
 
-def score_images(pipe, prompts: list[str], seeds: list[int], steps: int, batch_size: int = 128) -> np.ndarray:
-    """toy_reward of every prompt x seed image, shape (prompts, seeds), sampled at GUIDANCE."""
+def score_images(pipe, prompts: list[str], seeds: list[int], steps: int, batch_size: int = 128,
+                 guidance: float = GUIDANCE) -> np.ndarray:
+    """toy_reward of every prompt x seed image, shape (prompts, seeds), sampled at `guidance`."""
     from ncp.generate import render as render_images
 
     jobs = [(p, s) for p in prompts for s in seeds]
     scores = []
     for i in range(0, len(jobs), batch_size):
         batch = jobs[i:i + batch_size]
-        images = render_images(pipe, [p for p, _ in batch], [s for _, s in batch], steps, GUIDANCE, 32)
+        images = render_images(pipe, [p for p, _ in batch], [s for _, s in batch], steps, guidance, 32)
         scores += [toy_reward(img, p) for img, (p, _) in zip(images, batch)]
     return np.array(scores).reshape(len(prompts), len(seeds))
 
@@ -88,9 +105,14 @@ def base_check_seeds(cfg: dict) -> list[int]:
     return list(range(2000, 2000 + cfg["val_seeds"]))
 
 
-def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], log=print, arch: str = families.DEFAULT) -> dict:
+def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], log=print, arch: str = families.DEFAULT,
+                  caption_noise: float = CAPTION_NOISE, colour_swap: dict[str, str] | None = None,
+                  guidance: float = GUIDANCE) -> dict:
     """VAE, then U-Net (sd3: transformer) with an EMA, on toy images; saves the EMA pipeline to out/base
-    (rule: module docstring)."""
+    (rule: module docstring). The pretraining captions' errors: `caption_noise` of the images show the pair's
+    loser, and `colour_swap` {caption colour: drawn colour} is a systematic error (with {"red": "blue", "blue":
+    "red"} every "red" caption shows a blue shape and the other way round), so the base paints those colours
+    wrong confidently. The stopping checks sample at `guidance`."""
     from diffusers.training_utils import EMAModel
 
     from ncp.conditioning import Cond, encode_prompts
@@ -130,8 +152,14 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
         mean = mean - vae.config.shift_factor
     else:
         vae.register_to_config(scaling_factor=float(1 / mean.std()))  # unit-variance latents, as SD's 0.18215
-    noisy = torch.rand(len(winners), generator=torch.Generator().manual_seed(PRETRAIN_SEED)) < CAPTION_NOISE
-    latents = torch.where(noisy.view(-1, 1, 1, 1), mean[len(winners):], mean[:len(winners)]) * vae.config.scaling_factor
+    shown = mean[:len(winners)]  # what each caption shows: its winner, or with colour_swap the swapped colour
+    swaps = {i: img for i, c in enumerate(captions) if (img := swapped(c, colour_swap)) is not None}
+    if swaps:
+        with torch.no_grad():
+            drawn = vae.encode(torch.stack([to_tensor(img) for img in swaps.values()])).latent_dist.mean
+        shown = shown.index_copy(0, torch.tensor(list(swaps)), drawn - (vae.config.get("shift_factor") or 0))
+    noisy = torch.rand(len(winners), generator=torch.Generator().manual_seed(PRETRAIN_SEED)) < caption_noise
+    latents = torch.where(noisy.view(-1, 1, 1, 1), mean[len(winners):], shown) * vae.config.scaling_factor
     vae_reward = statistics.mean(toy_reward(r, c) for r, c in zip(recon, captions))
     log(f"VAE: {cfg['vae_steps']} steps, recon MSE {F.mse_loss(recon, winners).item():.4f}, toy reward of "
         f"reconstructed winners {vae_reward:.4f} (the ceiling), {time.perf_counter() - t_start:.0f} s")
@@ -154,7 +182,7 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
             ema.copy_to(ema_unet.parameters())
             setattr(pipe, denoiser, ema_unet)
             with torch.no_grad():
-                reward = float(score_images(pipe, val, check_seeds, cfg["sample_steps"]).mean())
+                reward = float(score_images(pipe, val, check_seeds, cfg["sample_steps"], guidance=guidance).mean())
             setattr(pipe, denoiser, unet)
             history.append(dict(step=step, reward=reward))
             gained = reward - history[-3]["reward"] if len(history) >= 3 else float("inf")
@@ -223,9 +251,14 @@ def write_toy_mirror(folder: Path, captions: list[str], n: int) -> Path:
 BASE_FILE = Path(__file__).parent / "assets" / "toy_sd15_base.safetensors"
 PARTS = ("unet", "vae", "text_encoder")  # what pretraining sets; tokenizer and scheduler come from ncp.tiny
 # the shipped base's pretraining: the toy benchmark's quick base (EMA checked every 150 steps, stopped by the
-# BASE_TOL rule or at 600 steps): not converged, so its samples still break a colour or shape often
+# BASE_TOL rule or at base_max steps)
 BASE_SETTINGS = dict(vae_steps=200, base_max=600, base_check=150, base_batch=16, base_lr=2e-3, ema=0.995,
                      num_pairs=512, sample_steps=8, val_seeds=8)
+# ... on captions that are exact except for one systematic error: yellow and blue swapped (every "yellow" caption
+# shows a blue shape and every "blue" one a yellow shape). The base follows its captions, and paints those two
+# colours wrong confidently: a mistake that preference pairs (loser = the swapped colour) correct visibly.
+BASE_DATA = dict(caption_noise=0.0, colour_swap={"yellow": "blue", "blue": "yellow"})
+BASE_GUIDANCE = 3.0  # the shipped base is sampled with classifier-free guidance, so it follows its captions firmly
 
 
 def save_base_weights(pipe_dir: str | Path, path: str | Path, info: dict | None = None) -> Path:
@@ -269,9 +302,11 @@ def write_base(out: str | Path, weights: str | Path = BASE_FILE) -> Path:
 
 
 def retrain_base(out: str | Path, log=print) -> dict:
-    """Pretrain the shipped base again (BASE_SETTINGS, validation captions) into out/base."""
+    """Pretrain the shipped base again (BASE_SETTINGS, BASE_DATA, checks at BASE_GUIDANCE on the validation
+    captions) into out/base."""
     split = split_captions()
-    return pretrain_base(Path(out), BASE_SETTINGS, split["val"], base_check_seeds(BASE_SETTINGS), log=log)
+    return pretrain_base(Path(out), BASE_SETTINGS, split["val"], base_check_seeds(BASE_SETTINGS), log=log,
+                         **BASE_DATA, guidance=BASE_GUIDANCE)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -287,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(a.out).with_name(Path(a.out).name + "-work")
         info = retrain_base(work)
         weights = save_base_weights(work / "base", a.save_weights or work / "base.safetensors",
-                                    {**info, "settings": BASE_SETTINGS})
+                                    {**info, "settings": BASE_SETTINGS, "data": BASE_DATA, "guidance": BASE_GUIDANCE})
         print(f"base weights written to {weights}")
     write_base(a.out, weights)
     print(f"toy base pipeline written to {a.out}")
