@@ -136,7 +136,7 @@ def train(a) -> None:
     fam = models.family
     ocfg = ObjectiveConfig(loss=a.loss, space=a.space, beta=a.beta)
     schedule = fam.noise_process(models.scheduler, ocfg)
-    enc = fam.encoder(models.unet, EncoderConfig(blocks=a.blocks if fam.name != "sd15" else None, error="difference"))
+    enc = fam.encoder(models.unet, EncoderConfig(blocks=a.blocks, error="difference"))
     params = add_lora(models.unet, rank=a.rank)
     models.unet.train()
     opt = torch.optim.AdamW(params, lr=a.lr, eps=1e-12, weight_decay=1e-2)  # eps as toy_alignment.py passes it
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--pairs", type=int, default=4, help="pairs per step")
     p.add_argument("--seeds", type=int, default=4, help="image seeds per validation caption")
-    p.add_argument("--blocks", type=int, default=1, help="K of f (transformers)")
+    p.add_argument("--blocks", type=int, help="K of f (transformers; default the family's: a quarter of the blocks)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.probe == "base":
