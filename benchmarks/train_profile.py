@@ -150,8 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps-from", type=int, default=3, help="first step in the mean (1-based)")
     p.add_argument("--json", help="write the per-step phases and the summary here")
     a = p.parse_args(ours)
+    from accelerate.state import AcceleratorState
+
     from ncp.train import main as train_main
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps a singleton per process: start afresh
     with installed(PhaseClock()) as clock:
         run = train_main(train_args, loss=a.loss, description=__doc__)
     if run.step == 0:
