@@ -6,7 +6,7 @@ interleaved (round-robin over repeats, rotated start) and the median is reported
 times on a shared CPU vary by 10-15% from one run to the next. Beside each measured ratio to latent
 DPO stands the ratio of FLOPs (torch.utils.flop_counter), in two forms:
   floor   from U (one U-Net forward) and E (one encoder forward), per pair, counting a backward with
-          LoRA as one more forward (no weight gradients of the frozen base; issue 6's model):
+          LoRA as one more forward (no weight gradients of the frozen base):
           latent DPO 6U, CPO 4U, SFT 2U; NCP adds 6E+2E (DPO), 4E+2E (CPO), 2E+1E (SFT).
           With encoder.error=linearized (--errors) each policy image costs a jvp (primal + tangent, 2E)
           and a backward through the tangent (E), each reference image a jvp (2E), and f(x_true) is not
