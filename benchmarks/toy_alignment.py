@@ -8,7 +8,11 @@ Every selection rule below is fixed in code and printed (`rules()`) before any t
    by a seeded shuffle, into three disjoint sets: train captions (the preference pairs), validation captions
    (the base's stopping rule and the lr / beta choice) and test captions (every reported number).
 1. Base. The tiny pipeline of --arch (ncp.tiny) pretrained on toy images by `ncp.toy_base.pretrain_base` (its
-   docstring: VAE, then the denoiser with an EMA on noisy captions). The EMA is scored on the validation captions
+   docstring: VAE, then the denoiser with an EMA) on exact captions with one systematic error, the quickstart's
+   (`ncp.toy_base.BASE_DATA`): white and black backgrounds swapped in every caption that names them, so the base
+   draws the wrong background for 12 of the 18 test captions (half the toy reward) and gray as asked for the
+   other 6. Images are sampled with classifier-free guidance BASE_GUIDANCE. The preference pairs' loser is the
+   base's mistake for white and black captions, one other attribute wrong for the gray ones. The EMA is scored on the validation captions
    every `base_check` steps; training stops at the first check where the reward gained less than BASE_TOL over the
    last two checks, or at `base_max` steps. The EMA weights at that check are the base.
 2. Grid. Each of the six objectives (NCP / latent x DPO / CPO / SFT) trains with training seed 0 from the
@@ -77,8 +81,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # step_cost's FLOP counter
 
 from ncp import families  # noqa: E402
 from ncp.data.toy import BACKGROUNDS, COLOURS, SHAPES, parse_caption, render, toy_reward  # noqa: E402
-from ncp.toy_base import (BASE_TOL, BOOT, CAPTION_NOISE, GUIDANCE, SPLIT, SPLIT_SEED, base_check_seeds,  # noqa: E402,F401
-                          bootstrap, per_prompt, pretrain_base, score_images, split_captions, write_train_pairs)
+from ncp.toy_base import (BASE_DATA, BASE_GUIDANCE, BASE_TOL, BOOT, SPLIT, SPLIT_SEED, base_check_seeds,  # noqa: E402,F401
+                          bootstrap, per_prompt, pretrain_base, score_images, split_captions, swapped, write_train_pairs)
 
 # name -> (loss, space, train.mixed_precision, encoder.error); the first six are the objectives
 METHODS = {"NCP-DPO": ("dpo", "perceptual", "no", "difference"), "latent DPO": ("dpo", "latent", "no", "difference"),
@@ -100,7 +104,7 @@ PAIRS = [("DPO", "NCP-DPO", "latent DPO"), ("CPO", "NCP-CPO", "latent CPO"), ("S
 # learning-speed curves interpolate between them. max_ext: how many times a grid axis may be extended past an edge.
 FULL = dict(vae_steps=200, base_max=1800, base_check=150, base_batch=16, base_lr=2e-3, ema=0.995,
             steps=160, eval_every=20, pairs=4, num_pairs=512, rank=8, seeds=3, img_seeds=15, val_seeds=8,
-            lrs=[3e-4, 1e-3], beta_mults=[1.0, 4.0], sample_steps=8, max_ext=2)
+            lrs=[1e-3, 3e-3], beta_mults=[1.0, 4.0], sample_steps=8, max_ext=2)
 QUICK = dict(FULL, base_max=600, steps=40, eval_every=20, img_seeds=6, beta_mults=[1.0], max_ext=1)
 SMOKE = dict(vae_steps=3, base_max=4, base_check=2, base_batch=4, base_lr=2e-3, ema=0.9, steps=2, eval_every=1,
              pairs=2, num_pairs=8, rank=4, seeds=2, img_seeds=1, val_seeds=1, lrs=[5e-4], beta_mults=[1.0],
@@ -306,7 +310,8 @@ def train_and_score(job: dict) -> dict:
             if step in job["score_steps"]:
                 pipe.load_lora_weights(str(lora), adapter_name="ncp_curve")
                 try:
-                    scores[step] = score_images(pipe, job["prompts"], job["img_seeds"], job["sample_steps"]).tolist()
+                    scores[step] = score_images(pipe, job["prompts"], job["img_seeds"], job["sample_steps"],
+                                                 guidance=BASE_GUIDANCE).tolist()
                 finally:
                     pipe.unload_lora_weights()
     tail = rows[-max(1, len(rows) // 5):]  # the last 20% of steps
@@ -587,8 +592,17 @@ def format_tables(result: dict) -> str:
     lines += ["", f"Test captions: chance {ref['chance']:.4f}, loser image {ref['loser']:.4f}, winner 1.0; VAE "
                   f"reconstruction of winners {b['vae_recon_reward']:.4f} (ceiling); base (EMA, step "
                   f"{b['unet_steps']}, stopped by {b['stopped_by']}) {result['base_test_reward']:.4f} "
-                  f"on {result['test_images']} test images.", "", verdict(s)]
+                  f"on {result['test_images']} test images.", gap_closed(result), "", verdict(s)]
     return "\n".join(lines)
+
+
+def gap_closed(result: dict) -> str:
+    """The best method's final mean gain as a share of the room the base leaves: ceiling - base."""
+    finals = {n: m["final"]["gain"] for n, m in result["summary"]["methods"].items()}
+    best = max(finals, key=finals.get)
+    room = result["base"]["vae_recon_reward"] - result["base_test_reward"]
+    return (f"The best final gain ({best}, {finals[best]:+.4f}) closes {finals[best] / room:.0%} of the gap between the "
+            f"base and the ceiling ({room:.4f}).")
 
 
 def verdict(summary: dict) -> str:
@@ -695,12 +709,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     split = split_captions()
     print(rules(cfg, split))
-    pairs_path = write_train_pairs(out, split["train"], cfg["num_pairs"])
+    pairs_path = write_train_pairs(out, split["train"], cfg["num_pairs"], swap=BASE_DATA["swap"])
     val_seeds = list(range(1000, 1000 + cfg["val_seeds"]))  # grid selection
     check_seeds = base_check_seeds(cfg)
     test_seeds = list(range(cfg["img_seeds"]))
     base_key = {k: cfg[k] for k in ("vae_steps", "base_max", "base_check", "base_batch", "base_lr", "ema",
-                                    "num_pairs", "val_seeds", "sample_steps")} | dict(caption_noise=CAPTION_NOISE)
+                                    "num_pairs", "val_seeds", "sample_steps")} | dict(BASE_DATA, guidance=BASE_GUIDANCE)
     if a.arch != families.DEFAULT:  # the sd15 base's key stays as it was, so existing bases are reused
         base_key["arch"] = a.arch
     saved = out / "base.json"
@@ -709,7 +723,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"base: reusing {out / 'base'} (U-Net step {base['unet_steps']}, same settings)")
     else:
         shutil.rmtree(out / "runs", ignore_errors=True)  # runs of another base must not be reused below
-        base = pretrain_base(out, cfg, split["val"], check_seeds, arch=a.arch)
+        base = pretrain_base(out, cfg, split["val"], check_seeds, arch=a.arch, **BASE_DATA, guidance=BASE_GUIDANCE)
         saved.write_text(json.dumps(dict(settings=base_key, base=base), indent=2))
     base_dir = str(out / "base")
     betas = beta_scale(out / "base", pairs_path, [SD3_BLOCKS[m] for m in a.methods if m in SD3_BLOCKS], a.arch)
@@ -731,7 +745,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_grid = time.perf_counter()
     pipe_base = load_pipeline(base_dir, "cpu")
     with torch.no_grad():
-        base_val = float(score_images(pipe_base, split["val"], val_seeds, cfg["sample_steps"]).mean())
+        base_val = float(score_images(pipe_base, split["val"], val_seeds, cfg["sample_steps"], guidance=BASE_GUIDANCE).mean())
     print(f"grid: the base's validation reward {base_val:.4f}")
     grid_jobs = [job(m, lr, mult, 0, split["val"], val_seeds, [cfg["steps"]])
                  for m in OBJECTIVES if m in a.methods or (m == "NCP-DPO" and any(x not in OBJECTIVES for x in a.methods))
@@ -764,7 +778,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_test = time.perf_counter()
     score_steps = list(range(cfg["eval_every"], cfg["steps"] + 1, cfg["eval_every"]))
     with torch.no_grad():
-        base_test = score_images(pipe_base, split["test"], test_seeds, cfg["sample_steps"])
+        base_test = score_images(pipe_base, split["test"], test_seeds, cfg["sample_steps"], guidance=BASE_GUIDANCE)
     test_jobs = [job(m, c["lr"], c["beta_mult"] or 1.0, s, split["test"], test_seeds, score_steps)
                  for m, c in chosen.items() for s in range(cfg["seeds"])]
     test = run_jobs(test_jobs, a.workers)
@@ -775,7 +789,7 @@ def main(argv: list[str] | None = None) -> dict:
           + ", ".join(f"{m} {f / 1e9:.4g}" for m, f in flops.items()))
     summary = summarise(test, base_test, chosen, flops)
     plot(summary, out / "curves.png")
-    result = dict(command=command, setup=dict(cfg, guidance=GUIDANCE, base_tol=BASE_TOL, caption_noise=CAPTION_NOISE, split_seed=SPLIT_SEED,
+    result = dict(command=command, setup=dict(cfg, guidance=BASE_GUIDANCE, base_tol=BASE_TOL, base_data=BASE_DATA, split_seed=SPLIT_SEED,
                                               workers=a.workers, methods=a.methods, beta_scale=betas),
                   rules=rules(cfg, split, betas), split=split, reference=reference_levels(split["test"]), base=base,
                   base_val_reward=base_val, base_test_reward=float(base_test.mean()), test_images=int(base_test.size),

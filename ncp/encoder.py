@@ -25,7 +25,8 @@ from .models import adapters_disabled
 
 FEATURES = ("last", "mid", "multiscale")
 ERRORS = ("difference", "linearized", "fp32")
-LINEARIZE = ("vmap", "blockwise", "math")  # how `linearize` runs f's jvp; vmap unless a benchmark says otherwise
+# how `linearize` runs f's jvp; vmap unless a benchmark says otherwise (math last: the others are tested against it)
+LINEARIZE = ("vmap", "blockwise", "math")
 
 
 @contextlib.contextmanager

@@ -1,12 +1,12 @@
 """The first run: NCP-DPO aligns a tiny model that has something to learn, and shows it (CPU, offline, minutes).
 
-1. base: the toy base (`ncp.toy_base`: a tiny SD1.5 pretrained on toy shapes whose captions swap yellow and blue,
-   so it paints a yellow shape when asked for blue and the other way round), written once to
+1. base: the toy base (`ncp.toy_base`: a tiny SD1.5 pretrained on toy shapes whose captions swap white and black
+   backgrounds, so it paints a black background when asked for white and the other way round), written once to
    outputs/toy-sd15-base from the shipped weights;
 2. pairs: toy preference pairs on the train captions only: winner = the caption drawn exactly, loser = the base's
-   swapped colour for yellow and blue captions, one other attribute wrong for the rest;
+   swapped background for white and black captions, one other attribute wrong for the rest (gray);
 3. training: the normal entry point, `accelerate launch train_ncp_dpo.py --config configs/quickstart_ncp_dpo.yaml`;
-4. results: the toy reward of the base and of every checkpoint on held-out test captions (the swapped colours among
+4. results: the toy reward of the base and of every checkpoint on held-out test captions (the swapped backgrounds among
    them), with 95% intervals (bootstrap over prompts), chance and the ceiling, `reward_curve.png` and
    `before_after.png` (the same prompts and seeds, base and aligned). Images are sampled with classifier-free
    guidance BASE_GUIDANCE, so the base follows its (wrong) captions firmly.
@@ -57,7 +57,7 @@ def ensure_base(base: Path) -> Path:
     from ncp.toy_base import write_base
 
     if not (base / "model_index.json").is_file():
-        print(f"quickstart: writing the toy base (tiny SD1.5 pretrained on toy captions with two colours swapped) "
+        print(f"quickstart: writing the toy base (tiny SD1.5 pretrained on toy captions with white and black backgrounds swapped) "
               f"to {base}", flush=True)
         write_base(base)
     return base
@@ -124,9 +124,9 @@ def summarise(scores: dict[int, np.ndarray]) -> list[dict]:
 
 
 def table(rows: list[dict], n_prompts: int, n_seeds: int, levels: dict | None = None,
-          by_colour: dict | None = None) -> str:
-    """The results table; `levels`: chance and ceiling; `by_colour`: {"swapped" | "other": (captions, base mean,
-    aligned mean)}, the rewards on the captions whose colour the base swaps and on the rest."""
+          by_swap: dict | None = None) -> str:
+    """The results table; `levels`: chance and ceiling; `by_swap`: {"swapped" | "other": (captions, base mean,
+    aligned mean)}, the rewards on the captions that name a value the base swaps and on the rest."""
     base, last = rows[0], rows[-1]
     verdict = ("the gain lies above its 95% interval's zero: the aligned model follows the captions better"
                if last["gain_low"] > 0 else "the gain's interval covers zero or lies below it: no clear gain in this run")
@@ -134,9 +134,9 @@ def table(rows: list[dict], n_prompts: int, n_seeds: int, levels: dict | None = 
     if levels:
         notes.append(f"reference: chance (a random toy image) {levels['chance']:.4f}, ceiling (the exact image "
                      f"through the base's VAE) {levels['ceiling']:.4f}")
-    if by_colour:
-        named = dict(swapped="whose colour the base swaps", other="of other colours")
-        notes.append("; ".join(f"{n} captions {named[k]}: {b:.4f} -> {a:.4f}" for k, (n, b, a) in by_colour.items() if n))
+    if by_swap:
+        named = dict(swapped="that the base draws swapped", other="that it draws as asked")
+        notes.append("; ".join(f"{n} captions {named[k]}: {b:.4f} -> {a:.4f}" for k, (n, b, a) in by_swap.items() if n))
     return "\n".join([
         f"toy reward on {n_prompts} held-out captions x {n_seeds} seeds (1 = the caption drawn exactly; "
         f"95% bootstrap intervals over prompts)",
@@ -220,8 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = new_run_dir(Path(a.out))
     base = ensure_base(Path(a.base))
     split = split_captions()
-    swap = BASE_DATA["colour_swap"]
-    pairs = write_train_pairs(out, split["train"], 512, colour_swap=swap)
+    swap = BASE_DATA["swap"]
+    pairs = write_train_pairs(out, split["train"], 512, swap=swap)
     cmd = train_command(out, base, pairs, a.overrides)
     print(f"quickstart: run folder {out}\nquickstart: training NCP-DPO on toy pairs of {len(split['train'])} train "
           f"captions:\n  {shlex.join(cmd)}", flush=True)
@@ -239,15 +239,15 @@ def main(argv: list[str] | None = None) -> dict:
     rows = summarise(scores)
     levels = reference_levels(base, prompts)
     is_swapped = np.array([swapped(p, swap) is not None for p in prompts])
-    by_colour = {k: (int(m.sum()), float(scores[0][m].mean()) if m.any() else 0.0,
+    by_swap = {k: (int(m.sum()), float(scores[0][m].mean()) if m.any() else 0.0,
                      float(scores[max(scores)][m].mean()) if m.any() else 0.0)
                  for k, m in (("swapped", is_swapped), ("other", ~is_swapped))}
-    text = table(rows, len(prompts), len(seeds), levels, by_colour)
+    text = table(rows, len(prompts), len(seeds), levels, by_swap)
     plot_curve(rows, out / "reward_curve.png")
     before_after(base, out / "run", prompts[:SHOW["prompts"]], seeds[:SHOW["seeds"]], a.sample_steps,
                  out / "before_after.png", SHOW["scale"])
     result = dict(command=shlex.join(cmd), rows=rows, prompts=prompts, seeds=seeds, levels=levels,
-                  by_colour=by_colour, scores={str(k): v.tolist() for k, v in scores.items()},
+                  by_swap=by_swap, scores={str(k): v.tolist() for k, v in scores.items()},
                   seconds=dict(train=t_train - t0, total=time.perf_counter() - t0))
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "results.md").write_text(text + "\n")

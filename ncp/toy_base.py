@@ -6,12 +6,12 @@ The 54 toy captions are split once into train / validation / test captions; pref
 every reported number test captions. The base's VAE is trained as an autoencoder on toy images, then its U-Net
 with epsilon-MSE on captioned latents, with an EMA of the weights; the EMA weights are the base. Two kinds of
 caption error can be pretrained in (`pretrain_base`'s keywords): web-like noise, a share `caption_noise` of the
-images showing the pair's loser (one attribute wrong, at random) instead, and a systematic error, `colour_swap`,
-colours swapped in every caption that names them (the base then paints them wrong, every time). Captions of
-every split name the swapped colours, so the error shows on the test captions too.
+images showing the pair's loser (one attribute wrong, at random) instead, and a systematic error, `swap`,
+attribute values swapped in every caption that names them (the base then draws them wrong, every time). Captions
+of every split name the swapped values, so the error shows on the test captions too.
 
 The quickstart's base ships as `ncp/assets/toy_sd15_base.safetensors` (U-Net, VAE and text encoder in fp16, about
-2 MB): BASE_SETTINGS on BASE_DATA, exact captions with yellow and blue swapped. `python -m ncp.toy_base --out DIR`
+2 MB): BASE_SETTINGS on BASE_DATA, exact captions with white and black backgrounds swapped. `python -m ncp.toy_base --out DIR`
 writes it as a pipeline folder in seconds; `--retrain` trains it again from the tiny random pipeline (minutes:
 benchmarks/RESULTS.md section 7) and `--save-weights FILE` writes such a file.
 
@@ -59,23 +59,24 @@ def split_captions() -> dict[str, list[str]]:
     return dict(train=captions[:n_train], val=captions[n_train:n_train + n_val], test=captions[n_train + n_val:])
 
 
-def swapped(caption: str, colour_swap: dict[str, str] | None) -> Image.Image | None:
-    """The image a base pretrained with `colour_swap` draws for `caption` (the caption's shape and background in
-    the swapped colour); None when the caption's colour is not swapped."""
-    colour, shape, background = parse_caption(caption)
-    return render(colour_swap[colour], shape, background) if colour_swap and colour in colour_swap else None
+def swapped(caption: str, swap: dict[str, str] | None) -> Image.Image | None:
+    """The image a base pretrained with `swap` draws for `caption`: the caption's colour, shape and background,
+    each one that `swap` names replaced by its swapped value (the three attributes' names are distinct); None when
+    `swap` names none of them."""
+    parts = parse_caption(caption)
+    return render(*(swap.get(p, p) for p in parts)) if swap and any(p in swap for p in parts) else None
 
 
-def write_train_pairs(out: Path, captions: list[str], n: int, colour_swap: dict[str, str] | None = None) -> Path:
+def write_train_pairs(out: Path, captions: list[str], n: int, swap: dict[str, str] | None = None) -> Path:
     """The first n toy pairs (stream PAIRS_SEED) whose caption is a train caption, as a `pairs` JSONL. With
-    `colour_swap`, a pair whose caption's colour is swapped has the base's systematic mistake as its loser."""
+    `swap`, a pair whose caption names a swapped value has the base's systematic mistake as its loser."""
     folder = out / "pairs"
     folder.mkdir(parents=True, exist_ok=True)
     keep, rows, i = set(captions), [], 0
     while len(rows) < n:
         caption, win, lose = toy_pair(PAIRS_SEED, i, 32)
         if caption in keep:
-            mistake = swapped(caption, colour_swap)
+            mistake = swapped(caption, swap)
             lose = lose if mistake is None else mistake
             win.save(folder / f"{i}-w.png")
             lose.save(folder / f"{i}-l.png")
@@ -106,13 +107,13 @@ def base_check_seeds(cfg: dict) -> list[int]:
 
 
 def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], log=print, arch: str = families.DEFAULT,
-                  caption_noise: float = CAPTION_NOISE, colour_swap: dict[str, str] | None = None,
+                  caption_noise: float = CAPTION_NOISE, swap: dict[str, str] | None = None,
                   guidance: float = GUIDANCE) -> dict:
     """VAE, then U-Net (sd3: transformer) with an EMA, on toy images; saves the EMA pipeline to out/base
     (rule: module docstring). The pretraining captions' errors: `caption_noise` of the images show the pair's
-    loser, and `colour_swap` {caption colour: drawn colour} is a systematic error (with {"red": "blue", "blue":
-    "red"} every "red" caption shows a blue shape and the other way round), so the base paints those colours
-    wrong confidently. The stopping checks sample at `guidance`."""
+    loser, and `swap` {caption value: drawn value} is a systematic error (with {"white": "black", "black":
+    "white"} every "white background" caption shows a black background and the other way round), so the base
+    draws those values wrong confidently. The stopping checks sample at `guidance`."""
     from diffusers.training_utils import EMAModel
 
     from ncp.conditioning import Cond, encode_prompts
@@ -152,8 +153,8 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
         mean = mean - vae.config.shift_factor
     else:
         vae.register_to_config(scaling_factor=float(1 / mean.std()))  # unit-variance latents, as SD's 0.18215
-    shown = mean[:len(winners)]  # what each caption shows: its winner, or with colour_swap the swapped colour
-    swaps = {i: img for i, c in enumerate(captions) if (img := swapped(c, colour_swap)) is not None}
+    shown = mean[:len(winners)]  # what each caption shows: its winner, or with `swap` its swapped values
+    swaps = {i: img for i, c in enumerate(captions) if (img := swapped(c, swap)) is not None}
     if swaps:
         with torch.no_grad():
             drawn = vae.encode(torch.stack([to_tensor(img) for img in swaps.values()])).latent_dist.mean
@@ -252,12 +253,15 @@ BASE_FILE = Path(__file__).parent / "assets" / "toy_sd15_base.safetensors"
 PARTS = ("unet", "vae", "text_encoder")  # what pretraining sets; tokenizer and scheduler come from ncp.tiny
 # the shipped base's pretraining: the toy benchmark's quick base (EMA checked every 150 steps, stopped by the
 # BASE_TOL rule or at base_max steps)
-BASE_SETTINGS = dict(vae_steps=200, base_max=600, base_check=150, base_batch=16, base_lr=2e-3, ema=0.995,
+BASE_SETTINGS = dict(vae_steps=200, base_max=1200, base_check=150, base_batch=16, base_lr=2e-3, ema=0.995,
                      num_pairs=512, sample_steps=8, val_seeds=8)
-# ... on captions that are exact except for one systematic error: yellow and blue swapped (every "yellow" caption
-# shows a blue shape and every "blue" one a yellow shape). The base follows its captions, and paints those two
-# colours wrong confidently: a mistake that preference pairs (loser = the swapped colour) correct visibly.
-BASE_DATA = dict(caption_noise=0.0, colour_swap={"yellow": "blue", "blue": "yellow"})
+# ... on captions that are exact except for one systematic error: white and black backgrounds swapped (every
+# "white background" caption shows a black background and the other way round; gray stays). The base follows its
+# captions and draws those backgrounds wrong confidently, half the toy reward lost on 12 of the 18 test captions:
+# a mistake that preference pairs (loser = the swapped background) correct visibly. (A tiny U-Net learns a
+# background, a large uniform area, in a few hundred steps; swapped colours it learned only partly: it leans to
+# yellow and orange whatever colour is asked.)
+BASE_DATA = dict(caption_noise=0.0, swap={"white": "black", "black": "white"})
 BASE_GUIDANCE = 3.0  # the shipped base is sampled with classifier-free guidance, so it follows its captions firmly
 
 

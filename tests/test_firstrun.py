@@ -188,41 +188,43 @@ def test_quickstart_shortened_writes_the_table_curve_and_grid(tmp_path, monkeypa
     assert len((out / "prompts.txt").read_text().splitlines()) == 18  # the held-out captions
 
 
-def test_the_toy_base_s_colour_swap_is_in_its_data_its_pairs_and_its_test_captions(tmp_path):
-    """colour_swap: a swapped caption's pretraining image shows the other colour; the train pairs' loser for such a
-    caption is exactly that mistake (other captions keep the toy loser); test captions name the swapped colours."""
+def test_the_toy_base_s_swap_is_in_its_data_its_pairs_and_its_test_captions(tmp_path):
+    """swap: a swapped caption's image shows the other value; the train pairs' loser for such a caption is exactly
+    that mistake (other captions keep the toy loser); test captions name the swapped values."""
     import numpy as np
     from PIL import Image
 
-    from ncp.data.toy import parse_caption, toy_caption, toy_pair, toy_reward
+    from ncp.data.toy import parse_caption, toy_pair, toy_reward
     from ncp.toy_base import BASE_DATA, PAIRS_SEED, split_captions, swapped, write_train_pairs
 
-    swap = BASE_DATA["colour_swap"]
+    swap = BASE_DATA["swap"]
     assert sorted(swap) == sorted(swap.values()) and all(k != v for k, v in swap.items())
-    yellow = "a yellow circle on a gray background"
-    assert toy_reward(swapped(yellow, swap), "a blue circle on a gray background") == 1.0
-    assert swapped("a red circle on a gray background", swap) is None and swapped(yellow, None) is None
+    white = "a yellow circle on a white background"
+    assert toy_reward(swapped(white, swap), "a yellow circle on a black background") == 1.0
+    assert swapped("a red circle on a gray background", swap) is None and swapped(white, None) is None
+    assert toy_reward(swapped("a red circle on a gray background", {"red": "blue"}), "a blue circle on a gray background") == 1.0
     split = split_captions()
-    assert {parse_caption(c)[0] for c in split["test"]} & set(swap)  # the error shows on held-out captions
-    pairs = write_train_pairs(tmp_path, split["train"], 30, colour_swap=swap)
+    assert {v for c in split["test"] for v in parse_caption(c)} & set(swap)  # the error shows on held-out captions
+    pairs = write_train_pairs(tmp_path, split["train"], 30, swap=swap)
     rows = [json.loads(r) for r in pairs.read_text().splitlines()]
     kinds = set()
     for r in rows:
-        colour, shape, background = parse_caption(r["prompt"])
         loser = Image.open(tmp_path / "pairs" / r["rejected"])
-        if colour in swap:
-            assert toy_reward(loser, toy_caption(swap[colour], shape, background)) == 1.0
+        mistake = swapped(r["prompt"], swap)
+        if mistake is not None:
+            assert np.array_equal(np.asarray(loser), np.asarray(mistake))
         else:
             _, _, toy_loser = toy_pair(PAIRS_SEED, int(r["rejected"].split("-")[0]), 32)
             assert np.array_equal(np.asarray(loser), np.asarray(toy_loser))
-        kinds.add(colour in swap)
+        kinds.add(mistake is not None)
     assert kinds == {True, False} and {r["prompt"] for r in rows} <= set(split["train"])
 
 
-def test_the_shipped_toy_base_paints_the_swapped_colour(tmp_path):
-    """The shipped base follows its captions, the wrong way on a swapped colour: sampled as the quickstart samples
-    it, its images for a blue caption match the yellow caption better than the blue one, and those for a red
-    caption match red better than blue."""
+def test_the_shipped_toy_base_paints_the_swapped_background(tmp_path):
+    """The shipped base follows its captions, the wrong way on a swapped background: sampled as the quickstart
+    samples it, its images for a black-background caption match the white-background caption better than the
+    asked one, and the other way round, and those for a gray-background caption (not swapped) match gray better
+    than black."""
     import numpy as np
     import torch
 
@@ -231,12 +233,14 @@ def test_the_shipped_toy_base_paints_the_swapped_colour(tmp_path):
     from ncp.toy_base import BASE_GUIDANCE, write_base
 
     pipe = load_pipeline(str(write_base(tmp_path / "base")), "cpu")
-    asked = ["a blue circle on a white background", "a red square on a gray background"]
+    asked = ["a red square on a black background", "a yellow circle on a white background",
+             "a purple square on a gray background"]
     with torch.no_grad():
-        images = render(pipe, [p for p in asked for _ in range(4)], list(range(4)) * 2, 8, BASE_GUIDANCE, 32)
+        images = render(pipe, [p for p in asked for _ in range(4)], list(range(4)) * 3, 8, BASE_GUIDANCE, 32)
 
     def reward(i, caption):
         return np.mean([toy_reward(img, caption) for img in images[4 * i:4 * i + 4]])
 
-    assert reward(0, "a yellow circle on a white background") > reward(0, asked[0]) + 0.1
-    assert reward(1, asked[1]) > reward(1, "a blue square on a gray background") + 0.1
+    assert reward(0, "a red square on a white background") > reward(0, asked[0]) + 0.1
+    assert reward(1, "a yellow circle on a black background") > reward(1, asked[1]) + 0.1
+    assert reward(2, asked[2]) > reward(2, "a purple square on a black background") + 0.1
