@@ -106,19 +106,29 @@ def hold(encoder: nn.Module, base: nn.Module, modules: dict, share: bool) -> Non
     encoder.eval()
 
 
-def refuse_cast(encoder, denoiser: str, args, kwargs) -> None:
-    """A shared f runs the denoiser's own weights: casting f alone would do nothing, so it is refused."""
-    dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
-    if encoder._base is not None and dtype is not None and dtype != encoder.dtype:
-        raise NcpError(f"this encoder runs the {denoiser}'s own weights: cast the {denoiser}, or build the encoder "
-                       "with share=False to cast a copy of its own")
+class FeatureEncoder(nn.Module):
+    """What every f shares: `error` (ERRORS) and a refusal to be cast alone when it runs the denoiser's own
+    weights (casting f would do nothing then). Subclasses set `denoiser` (the word in that error) and `dtype`."""
+
+    denoiser = "denoiser"
+
+    def to(self, *args, **kwargs):
+        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+        if self._base is not None and dtype is not None and dtype != self.dtype:
+            raise NcpError(f"this encoder runs the {self.denoiser}'s own weights: cast the {self.denoiser}, or build "
+                           "the encoder with share=False to cast a copy of its own")
+        return super().to(*args, **kwargs)
+
+    @property
+    def fp32(self) -> bool:
+        return self.error == "fp32"
 
 
 def _contiguous_input(module, args):
     return (args[0].contiguous(), *args[1:])
 
 
-class PerceptualEncoder(nn.Module):
+class PerceptualEncoder(FeatureEncoder):
     """features: "last" = output of the last down block (the authors' SDXL setting);
     "mid" = after the mid block; "multiscale" = every down-path state and the mid block output,
     average-pooled to the smallest resolution, each scaled so every state weighs the same in the
@@ -158,13 +168,7 @@ class PerceptualEncoder(nn.Module):
         self._keep = keep
         hold(self, unet, {name: getattr(unet, name) for name in keep}, share)
 
-    def to(self, *args, **kwargs):
-        refuse_cast(self, "U-Net", args, kwargs)
-        return super().to(*args, **kwargs)
-
-    @property
-    def fp32(self) -> bool:
-        return self.error == "fp32"
+    denoiser = "U-Net"
 
     @property
     def dtype(self) -> torch.dtype:

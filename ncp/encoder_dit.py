@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .encoder import ERRORS, _f_precision, as_base, hold, linearize, refuse_cast
+from .encoder import ERRORS, FeatureEncoder, _f_precision, as_base, hold, linearize
 from .errors import NcpError
 
 # Default K, measured (docs/sd3.md, benchmarks/RESULTS.md section 4): the first quarter of the joint blocks
@@ -28,7 +28,7 @@ def default_blocks(num_layers: int) -> int:
     return max(1, round(DEFAULT_BLOCK_FRACTION * num_layers))
 
 
-class DiTPerceptualEncoder(nn.Module):
+class DiTPerceptualEncoder(FeatureEncoder):
     """blocks: K, the number of joint blocks kept (None = `default_blocks`); pool: mean over image tokens.
     error, batch_calls: as PerceptualEncoder's. Build it before LoRA is added. A subclass for another transformer
     names its `embedders`, its `block_kind` and its default K (`_default_k`), and runs them in `_forward`."""
@@ -66,13 +66,7 @@ class DiTPerceptualEncoder(nn.Module):
             raise NcpError(f"encoder.features={encoder_cfg.features!r} is for U-Nets; {family} uses encoder.blocks (K)")
         return cls(transformer, encoder_cfg.blocks, encoder_cfg.pool, encoder_cfg.error, batch_calls=encoder_cfg.batch_calls)
 
-    def to(self, *args, **kwargs):
-        refuse_cast(self, "transformer", args, kwargs)
-        return super().to(*args, **kwargs)
-
-    @property
-    def fp32(self) -> bool:
-        return self.error == "fp32"
+    denoiser = "transformer"
 
     @property
     def dtype(self) -> torch.dtype:
