@@ -41,7 +41,7 @@ Outputs in --out: toy_alignment.json (every number: the tables are formatted fro
 and vs counted FLOPs, 95% bands), table.md (the tables printed at the end), runs/ and base/.
 
     python benchmarks/toy_alignment.py --out outputs/toy-v3               # full (not yet run with v3)
-    python benchmarks/toy_alignment.py --quick --out outputs/toy-v3-quick # shorter base and runs (not yet timed)
+    python benchmarks/toy_alignment.py --quick --out outputs/toy-v3-quick # shorter base and runs (25 min on 2 cores)
     python benchmarks/toy_alignment.py --smoke --out /tmp/toy-smoke       # seconds: the code runs
 
 SD3 variant (--arch sd3): the same protocol on the tiny SD3 pipeline (MMDiT, flow matching): its own base
@@ -680,7 +680,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/toy-v2")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="shorter base and runs, a smaller grid: under 15 minutes")
+    size.add_argument("--quick", action="store_true", help="shorter base and runs, a smaller grid: about 25 minutes on 2 CPU cores")
     size.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs, in seconds")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel processes, 1 torch thread each")
     p.add_argument("--methods", nargs="+", help="subset of the methods (default: every method of the arch)")
