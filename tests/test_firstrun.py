@@ -220,6 +220,18 @@ def test_the_toy_base_s_swap_is_in_its_data_its_pairs_and_its_test_captions(tmp_
     assert kinds == {True, False} and {r["prompt"] for r in rows} <= set(split["train"])
 
 
+def test_the_toy_base_s_stopping_rule_never_measures_from_the_untrained_check():
+    """A high-scoring random init (step 0) does not stop pretraining at the first check where two lie behind it."""
+    from ncp.toy_base import BASE_TOL, recent_gain
+
+    history = [dict(step=s, reward=r) for s, r in ((0, 0.66), (150, 0.57), (300, 0.63))]
+    assert recent_gain(history) == float("inf")
+    history.append(dict(step=450, reward=0.65))
+    assert recent_gain(history) > BASE_TOL  # 0.65 - 0.57
+    history.append(dict(step=600, reward=0.631))
+    assert recent_gain(history) < BASE_TOL  # 0.631 - 0.63
+
+
 def test_the_shipped_toy_base_paints_the_swapped_background(tmp_path):
     """The shipped base follows its captions, the wrong way on a swapped background: sampled as the quickstart
     samples it, its images for a black-background caption match the white-background caption better than the
