@@ -12,9 +12,10 @@ Every selection rule below is fixed in code and printed (`rules()`) before any t
    (`ncp.toy_base.BASE_DATA`): white and black backgrounds swapped in every caption that names them, so the base
    draws the wrong background for 12 of the 18 test captions (half the toy reward) and gray as asked for the
    other 6. Images are sampled with classifier-free guidance BASE_GUIDANCE. The preference pairs' loser is the
-   base's mistake for white and black captions, one other attribute wrong for the gray ones. The EMA is scored on the validation captions
-   every `base_check` steps; training stops at the first check where the reward gained less than BASE_TOL over the
-   last two checks (the untrained step-0 check never counts as the earlier one), or at `base_max` steps. The EMA weights at that check are the base.
+   base's mistake for white and black captions, one other attribute wrong for the gray ones. The EMA is scored on
+   the validation captions every `base_check` steps; training stops at the first check where the reward gained
+   less than BASE_TOL over the last two checks (the untrained step-0 check never counts as the earlier one), or at
+   `base_max` steps. The EMA weights at that check are the base.
 2. Grid. Each of the six objectives (NCP / latent x DPO / CPO / SFT) trains with training seed 0 from the
    base for every lr in the grid (x every beta multiplier for DPO / CPO; beta = multiplier / median
    |err_w - err_l| of the base on the training pairs, per space). The setting with the highest mean
@@ -82,7 +83,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # step_cost's FLOP counter
 from ncp import families  # noqa: E402
 from ncp.data.toy import BACKGROUNDS, COLOURS, SHAPES, parse_caption, render, toy_reward  # noqa: E402
 from ncp.toy_base import (BASE_DATA, BASE_GUIDANCE, BASE_TOL, BOOT, SPLIT, SPLIT_SEED, base_check_seeds,  # noqa: E402,F401
-                          bootstrap, per_prompt, pretrain_base, score_images, split_captions, swapped, write_train_pairs)
+                          bootstrap, per_prompt, pretrain_base, score_images, split_captions, write_train_pairs)
 
 # name -> (loss, space, train.mixed_precision, encoder.error); the first six are the objectives
 METHODS = {"NCP-DPO": ("dpo", "perceptual", "no", "difference"), "latent DPO": ("dpo", "latent", "no", "difference"),
@@ -681,7 +682,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/toy-v2")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="shorter base and runs, a smaller grid: about 25 minutes on 2 CPU cores")
+    size.add_argument("--quick", action="store_true",
+                      help="shorter base and runs, a smaller grid: about 25 minutes on 2 CPU cores")
     size.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs, in seconds")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel processes, 1 torch thread each")
     p.add_argument("--methods", nargs="+", help="subset of the methods (default: every method of the arch)")
@@ -715,7 +717,8 @@ def main(argv: list[str] | None = None) -> dict:
     check_seeds = base_check_seeds(cfg)
     test_seeds = list(range(cfg["img_seeds"]))
     base_key = {k: cfg[k] for k in ("vae_steps", "base_max", "base_check", "base_batch", "base_lr", "ema",
-                                    "num_pairs", "val_seeds", "sample_steps")} | dict(BASE_DATA, guidance=BASE_GUIDANCE)
+                                    "num_pairs", "val_seeds", "sample_steps")} | dict(BASE_DATA,
+                                                                                       guidance=BASE_GUIDANCE)
     if a.arch != families.DEFAULT:  # the sd15 base's key stays as it was, so existing bases are reused
         base_key["arch"] = a.arch
     saved = out / "base.json"
@@ -746,7 +749,8 @@ def main(argv: list[str] | None = None) -> dict:
     t_grid = time.perf_counter()
     pipe_base = load_pipeline(base_dir, "cpu")
     with torch.no_grad():
-        base_val = float(score_images(pipe_base, split["val"], val_seeds, cfg["sample_steps"], guidance=BASE_GUIDANCE).mean())
+        base_val = float(score_images(pipe_base, split["val"], val_seeds, cfg["sample_steps"],
+                                      guidance=BASE_GUIDANCE).mean())
     print(f"grid: the base's validation reward {base_val:.4f}")
     grid_jobs = [job(m, lr, mult, 0, split["val"], val_seeds, [cfg["steps"]])
                  for m in OBJECTIVES if m in a.methods or (m == "NCP-DPO" and any(x not in OBJECTIVES for x in a.methods))
@@ -790,7 +794,8 @@ def main(argv: list[str] | None = None) -> dict:
           + ", ".join(f"{m} {f / 1e9:.4g}" for m, f in flops.items()))
     summary = summarise(test, base_test, chosen, flops)
     plot(summary, out / "curves.png")
-    result = dict(command=command, setup=dict(cfg, guidance=BASE_GUIDANCE, base_tol=BASE_TOL, base_data=BASE_DATA, split_seed=SPLIT_SEED,
+    result = dict(command=command, setup=dict(cfg, guidance=BASE_GUIDANCE, base_tol=BASE_TOL, base_data=BASE_DATA,
+                                              split_seed=SPLIT_SEED,
                                               workers=a.workers, methods=a.methods, beta_scale=betas),
                   rules=rules(cfg, split, betas), split=split, reference=reference_levels(split["test"]), base=base,
                   base_val_reward=base_val, base_test_reward=float(base_test.mean()), test_images=int(base_test.size),

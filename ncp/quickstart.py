@@ -6,8 +6,8 @@
 2. pairs: toy preference pairs on the train captions only: winner = the caption drawn exactly, loser = the base's
    swapped background for white and black captions, one other attribute wrong for the rest (gray);
 3. training: the normal entry point, `accelerate launch train_ncp_dpo.py --config configs/quickstart_ncp_dpo.yaml`;
-4. results: the toy reward of the base and of every checkpoint on held-out test captions (the swapped backgrounds among
-   them), with 95% intervals (bootstrap over prompts), chance and the ceiling, `reward_curve.png` and
+4. results: the toy reward of the base and of every checkpoint on held-out test captions (the swapped backgrounds
+   among them), with 95% intervals (bootstrap over prompts), chance and the ceiling, `reward_curve.png` and
    `before_after.png` (the same prompts and seeds, base and aligned). Images are sampled with classifier-free
    guidance BASE_GUIDANCE, so the base follows its (wrong) captions firmly.
 
@@ -57,8 +57,8 @@ def ensure_base(base: Path) -> Path:
     from ncp.toy_base import write_base
 
     if not (base / "model_index.json").is_file():
-        print(f"quickstart: writing the toy base (tiny SD1.5 pretrained on toy captions with white and black backgrounds swapped) "
-              f"to {base}", flush=True)
+        print(f"quickstart: writing the toy base (tiny SD1.5 pretrained on toy captions with white and black "
+              f"backgrounds swapped) to {base}", flush=True)
         write_base(base)
     return base
 
@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     levels = reference_levels(base, prompts)
     is_swapped = np.array([swapped(p, swap) is not None for p in prompts])
     by_swap = {k: (int(m.sum()), float(scores[0][m].mean()) if m.any() else 0.0,
-                     float(scores[max(scores)][m].mean()) if m.any() else 0.0)
-                 for k, m in (("swapped", is_swapped), ("other", ~is_swapped))}
+                   float(scores[max(scores)][m].mean()) if m.any() else 0.0)
+               for k, m in (("swapped", is_swapped), ("other", ~is_swapped))}
     text = table(rows, len(prompts), len(seeds), levels, by_swap)
     plot_curve(rows, out / "reward_curve.png")
     before_after(base, out / "run", prompts[:SHOW["prompts"]], seeds[:SHOW["seeds"]], a.sample_steps,

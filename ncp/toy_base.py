@@ -11,9 +11,9 @@ attribute values swapped in every caption that names them (the base then draws t
 of every split name the swapped values, so the error shows on the test captions too.
 
 The quickstart's base ships as `ncp/assets/toy_sd15_base.safetensors` (U-Net, VAE and text encoder in fp16, about
-2 MB): BASE_SETTINGS on BASE_DATA, exact captions with white and black backgrounds swapped. `python -m ncp.toy_base --out DIR`
-writes it as a pipeline folder in seconds; `--retrain` trains it again from the tiny random pipeline (minutes:
-benchmarks/RESULTS.md section 7) and `--save-weights FILE` writes such a file.
+2 MB): BASE_SETTINGS on BASE_DATA, exact captions with white and black backgrounds swapped.
+`python -m ncp.toy_base --out DIR` writes it as a pipeline folder in seconds; `--retrain` trains it again from the
+tiny random pipeline (minutes: benchmarks/RESULTS.md section 7) and `--save-weights FILE` writes such a file.
 
     python -m ncp.toy_base --out outputs/toy-sd15-base
     python -m ncp.toy_base --retrain --out outputs/toy-sd15-base --save-weights ncp/assets/toy_sd15_base.safetensors
@@ -39,7 +39,7 @@ from ncp.data.toy import BACKGROUNDS, COLOURS, SHAPES, parse_caption, render, to
 from ncp import families
 from ncp.errors import NcpError, run_cli
 
-BASE_TOL = 0.005  # base stopping rule: the EMA reward gained less than this over the last two checks (after step 0)
+BASE_TOL = 0.005  # base stopping rule: the EMA reward gained less than this over the last two checks (recent_gain)
 SPLIT = (27, 9, 18)  # train / validation / test captions out of the 54
 SPLIT_SEED = 10
 PRETRAIN_SEED = 1  # pretraining images come from another toy stream than the preference pairs (PAIRS_SEED)
