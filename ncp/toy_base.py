@@ -169,14 +169,14 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
         mean = mean - vae.config.shift_factor
     else:
         vae.register_to_config(scaling_factor=float(1 / mean.std()))  # unit-variance latents, as SD's 0.18215
-    shown = mean[:len(winners)]  # what each caption shows: its winner, or with `swap` its swapped values
+    seen = mean[:len(winners)]  # what each caption shows: its winner, or with `swap` its swapped values
     swaps = {i: img for i, c in enumerate(captions) if (img := swapped(c, swap)) is not None}
     if swaps:
         with torch.no_grad():
             drawn = vae.encode(torch.stack([to_tensor(img) for img in swaps.values()])).latent_dist.mean
-        shown = shown.index_copy(0, torch.tensor(list(swaps)), drawn - (vae.config.get("shift_factor") or 0))
+        seen = seen.index_copy(0, torch.tensor(list(swaps)), drawn - (vae.config.get("shift_factor") or 0))
     noisy = torch.rand(len(winners), generator=torch.Generator().manual_seed(PRETRAIN_SEED)) < caption_noise
-    latents = torch.where(noisy.view(-1, 1, 1, 1), mean[len(winners):], shown) * vae.config.scaling_factor
+    latents = torch.where(noisy.view(-1, 1, 1, 1), mean[len(winners):], seen) * vae.config.scaling_factor
     vae_reward = statistics.mean(toy_reward(r, c) for r, c in zip(recon, captions))
     log(f"VAE: {cfg['vae_steps']} steps, recon MSE {F.mse_loss(recon, winners).item():.4f}, toy reward of "
         f"reconstructed winners {vae_reward:.4f} (the ceiling), {time.perf_counter() - t_start:.0f} s")
