@@ -13,10 +13,9 @@ Every selection rule below is fixed in code and printed (`rules()`) before any t
    draws the wrong background for 12 of the 18 test captions (half the toy reward) and gray as asked for the
    other 6. Images are sampled with classifier-free guidance BASE_GUIDANCE. The preference pairs' loser is the
    base's mistake for white and black captions, one other attribute wrong for the gray ones. The EMA is scored on
-   the validation captions every `base_check` steps, against the captions of what it was shown (its fit to its
-   data: scored against the asked captions, learning the swap lowers the reward); training stops at the first
-   check where that reward gained less than BASE_TOL over the last two checks (the untrained step-0 check never
-   counts as the earlier one), or at `base_max` steps. The EMA weights at that check are the base.
+   the validation captions every `base_check` steps; training stops at the first check where the reward gained
+   less than BASE_TOL over the last two checks (the untrained step-0 check never counts as the earlier one), or at
+   `base_max` steps. The EMA weights at that check are the base.
 2. Grid. Each of the six objectives (NCP / latent x DPO / CPO / SFT) trains with training seed 0 from the
    base for every lr in the grid (x every beta multiplier for DPO / CPO; beta = multiplier / median
    |err_w - err_l| of the base on the training pairs, per space). The setting with the highest mean
@@ -662,8 +661,7 @@ def rules(cfg: dict, split: dict, betas: dict | None = None) -> str:
     """The selection rules, fixed before any test prompt is scored."""
     text = [f"prompt split (seed {SPLIT_SEED}): {len(split['train'])} train / {len(split['val'])} validation / "
             f"{len(split['test'])} test captions, disjoint",
-            f"base: EMA (decay {cfg['ema']}) checked every {cfg['base_check']} steps on the validation captions "
-            f"(scored against what it was shown); "
+            f"base: EMA (decay {cfg['ema']}) checked every {cfg['base_check']} steps on the validation captions; "
             f"stop when the gain over the last two checks (step 0 never the earlier one) < {BASE_TOL}, "
             f"or at {cfg['base_max']} steps",
             f"grid (training seed 0, {cfg['steps']} steps, validation captions x {cfg['val_seeds']} image seeds, "

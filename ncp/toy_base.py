@@ -59,17 +59,12 @@ def split_captions() -> dict[str, list[str]]:
     return dict(train=captions[:n_train], val=captions[n_train:n_train + n_val], test=captions[n_train + n_val:])
 
 
-def shown(caption: str, swap: dict[str, str] | None) -> str:
-    """The caption of what a base pretrained with `swap` was shown for `caption`: each of the caption's colour,
-    shape and background that `swap` names replaced by its swapped value (the three attributes' names are
-    distinct)."""
-    return toy_caption(*(swap.get(p, p) for p in parse_caption(caption))) if swap else caption
-
-
 def swapped(caption: str, swap: dict[str, str] | None) -> Image.Image | None:
-    """The image a base pretrained with `swap` draws for `caption`; None when `swap` names none of its values."""
-    drawn = shown(caption, swap)
-    return None if drawn == caption else render(*parse_caption(drawn))
+    """The image a base pretrained with `swap` draws for `caption`: the caption's colour, shape and background,
+    each one that `swap` names replaced by its swapped value (the three attributes' names are distinct); None when
+    `swap` names none of them."""
+    parts = parse_caption(caption)
+    return render(*(swap.get(p, p) for p in parts)) if swap and any(p in swap for p in parts) else None
 
 
 def write_train_pairs(out: Path, captions: list[str], n: int, swap: dict[str, str] | None = None) -> Path:
@@ -93,18 +88,16 @@ def write_train_pairs(out: Path, captions: list[str], n: int, swap: dict[str, st
 
 
 def score_images(pipe, prompts: list[str], seeds: list[int], steps: int, batch_size: int = 128,
-                 guidance: float = GUIDANCE, judged_by: list[str] | None = None) -> np.ndarray:
-    """toy_reward of every prompt x seed image, shape (prompts, seeds), sampled at `guidance`; each image scored
-    against its prompt, or against `judged_by`'s caption at the prompt's index."""
+                 guidance: float = GUIDANCE) -> np.ndarray:
+    """toy_reward of every prompt x seed image, shape (prompts, seeds), sampled at `guidance`."""
     from ncp.generate import render as render_images
 
-    judges = dict(zip(prompts, judged_by or prompts))
     jobs = [(p, s) for p in prompts for s in seeds]
     scores = []
     for i in range(0, len(jobs), batch_size):
         batch = jobs[i:i + batch_size]
         images = render_images(pipe, [p for p, _ in batch], [s for _, s in batch], steps, guidance, 32)
-        scores += [toy_reward(img, judges[p]) for img, (p, _) in zip(images, batch)]
+        scores += [toy_reward(img, p) for img, (p, _) in zip(images, batch)]
     return np.array(scores).reshape(len(prompts), len(seeds))
 
 
@@ -127,9 +120,7 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
     (rule: module docstring). The pretraining captions' errors: `caption_noise` of the images show the pair's
     loser, and `swap` {caption value: drawn value} is a systematic error (with {"white": "black", "black":
     "white"} every "white background" caption shows a black background and the other way round), so the base
-    draws those values wrong confidently. The stopping checks sample at `guidance` and score each image against
-    the caption of what the base was shown (`shown`): how well it fits its data. Scored against the asked caption,
-    learning the swap lowers the reward, and the rule would stop a base that is still learning."""
+    draws those values wrong confidently. The stopping checks sample at `guidance`."""
     from diffusers.training_utils import EMAModel
 
     from ncp.conditioning import Cond, encode_prompts
@@ -169,14 +160,14 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
         mean = mean - vae.config.shift_factor
     else:
         vae.register_to_config(scaling_factor=float(1 / mean.std()))  # unit-variance latents, as SD's 0.18215
-    seen = mean[:len(winners)]  # what each caption shows: its winner, or with `swap` its swapped values
+    shown = mean[:len(winners)]  # what each caption shows: its winner, or with `swap` its swapped values
     swaps = {i: img for i, c in enumerate(captions) if (img := swapped(c, swap)) is not None}
     if swaps:
         with torch.no_grad():
             drawn = vae.encode(torch.stack([to_tensor(img) for img in swaps.values()])).latent_dist.mean
-        seen = seen.index_copy(0, torch.tensor(list(swaps)), drawn - (vae.config.get("shift_factor") or 0))
+        shown = shown.index_copy(0, torch.tensor(list(swaps)), drawn - (vae.config.get("shift_factor") or 0))
     noisy = torch.rand(len(winners), generator=torch.Generator().manual_seed(PRETRAIN_SEED)) < caption_noise
-    latents = torch.where(noisy.view(-1, 1, 1, 1), mean[len(winners):], seen) * vae.config.scaling_factor
+    latents = torch.where(noisy.view(-1, 1, 1, 1), mean[len(winners):], shown) * vae.config.scaling_factor
     vae_reward = statistics.mean(toy_reward(r, c) for r, c in zip(recon, captions))
     log(f"VAE: {cfg['vae_steps']} steps, recon MSE {F.mse_loss(recon, winners).item():.4f}, toy reward of "
         f"reconstructed winners {vae_reward:.4f} (the ceiling), {time.perf_counter() - t_start:.0f} s")
@@ -199,13 +190,11 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
             ema.copy_to(ema_unet.parameters())
             setattr(pipe, denoiser, ema_unet)
             with torch.no_grad():
-                reward = float(score_images(pipe, val, check_seeds, cfg["sample_steps"], guidance=guidance,
-                                            judged_by=[shown(c, swap) for c in val]).mean())
+                reward = float(score_images(pipe, val, check_seeds, cfg["sample_steps"], guidance=guidance).mean())
             setattr(pipe, denoiser, unet)
             history.append(dict(step=step, reward=reward))
             gained = recent_gain(history)
-            log(f"base U-Net step {step}: EMA toy reward on validation captions (against what it was shown) "
-                f"{reward:.4f}, gain over the "
+            log(f"base U-Net step {step}: EMA toy reward on validation captions {reward:.4f}, gain over the "
                 f"last two checks {gained:+.4f}, {time.perf_counter() - t_start:.0f} s")
             if gained < BASE_TOL or step >= cfg["base_max"]:
                 break
