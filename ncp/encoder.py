@@ -147,6 +147,8 @@ class PerceptualEncoder(FeatureEncoder):
     x_{t-1} of policy and truth differ by 1e-4..1e-3 of their size, so half-precision rounding of
     f(x_pol) and f(x_true) separately can exceed their difference (benchmarks/precision.py)."""
 
+    denoiser = "U-Net"
+
     def __init__(self, unet, features: str = "last", pool: bool = False, error: str = "difference", share: bool = True,
                  batch_calls: bool = False):
         super().__init__()
@@ -167,8 +169,6 @@ class PerceptualEncoder(FeatureEncoder):
             keep.append("mid_block")
         self._keep = keep
         hold(self, unet, {name: getattr(unet, name) for name in keep}, share)
-
-    denoiser = "U-Net"
 
     @property
     def dtype(self) -> torch.dtype:

@@ -35,6 +35,7 @@ class DiTPerceptualEncoder(FeatureEncoder):
 
     embedders = ("pos_embed", "time_text_embed", "context_embedder")  # what runs before the blocks
     block_kind = "joint"
+    denoiser = "transformer"
 
     def __init__(self, transformer, blocks: int | None = None, pool: bool = False, error: str = "difference",
                  batch_calls: bool = False, share: bool = True):
@@ -65,8 +66,6 @@ class DiTPerceptualEncoder(FeatureEncoder):
         if encoder_cfg.features != "last":
             raise NcpError(f"encoder.features={encoder_cfg.features!r} is for U-Nets; {family} uses encoder.blocks (K)")
         return cls(transformer, encoder_cfg.blocks, encoder_cfg.pool, encoder_cfg.error, batch_calls=encoder_cfg.batch_calls)
-
-    denoiser = "transformer"
 
     @property
     def dtype(self) -> torch.dtype:

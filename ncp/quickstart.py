@@ -70,15 +70,14 @@ def train_command(out: Path, base: Path, pairs: Path, overrides: list[str]) -> l
             f"model.pretrained={base}", f"data.path={pairs}", f"train.output_dir={out / 'run'}", *overrides]
 
 
-def score_run(base: Path, run: Path, prompts: list[str], seeds: list[int], steps: int) -> dict[int, np.ndarray]:
-    """{step: toy reward (prompts, seeds)} of the base (step 0) and every checkpoint and final LoRA of the run."""
+def score_run(pipe, run: Path, prompts: list[str], seeds: list[int], steps: int) -> dict[int, np.ndarray]:
+    """{step: toy reward (prompts, seeds)} of the base pipeline `pipe` (step 0) and every checkpoint and final
+    LoRA of the run."""
     import torch
 
     from ncp.curves import run_loras
-    from ncp.generate import load_pipeline
     from ncp.toy_base import BASE_GUIDANCE, score_images
 
-    pipe = load_pipeline(str(base), "cpu")
     scores = {}
     with torch.no_grad():
         scores[0] = score_images(pipe, prompts, seeds, steps, guidance=BASE_GUIDANCE)
@@ -91,18 +90,16 @@ def score_run(base: Path, run: Path, prompts: list[str], seeds: list[int], steps
     return scores
 
 
-def reference_levels(base: Path, prompts: list[str]) -> dict:
+def reference_levels(vae, prompts: list[str]) -> dict:
     """Toy reward, mean over `prompts`, of chance (the exact image of any of the 54 toy captions) and of the
-    ceiling (the exact image through the base's VAE: what its latents can show at best)."""
+    ceiling (the exact image through the base's VAE `vae`: what its latents can show at best)."""
     import torch
 
     from ncp.data.loader import to_tensor
     from ncp.data.toy import BACKGROUNDS, COLOURS, SHAPES, parse_caption, render, toy_reward
-    from ncp.generate import load_pipeline
 
     every = [render(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
     chance = np.mean([[toy_reward(img, p) for img in every] for p in prompts])
-    vae = load_pipeline(str(base), "cpu").vae
     with torch.no_grad():
         recon = vae.decode(vae.encode(torch.stack([to_tensor(render(*parse_caption(p))) for p in prompts]))
                            .latent_dist.mean).sample
@@ -166,22 +163,25 @@ def plot_curve(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def before_after(base: Path, run: Path, prompts: list[str], seeds: list[int], steps: int, path: Path,
+def before_after(pipe, run: Path, prompts: list[str], seeds: list[int], steps: int, path: Path,
                  scale: int = 3) -> Path:
-    """One row per prompt: the base's images, then the aligned model's, at the same seeds; labelled, upscaled."""
+    """One row per prompt: the base pipeline `pipe`'s images, then with the run's LoRA, at the same seeds;
+    labelled, upscaled. `pipe` is left without the LoRA."""
     import torch
     from PIL import Image, ImageDraw
 
     from ncp.data.toy import toy_reward
-    from ncp.generate import load_pipeline, render
+    from ncp.generate import render
     from ncp.toy_base import BASE_GUIDANCE
 
-    pipe = load_pipeline(str(base), "cpu")
     jobs = [(p, s) for p in prompts for s in seeds]
     with torch.no_grad():
         before = render(pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, BASE_GUIDANCE, 32)
         pipe.load_lora_weights(str(run), adapter_name="ncp_quickstart")
-        after = render(pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, BASE_GUIDANCE, 32)
+        try:
+            after = render(pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, BASE_GUIDANCE, 32)
+        finally:
+            pipe.unload_lora_weights()
     cell, pad, label, gap, head = 32 * scale, 2, 290, 16, 24
     step = cell + pad
     grid = Image.new("RGB", (label + 2 * len(seeds) * step + gap, head + len(prompts) * step), "white")
@@ -235,16 +235,19 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "prompts.txt").write_text("\n".join(prompts) + "\n")  # the held-out captions, for the next commands
     print(f"quickstart: scoring the base and every checkpoint on {len(prompts)} held-out captions x {len(seeds)} seeds",
           flush=True)
-    scores = score_run(base, out / "run", prompts, seeds, a.sample_steps)
+    from ncp.generate import load_pipeline
+
+    pipe = load_pipeline(str(base), "cpu")  # the base, once: scored, then its VAE, then the images beside the LoRA's
+    scores = score_run(pipe, out / "run", prompts, seeds, a.sample_steps)
     rows = summarise(scores)
-    levels = reference_levels(base, prompts)
+    levels = reference_levels(pipe.vae, prompts)
     is_swapped = np.array([swapped(p, swap) is not None for p in prompts])
     by_swap = {k: (int(m.sum()), float(scores[0][m].mean()) if m.any() else 0.0,
                    float(scores[max(scores)][m].mean()) if m.any() else 0.0)
                for k, m in (("swapped", is_swapped), ("other", ~is_swapped))}
     text = table(rows, len(prompts), len(seeds), levels, by_swap)
     plot_curve(rows, out / "reward_curve.png")
-    before_after(base, out / "run", prompts[:SHOW["prompts"]], seeds[:SHOW["seeds"]], a.sample_steps,
+    before_after(pipe, out / "run", prompts[:SHOW["prompts"]], seeds[:SHOW["seeds"]], a.sample_steps,
                  out / "before_after.png", SHOW["scale"])
     result = dict(command=shlex.join(cmd), rows=rows, prompts=prompts, seeds=seeds, levels=levels,
                   by_swap=by_swap, scores={str(k): v.tolist() for k, v in scores.items()},
