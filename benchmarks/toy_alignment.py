@@ -64,7 +64,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import random
 import shlex
 import shutil
 import statistics
@@ -81,9 +80,9 @@ sys.path.insert(0, str(ROOT))  # the training scripts and ncp, from a clean chec
 sys.path.insert(0, str(ROOT / "benchmarks"))  # step_cost's FLOP counter
 
 from ncp import families  # noqa: E402
-from ncp.data.toy import BACKGROUNDS, COLOURS, SHAPES, parse_caption, render, toy_reward  # noqa: E402
 from ncp.toy_base import (BASE_DATA, BASE_GUIDANCE, BASE_TOL, BOOT, SPLIT, SPLIT_SEED, base_check_seeds,  # noqa: E402,F401
-                          bootstrap, per_prompt, pretrain_base, score_images, split_captions, write_train_pairs)
+                          bootstrap, per_prompt, pretrain_base, reference_levels, score_images, split_captions,
+                          write_train_pairs)
 
 # name -> (loss, space, train.mixed_precision, encoder.error); the first six are the objectives
 METHODS = {"NCP-DPO": ("dpo", "perceptual", "no", "difference"), "latent DPO": ("dpo", "latent", "no", "difference"),
@@ -105,7 +104,7 @@ PAIRS = [("DPO", "NCP-DPO", "latent DPO"), ("CPO", "NCP-CPO", "latent CPO"), ("S
 # learning-speed curves interpolate between them. max_ext: how many times a grid axis may be extended past an edge.
 FULL = dict(vae_steps=200, base_max=1800, base_check=150, base_batch=16, base_lr=2e-3, ema=0.995,
             steps=160, eval_every=20, pairs=4, num_pairs=512, rank=8, seeds=3, img_seeds=15, val_seeds=8,
-            lrs=[1e-3, 3e-3], beta_mults=[1.0, 4.0], sample_steps=8, max_ext=2)
+            lrs=[3e-3, 1e-2], beta_mults=[1.0, 4.0], sample_steps=8, max_ext=2)  # lrs: the quick runs' choices were 3e-3 and 9e-3
 QUICK = dict(FULL, base_max=600, steps=40, eval_every=20, img_seeds=6, beta_mults=[1.0], max_ext=1)
 SMOKE = dict(vae_steps=3, base_max=4, base_check=2, base_batch=4, base_lr=2e-3, ema=0.9, steps=2, eval_every=1,
              pairs=2, num_pairs=8, rank=4, seeds=2, img_seeds=1, val_seeds=1, lrs=[5e-4], beta_mults=[1.0],
@@ -162,23 +161,6 @@ def slug(name: str) -> str:
 
 
 # ---------------------------------------------------------------- 0. prompts and data
-
-def reference_levels(prompts: list[str], size: int = 32) -> dict:
-    """Toy reward of the exact image (1.0), a loser (one attribute wrong, as in the pairs) and chance
-    (a random caption's image); means over `prompts`."""
-    rng = random.Random(0)
-    loser, chance = [], []
-    for caption in prompts:
-        colour, shape, background = parse_caption(caption)
-        if rng.random() < 0.5:  # as ncp.data.toy.toy_pair: wrong colour or wrong shape
-            bad = (rng.choice([c for c in COLOURS if c != colour]), shape, background)
-        else:
-            bad = (colour, rng.choice([s for s in SHAPES if s != shape]), background)
-        loser.append(toy_reward(render(*bad, size=size), caption))
-        other = (rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS)))
-        chance.append(toy_reward(render(*other, size=size), caption))
-    return dict(winner=1.0, loser=statistics.mean(loser), chance=statistics.mean(chance))
-
 
 # ---------------------------------------------------------------- scoring
 
@@ -304,17 +286,26 @@ def train_and_score(job: dict) -> dict:
     for r in rows:  # measured wall time between optimizer steps: loading, VAE encoding, objective, backward, update
         total += job["pairs"] / r["samples_per_s"]
         seconds[r["step"]] = total
-    pipe = load_pipeline(job["base"], "cpu")
-    scores = {}
+    # scores are kept in the run folder per (prompts, image seeds, sampler): a rerun of a stopped benchmark repeats
+    # neither the training nor the scoring of what it had finished
+    cache = run_dir / "scores.json"
+    kept = json.loads(cache.read_text()) if cache.is_file() else {}
+    key = json.dumps([job["prompts"], job["img_seeds"], job["sample_steps"], BASE_GUIDANCE])
+    scores = {int(s): v for s, v in kept.get(key, {}).items() if int(s) in job["score_steps"]}
+    pipe = None
     with torch.no_grad():
         for step, lora in run_loras(run_dir):
-            if step in job["score_steps"]:
+            if step in job["score_steps"] and step not in scores:
+                pipe = pipe or load_pipeline(job["base"], "cpu")
                 pipe.load_lora_weights(str(lora), adapter_name="ncp_curve")
                 try:
                     scores[step] = score_images(pipe, job["prompts"], job["img_seeds"], job["sample_steps"],
                                                  guidance=BASE_GUIDANCE).tolist()
                 finally:
                     pipe.unload_lora_weights()
+                kept[key] = {**kept.get(key, {}), str(step): scores[step]}
+                (run_dir / "scores.tmp").write_text(json.dumps(kept))
+                (run_dir / "scores.tmp").replace(cache)  # whole or not at all
     tail = rows[-max(1, len(rows) // 5):]  # the last 20% of steps
     head = rows[:max(1, len(rows) // 5)]
     mean = lambda rs, k: statistics.mean(r[k] for r in rs) if rs and k in rs[0] else None  # noqa: E731
@@ -731,13 +722,13 @@ def main(argv: list[str] | None = None) -> dict:
         saved.write_text(json.dumps(dict(settings=base_key, base=base), indent=2))
     base_dir = str(out / "base")
     betas = beta_scale(out / "base", pairs_path, [SD3_BLOCKS[m] for m in a.methods if m in SD3_BLOCKS], a.arch)
-    print(f"beta scale per space (1 / median |err_w - err_l| of the base): "
+    print("beta scale per space (1 / median |err_w - err_l| of the base): "
           + ", ".join(f"{k} {v:.4g}" for k, v in betas.items()))
     common = dict(arch=a.arch, base=base_dir, pairs_path=str(pairs_path), rank=cfg["rank"], pairs=cfg["pairs"], steps=cfg["steps"],
                   eval_every=cfg["eval_every"], sample_steps=cfg["sample_steps"])
 
     def job(method, lr, mult, seed, prompts, img_seeds, score_steps):
-        space, loss = ALL_METHODS[method][1], ALL_METHODS[method][0]
+        loss = ALL_METHODS[method][0]
         beta = betas[space_key(method)] * mult if loss != "sft" else 1.0
         return dict(common, method=method, lr=lr, beta_mult=mult if loss != "sft" else None, beta=beta, seed=seed,
                     run_dir=str(out / "runs" / run_name(method, cfg["steps"], lr, mult if loss != "sft" else None, seed)),

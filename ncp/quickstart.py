@@ -70,40 +70,29 @@ def train_command(out: Path, base: Path, pairs: Path, overrides: list[str]) -> l
             f"model.pretrained={base}", f"data.path={pairs}", f"train.output_dir={out / 'run'}", *overrides]
 
 
-def score_run(pipe, run: Path, prompts: list[str], seeds: list[int], steps: int) -> dict[int, np.ndarray]:
-    """{step: toy reward (prompts, seeds)} of the base pipeline `pipe` (step 0) and every checkpoint and final
-    LoRA of the run."""
+def score_new(pipe, run: Path, scores: dict[int, np.ndarray], prompts: list[str], seeds: list[int], steps: int,
+              finished: bool) -> None:
+    """Add to `scores` ({step: toy reward (prompts, seeds)}) each LoRA of the run not scored yet, through the
+    base pipeline `pipe`. Checkpoints are renamed into place whole, so they are scored while training runs; the
+    final LoRA only once it has ended (`finished`), and not when a checkpoint of its step was (same weights)."""
     import torch
 
     from ncp.curves import run_loras
     from ncp.toy_base import BASE_GUIDANCE, score_images
 
-    scores = {}
-    with torch.no_grad():
-        scores[0] = score_images(pipe, prompts, seeds, steps, guidance=BASE_GUIDANCE)
-        for step, lora in run_loras(run):
-            pipe.load_lora_weights(str(lora), adapter_name="ncp_quickstart")
-            try:
+    try:
+        loras = run_loras(run)
+    except NcpError:  # nothing written yet
+        loras = []
+    for step, lora in loras:
+        if step in scores or (lora == run and not finished):
+            continue
+        pipe.load_lora_weights(str(lora), adapter_name="ncp_quickstart")
+        try:
+            with torch.no_grad():
                 scores[step] = score_images(pipe, prompts, seeds, steps, guidance=BASE_GUIDANCE)
-            finally:
-                pipe.unload_lora_weights()
-    return scores
-
-
-def reference_levels(vae, prompts: list[str]) -> dict:
-    """Toy reward, mean over `prompts`, of chance (the exact image of any of the 54 toy captions) and of the
-    ceiling (the exact image through the base's VAE `vae`: what its latents can show at best)."""
-    import torch
-
-    from ncp.data.loader import to_tensor
-    from ncp.data.toy import BACKGROUNDS, COLOURS, SHAPES, parse_caption, render, toy_reward
-
-    every = [render(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
-    chance = np.mean([[toy_reward(img, p) for img in every] for p in prompts])
-    with torch.no_grad():
-        recon = vae.decode(vae.encode(torch.stack([to_tensor(render(*parse_caption(p))) for p in prompts]))
-                           .latent_dist.mean).sample
-    return dict(chance=float(chance), ceiling=float(np.mean([toy_reward(r, p) for r, p in zip(recon, prompts)])))
+        finally:
+            pipe.unload_lora_weights()
 
 
 def summarise(scores: dict[int, np.ndarray]) -> list[dict]:
@@ -163,25 +152,32 @@ def plot_curve(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def before_after(pipe, run: Path, prompts: list[str], seeds: list[int], steps: int, path: Path,
-                 scale: int = 3) -> Path:
-    """One row per prompt: the base pipeline `pipe`'s images, then with the run's LoRA, at the same seeds;
-    labelled, upscaled. `pipe` is left without the LoRA."""
+def show(pipe, prompts: list[str], seeds: list[int], steps: int, lora: Path | None = None) -> list:
+    """The images of every prompt at every seed (prompt-major), through `pipe`, with the LoRA in `lora` if given;
+    `pipe` is left without it."""
     import torch
-    from PIL import Image, ImageDraw
 
-    from ncp.data.toy import toy_reward
     from ncp.generate import render
     from ncp.toy_base import BASE_GUIDANCE
 
     jobs = [(p, s) for p in prompts for s in seeds]
-    with torch.no_grad():
-        before = render(pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, BASE_GUIDANCE, 32)
-        pipe.load_lora_weights(str(run), adapter_name="ncp_quickstart")
-        try:
-            after = render(pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, BASE_GUIDANCE, 32)
-        finally:
+    if lora is not None:
+        pipe.load_lora_weights(str(lora), adapter_name="ncp_quickstart")
+    try:
+        with torch.no_grad():
+            return render(pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, BASE_GUIDANCE, 32)
+    finally:
+        if lora is not None:
             pipe.unload_lora_weights()
+
+
+def before_after(before: list, after: list, prompts: list[str], seeds: list[int], path: Path, scale: int = 3) -> Path:
+    """One row per prompt: the base's images (`show` without a LoRA), then the aligned model's at the same seeds;
+    labelled with the prompt and its mean toy reward, upscaled."""
+    from PIL import Image, ImageDraw
+
+    from ncp.data.toy import toy_reward
+
     cell, pad, label, gap, head = 32 * scale, 2, 290, 16, 24
     step = cell + pad
     grid = Image.new("RGB", (label + 2 * len(seeds) * step + gap, head + len(prompts) * step), "white")
@@ -210,7 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     import torch
 
-    from ncp.toy_base import BASE_DATA, split_captions, swapped, write_train_pairs
+    from ncp.toy_base import (BASE_DATA, BASE_GUIDANCE, reference_levels, score_images, split_captions, swapped,
+                              write_train_pairs)
 
     # tiny models: one thread each; on a busy 2-core machine a second thread made a tiny U-Net forward 20x slower
     # (benchmarks/RESULTS.md, Machine), and a single one costs little on an idle one
@@ -223,31 +220,49 @@ def main(argv: list[str] | None = None) -> dict:
     swap = BASE_DATA["swap"]
     pairs = write_train_pairs(out, split["train"], 512, swap=swap)
     cmd = train_command(out, base, pairs, a.overrides)
+    prompts, seeds = split["test"], list(range(a.seeds))
     print(f"quickstart: run folder {out}\nquickstart: training NCP-DPO on toy pairs of {len(split['train'])} train "
-          f"captions:\n  {shlex.join(cmd)}", flush=True)
+          f"captions:\n  {shlex.join(cmd)}\nquickstart: meanwhile scoring the base and each checkpoint on "
+          f"{len(prompts)} held-out captions x {len(seeds)} seeds", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]  # `accelerate launch` of this Python's env
-    if subprocess.run(launcher + cmd[2:], env=env).returncode != 0:
-        raise SystemExit(1)  # the training command printed its own error
-    t_train = time.perf_counter()
-    prompts, seeds = split["test"], list(range(a.seeds))
-    (out / "prompts.txt").write_text("\n".join(prompts) + "\n")  # the held-out captions, for the next commands
-    print(f"quickstart: scoring the base and every checkpoint on {len(prompts)} held-out captions x {len(seeds)} seeds",
-          flush=True)
+    training = subprocess.Popen(launcher + cmd[2:], env=env)
+    shown = dict(prompts=prompts[:SHOW["prompts"]], seeds=seeds[:SHOW["seeds"]], steps=a.sample_steps)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     from ncp.generate import load_pipeline
 
-    pipe = load_pipeline(str(base), "cpu")  # the base, once: scored, then its VAE, then the images beside the LoRA's
-    scores = score_run(pipe, out / "run", prompts, seeds, a.sample_steps)
+    diffusers_logging.disable_progress_bar()  # the loading bars of this process would break the training's bar
+    transformers_logging.disable_progress_bar()
+    try:  # training takes one core; this process scores on the other while it runs: the base, then each checkpoint
+        pipe = load_pipeline(str(base), "cpu")  # the base, loaded once
+        scores = {0: score_images(pipe, prompts, seeds, a.sample_steps, guidance=BASE_GUIDANCE)}
+        levels = reference_levels(pipe.vae, prompts)
+        before = show(pipe, **shown)
+        while training.poll() is None:
+            score_new(pipe, out / "run", scores, prompts, seeds, a.sample_steps, finished=False)
+            time.sleep(1)
+    except BaseException as e:
+        if training.poll() is None and not isinstance(e, KeyboardInterrupt):  # Ctrl-C reached the training too
+            training.terminate()  # it saves a checkpoint and stops
+        training.wait()
+        raise
+    if training.returncode != 0:
+        raise SystemExit(1)  # the training command printed its own error
+    t_train = time.perf_counter()
+    (out / "prompts.txt").write_text("\n".join(prompts) + "\n")  # the held-out captions, for the next commands
+    print("quickstart: training done; scoring the final LoRA", flush=True)
+    score_new(pipe, out / "run", scores, prompts, seeds, a.sample_steps, finished=True)
     rows = summarise(scores)
-    levels = reference_levels(pipe.vae, prompts)
     is_swapped = np.array([swapped(p, swap) is not None for p in prompts])
     by_swap = {k: (int(m.sum()), float(scores[0][m].mean()) if m.any() else 0.0,
                    float(scores[max(scores)][m].mean()) if m.any() else 0.0)
                for k, m in (("swapped", is_swapped), ("other", ~is_swapped))}
     text = table(rows, len(prompts), len(seeds), levels, by_swap)
     plot_curve(rows, out / "reward_curve.png")
-    before_after(pipe, out / "run", prompts[:SHOW["prompts"]], seeds[:SHOW["seeds"]], a.sample_steps,
+    before_after(before, show(pipe, **shown, lora=out / "run"), shown["prompts"], shown["seeds"],
                  out / "before_after.png", SHOW["scale"])
     result = dict(command=shlex.join(cmd), rows=rows, prompts=prompts, seeds=seeds, levels=levels,
                   by_swap=by_swap, scores={str(k): v.tolist() for k, v in scores.items()},

@@ -219,6 +219,28 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
                 stopped_by="rule" if step < cfg["base_max"] else "base_max", seconds=time.perf_counter() - t_start)
 
 
+def reference_levels(prompts: list[str], vae=None) -> dict:
+    """Toy reward levels, exact means over `prompts`: winner (the caption's image, 1.0), loser (one attribute wrong
+    as in ncp.data.toy.toy_pair: colour or shape, each half the time, any other value), chance (the image of any
+    of the 54 toy captions) and, given the base's VAE `vae`, the ceiling (the caption's image through it: what its
+    latents can show at best)."""
+    loser, chance = [], []
+    every = [render(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
+    for caption in prompts:
+        colour, shape, background = parse_caption(caption)
+        wrong = [[toy_reward(render(c, shape, background), caption) for c in COLOURS if c != colour],
+                 [toy_reward(render(colour, s, background), caption) for s in SHAPES if s != shape]]
+        loser.append(np.mean([np.mean(w) for w in wrong]))
+        chance.append(np.mean([toy_reward(img, caption) for img in every]))
+    levels = dict(winner=1.0, loser=float(np.mean(loser)), chance=float(np.mean(chance)))
+    if vae is not None:
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(torch.stack([to_tensor(render(*parse_caption(p))) for p in prompts]))
+                               .latent_dist.mean).sample
+        levels["ceiling"] = float(np.mean([toy_reward(r, p) for r, p in zip(recon, prompts)]))
+    return levels
+
+
 def bootstrap(clusters: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float]:
     """Mean of per-prompt values and its 95% percentile-bootstrap interval, prompts resampled with replacement."""
     idx = rng.integers(0, len(clusters), size=(BOOT, len(clusters)))

@@ -40,6 +40,11 @@ def train(cfg: Config, resume_command: str | None = None) -> Run:
     acc = make_accelerator(tc)
     if acc.device.type == "cpu" and hostmem.applied:
         log.info("CPU training: freed memory stays with the process for the next step (ncp/hostmem.py)")
+    if acc.device.type == "cpu" and os.environ.get("NCP_FLUSH_SUBNORMALS") != "0" and torch.set_flush_denormal(True):
+        # a saturated DPO pair's loss gradient is subnormal (below 1.2e-38), and so is everything backward computes
+        # from it: the CPU's slow path for subnormals made the quickstart's backward 3x slower (benchmarks/RESULTS.md
+        # section 5). Flushed to zero, they change a step by less than fp32 rounding. NCP_FLUSH_SUBNORMALS=0: IEEE.
+        log.info("CPU training: subnormal floats flush to zero")
     run = Run.open(cfg, acc, resume_command)         # folder guard, resume point, fingerprint: before minutes of loading
     loader = build_data(cfg, acc)                     # data first: a bad file fails before the models load
     max_steps = run.set_length(loader.sampler.batches_per_epoch)

@@ -156,6 +156,18 @@ def test_toy_alignment_smoke_selects_on_validation_and_reports_intervals(tmp_pat
     assert result["test_images"] == len(split["test"]) * cfg["img_seeds"]
     assert (out / "curves.png").stat().st_size > 0 and (out / "table.md").is_file()
     assert json.loads((out / "toy_alignment.json").read_text())["command"].endswith("--smoke --workers 1 --out " + str(out))
+    ref = result["reference"]
+    assert ref["chance"] < ref["loser"] < ref["winner"] == 1.0  # exact means: a one-attribute loser beats chance
+    # rerun into the same folder: the base, every run and every run's scores are kept; only the base is scored again
+    scored = []
+    real = toy.score_images
+    toy.score_images = lambda pipe, prompts, *a, **k: scored.append(len(prompts)) or real(pipe, prompts, *a, **k)
+    try:
+        again = toy.main(["--smoke", "--workers", "1", "--out", str(out)])
+    finally:
+        toy.score_images = real
+    assert scored == [len(split["val"]), len(split["test"])]  # the base's validation and test images
+    assert again["summary"] == result["summary"]
 
 
 def test_toy_alignment_statistics_by_hand():

@@ -205,6 +205,18 @@ def test_cpu_training_keeps_freed_memory_instead_of_faulting_it_in_every_step():
     assert int(faults["1"]) * 4 < int(faults["0"]), faults
 
 
+def test_cpu_training_flushes_subnormal_floats(tiny_sd15, tmp_path, run_script):
+    """A saturated DPO pair's gradient is subnormal, and the CPU's slow path for subnormals made backward 3x slower:
+    a CPU run flushes them to zero (a subnormal times 2 reads 0 in its process afterwards)."""
+    import torch
+
+    subnormal = torch.tensor([1e-39])
+    assert (subnormal * 2).item() > 0  # IEEE by default
+    run_script("dpo", ["--config", "configs/tiny_sd15_ncp_dpo.yaml", f"model.pretrained={tiny_sd15}",
+                       f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", "train.report_to=none"])
+    assert (subnormal * 2).item() == 0.0
+
+
 def test_host_memory_is_left_alone_on_a_gpu_machine(monkeypatch):
     from ncp import hostmem
 

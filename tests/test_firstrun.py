@@ -188,6 +188,37 @@ def test_quickstart_shortened_writes_the_table_curve_and_grid(tmp_path, monkeypa
     assert len((out / "prompts.txt").read_text().splitlines()) == 18  # the held-out captions
 
 
+def test_quickstart_scores_checkpoints_while_training_runs_and_the_final_lora_once_it_ended(tmp_path, monkeypatch):
+    """score_new: no LoRA yet is nothing to score; a checkpoint (renamed into place whole) is scored while the run
+    goes on, once; the final LoRA (written in place, so maybe half written) only after the run has ended."""
+    import numpy as np
+
+    from ncp import toy_base
+    from ncp.quickstart import score_new
+
+    loaded = []
+
+    class Pipe:
+        def load_lora_weights(self, path, adapter_name):
+            loaded.append(Path(path))
+
+        def unload_lora_weights(self):
+            pass
+
+    monkeypatch.setattr(toy_base, "score_images", lambda *a, **k: np.full((1, 1), float(len(loaded))))
+    run, scores = tmp_path / "run", {0: np.zeros((1, 1))}
+    score_new(Pipe(), run, scores, ["p"], [0], 2, finished=False)
+    assert list(scores) == [0] and loaded == []
+    for d in (run / "checkpoints" / "checkpoint-2", run):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    for _ in range(2):
+        score_new(Pipe(), run, scores, ["p"], [0], 2, finished=False)
+    assert sorted(scores) == [0, 2] and loaded == [run / "checkpoints" / "checkpoint-2"]
+    score_new(Pipe(), run, scores, ["p"], [0], 2, finished=True)
+    assert sorted(scores) == [0, 2, 3] and loaded[1:] == [run] and scores[3].item() == 2.0  # final: checkpoint + 1
+
+
 def test_the_toy_base_s_swap_is_in_its_data_its_pairs_and_its_test_captions(tmp_path):
     """swap: a swapped caption's image shows the other value; the train pairs' loser for such a caption is exactly
     that mistake (other captions keep the toy loser); test captions name the swapped values."""
