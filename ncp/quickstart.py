@@ -9,7 +9,8 @@
 4. results: the toy reward of the base and of every checkpoint on held-out test captions (the swapped backgrounds
    among them), with 95% intervals (bootstrap over prompts), chance and the ceiling, `reward_curve.png` and
    `before_after.png` (the same prompts and seeds, base and aligned). Images are sampled with classifier-free
-   guidance BASE_GUIDANCE, so the base follows its (wrong) captions firmly.
+   guidance BASE_GUIDANCE, so the base follows its (wrong) captions firmly. Training takes one core; this process
+   scores the base and each finished checkpoint on another while it runs, and the final LoRA after it ends.
 
 Each run writes a new folder, outputs/quickstart/<date-time>. Extra arguments are config overrides for step 3.
 
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:  # training takes one core; this process scores on the other while it runs: the base, then each checkpoint
         pipe = load_pipeline(str(base), "cpu")  # the base, loaded once
         scores = {0: score_images(pipe, prompts, seeds, a.sample_steps, guidance=BASE_GUIDANCE)}
-        levels = reference_levels(pipe.vae, prompts)
+        levels = reference_levels(prompts, pipe.vae)
         before = show(pipe, **shown)
         while training.poll() is None:
             score_new(pipe, out / "run", scores, prompts, seeds, a.sample_steps, finished=False)
