@@ -15,7 +15,9 @@ Every selection rule below is fixed in code and printed (`rules()`) before any t
    base's mistake for white and black captions, one other attribute wrong for the gray ones. The EMA is scored on
    the validation captions every `base_check` steps; training stops at the first check where the reward gained
    less than BASE_TOL over the last two checks (the untrained step-0 check never counts as the earlier one), or at
-   `base_max` steps. The EMA weights at that check are the base.
+   `base_max` steps. The EMA weights at that check are the base. On the U-Net that base ships with the project
+   (ncp/assets/toy_sd15_base.safetensors, the quickstart's: these settings, stopped by the rule at step 1050,
+   fp16), and is used instead of pretraining it again, at the quick size too (a converged base, not its cap's).
 2. Grid. Each of the six objectives (NCP / latent x DPO / CPO / SFT) trains with training seed 0 from the
    base for every lr in the grid (x every beta multiplier for DPO / CPO; beta = multiplier / median
    |err_w - err_l| of the base on the training pairs, per space). The setting with the highest mean
@@ -80,9 +82,9 @@ sys.path.insert(0, str(ROOT))  # the training scripts and ncp, from a clean chec
 sys.path.insert(0, str(ROOT / "benchmarks"))  # step_cost's FLOP counter
 
 from ncp import families  # noqa: E402
-from ncp.toy_base import (BASE_DATA, BASE_GUIDANCE, BASE_TOL, BOOT, SPLIT, SPLIT_SEED, base_check_seeds,  # noqa: E402,F401
-                          bootstrap, per_prompt, pretrain_base, reference_levels, score_images, split_captions,
-                          write_train_pairs)
+from ncp.toy_base import (BASE_DATA, BASE_FILE, BASE_GUIDANCE, BASE_TOL, BOOT, SPLIT, SPLIT_SEED, base_check_seeds,  # noqa: E402,F401
+                          bootstrap, per_prompt, pretrain_base, reference_levels, score_images, shipped_base_info,
+                          split_captions, write_base, write_train_pairs)
 
 # name -> (loss, space, train.mixed_precision, encoder.error); the first six are the objectives
 METHODS = {"NCP-DPO": ("dpo", "perceptual", "no", "difference"), "latent DPO": ("dpo", "latent", "no", "difference"),
@@ -140,6 +142,24 @@ def larger_pipeline(out: Path, arch: str, width: int, resolution: int) -> Path:
     pipe.register_modules(**{family.denoiser_key: type(denoiser).from_config(cfg)})
     pipe.save_pretrained(out)
     return out
+
+
+def shipped_base(out: Path, cfg: dict, arch: str) -> dict | None:
+    """The shipped toy base (ncp.toy_base.BASE_FILE, the quickstart's), written to out/base, where it is the base
+    this run's pretraining would give: the sd15 arch with the same pretraining settings (but the cap), data and
+    guidance, stopped by the rule, so any cap from its stop on gives it (the full size's 1800 steps); the quick
+    size's smaller cap takes it too, a converged base in place of a capped one. Weights as shipped (fp16); None
+    where it does not apply."""
+    if arch != families.DEFAULT:
+        return None
+    info = shipped_base_info()
+    settings = {k: v for k, v in info["settings"].items() if k != "base_max"}
+    if (info["stopped_by"] != "rule" or settings != {k: cfg.get(k) for k in settings} or info["data"] != BASE_DATA
+            or info["guidance"] != BASE_GUIDANCE):
+        return None
+    write_base(out / "base")
+    return dict({k: info[k] for k in ("vae_steps", "vae_recon_reward", "unet_steps", "history", "stopped_by")},
+                seconds=0.0, shipped=dict(file=f"ncp/assets/{BASE_FILE.name}", pretraining_seconds=info["seconds"]))
 
 
 def dry_run(out: Path, arch: str, cfg: dict) -> dict:
@@ -718,7 +738,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"base: reusing {out / 'base'} (U-Net step {base['unet_steps']}, same settings)")
     else:
         shutil.rmtree(out / "runs", ignore_errors=True)  # runs of another base must not be reused below
-        base = pretrain_base(out, cfg, split["val"], check_seeds, arch=a.arch, **BASE_DATA, guidance=BASE_GUIDANCE)
+        base = shipped_base(out, cfg, a.arch) or pretrain_base(out, cfg, split["val"], check_seeds, arch=a.arch,
+                                                               **BASE_DATA, guidance=BASE_GUIDANCE)
+        if "shipped" in base:
+            print(f"base: the shipped toy base ({base['shipped']['file']}: these settings, stopped by the rule at "
+                  f"step {base['unet_steps']})")
         saved.write_text(json.dumps(dict(settings=base_key, base=base), indent=2))
     base_dir = str(out / "base")
     betas = beta_scale(out / "base", pairs_path, [SD3_BLOCKS[m] for m in a.methods if m in SD3_BLOCKS], a.arch)

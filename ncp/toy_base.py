@@ -310,6 +310,15 @@ def save_base_weights(pipe_dir: str | Path, path: str | Path, info: dict | None 
     return path
 
 
+def shipped_base_info(weights: str | Path = BASE_FILE) -> dict:
+    """What the shipped base's pretraining recorded (save_base_weights' `info`): settings, data, guidance, the
+    stopping checks' history, the step and cause of its stop."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        return json.loads(f.metadata()["info"])
+
+
 def write_base(out: str | Path, weights: str | Path = BASE_FILE) -> Path:
     """A tiny SD1.5 pipeline folder holding the weights of `weights` (written by save_base_weights)."""
     from diffusers import StableDiffusionPipeline

@@ -170,6 +170,31 @@ def test_toy_alignment_smoke_selects_on_validation_and_reports_intervals(tmp_pat
     assert again["summary"] == result["summary"]
 
 
+def test_toy_alignment_takes_the_shipped_base_where_its_pretraining_would_give_it(tmp_path):
+    """The U-Net's full and quick sizes pretrain with the shipped base's settings (but the cap), and it stopped by
+    the rule before the full cap: they take it, written as a pipeline; another arch or other settings do not."""
+    from diffusers import StableDiffusionPipeline
+
+    toy = load("toy_alignment")
+    import torch
+    from safetensors.torch import load_file
+
+    from ncp.toy_base import BASE_FILE, BASE_SETTINGS, shipped_base_info
+
+    info = shipped_base_info()
+    assert info["stopped_by"] == "rule" and info["unet_steps"] < toy.FULL["base_max"]
+    assert {k: toy.FULL[k] for k in BASE_SETTINGS if k != "base_max"} == {k: v for k, v in BASE_SETTINGS.items()
+                                                                         if k != "base_max"}
+    for cfg, arch in ((toy.FULL, "sd3"), (toy.SMOKE, "sd15"), (dict(toy.FULL, base_lr=1e-3), "sd15")):
+        assert toy.shipped_base(tmp_path / "no", cfg, arch) is None
+    assert not (tmp_path / "no").exists()
+    base = toy.shipped_base(tmp_path / "quick", toy.QUICK, "sd15")
+    assert base["unet_steps"] == info["unet_steps"] and base["history"] == info["history"]
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "quick" / "base", safety_checker=None)
+    shipped = load_file(str(BASE_FILE))
+    assert all(torch.equal(v.float(), shipped[f"unet.{k}"].float()) for k, v in pipe.unet.state_dict().items())
+
+
 def test_toy_alignment_statistics_by_hand():
     toy = load("toy_alignment")
     rng = __import__("numpy").random.default_rng(0)
