@@ -44,7 +44,7 @@ Outputs in --out: toy_alignment.json (every number: the tables are formatted fro
 and vs counted FLOPs, 95% bands), table.md (the tables printed at the end), runs/ and base/.
 
     python benchmarks/toy_alignment.py --out outputs/toy-v3               # full (not yet run with v3)
-    python benchmarks/toy_alignment.py --quick --out outputs/toy-v3-quick # shorter base and runs (25 min on 2 cores)
+    python benchmarks/toy_alignment.py --quick --out outputs/toy-v3-quick # shorter runs (13 min on 2 cores)
     python benchmarks/toy_alignment.py --smoke --out /tmp/toy-smoke       # seconds: the code runs
 
 SD3 variant (--arch sd3): the same protocol on the tiny SD3 pipeline (MMDiT, flow matching): its own base
