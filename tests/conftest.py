@@ -8,6 +8,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def ieee_subnormals_after_each_test():
+    """A CPU training run flushes subnormal floats for the rest of its process (ncp/train.py); a test that runs
+    one in this process must not hand that to the next test."""
+    yield
+    import torch
+
+    torch.set_flush_denormal(False)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory):
     from ncp.tiny import build_tiny_pipeline
@@ -52,7 +62,4 @@ def run_script(monkeypatch):
         AcceleratorState._reset_state(reset_partial_state=True)  # each run starts like a new process
         return importlib.import_module(f"train_ncp_{loss}").main(argv)
 
-    yield run
-    import torch
-
-    torch.set_flush_denormal(False)  # a CPU run flushes subnormals in its process; this one goes on to other tests
+    return run
