@@ -282,7 +282,7 @@ def train_and_score(job: dict) -> dict:
     from accelerate.state import AcceleratorState
 
     from ncp.curves import run_loras
-    from ncp.generate import load_pipeline
+    from ncp.generate import load_pipeline, lora_loaded
     from ncp.metrics import read_metrics
 
     torch.set_num_threads(1)  # tiny models on a shared 2-core CPU: 1 thread per process is fastest
@@ -318,12 +318,9 @@ def train_and_score(job: dict) -> dict:
         for step, lora in run_loras(run_dir):
             if step in job["score_steps"] and step not in scores:
                 pipe = pipe or load_pipeline(job["base"], "cpu")
-                pipe.load_lora_weights(str(lora), adapter_name="ncp_curve")
-                try:
+                with lora_loaded(pipe, lora):
                     scores[step] = score_images(pipe, job["prompts"], job["img_seeds"], job["sample_steps"],
                                                  guidance=BASE_GUIDANCE).tolist()
-                finally:
-                    pipe.unload_lora_weights()
                 kept[key] = {**kept.get(key, {}), str(step): scores[step]}
                 (run_dir / "scores.tmp").write_text(json.dumps(kept))
                 (run_dir / "scores.tmp").replace(cache)  # whole or not at all

@@ -20,7 +20,7 @@ import torch
 
 from ncp.errors import NcpError, run_cli
 from ncp.evaluate import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, REWARDS, make_scorer
-from ncp.generate import add_render_args, default_device, dtype_of, load_pipeline, load_prompts, render
+from ncp.generate import add_render_args, default_device, dtype_of, load_pipeline, load_prompts, lora_loaded, render
 from ncp.metrics import read_metrics
 from ncp.models import LORA_FILE
 
@@ -97,11 +97,8 @@ def curves(runs: list[str | Path], pipe, prompts: list[str], seeds: list[int], s
     for name, run in zip(names, runs):
         points[name] = [dict(step=0, reward=base, lora=None)]
         for step, lora in run_loras(run):
-            pipe.load_lora_weights(str(lora), adapter_name="ncp_curve")
-            try:
+            with lora_loaded(pipe, lora):
                 reward = score_lora(pipe, prompts, seeds, scorer, **render_kwargs)
-            finally:
-                pipe.unload_lora_weights()
             points[name].append(dict(step=step, reward=reward, lora=str(lora)))
             print(f"{name} step {step}: {reward_name} {reward:.4f}")
     result = dict(reward=reward_name, prompts=list(prompts), seeds=list(seeds), runs=points)

@@ -13,6 +13,7 @@ difference between a LoRA's image and the base image is the LoRA. Output:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -118,6 +119,20 @@ def dtype_of(name: str) -> torch.dtype:
 
 
 # ---------------------------------------------------------------- rendering
+@contextlib.contextmanager
+def lora_loaded(pipe, lora: str | Path | None):
+    """`pipe` with the LoRA in `lora` (a run folder or file) loaded for the block, and without it afterwards, also
+    after an error; None: `pipe` as it is."""
+    if lora is None:
+        yield pipe
+        return
+    pipe.load_lora_weights(str(lora), adapter_name="ncp")
+    try:
+        yield pipe
+    finally:
+        pipe.unload_lora_weights()
+
+
 def render(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.5,
            resolution: int | None = None, negative_prompt: str | None = None):
     """PIL images for prompts[i] with seeds[i], one CPU `torch.Generator` per image.
@@ -158,9 +173,7 @@ def generate(model: str, loras: list[str], prompts: list[str], out_dir: str | Pa
     jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
     rows = []
     for name, lora in models:
-        if lora is not None:
-            pipe.load_lora_weights(str(lora), adapter_name="ncp_eval")
-        try:
+        with lora_loaded(pipe, lora):
             (out_dir / name).mkdir(parents=True, exist_ok=True)
             for batch in _batches(jobs, batch_size):
                 images = render(pipe, [p for _, p, _ in batch], [s for _, _, s in batch], steps, guidance,
@@ -170,9 +183,6 @@ def generate(model: str, loras: list[str], prompts: list[str], out_dir: str | Pa
                     image.save(out_dir / rel)
                     rows.append(dict(prompt=prompt, prompt_idx=idx, seed=int(seed), model=name,
                                      lora=str(lora) if lora else None, path=rel))
-        finally:
-            if lora is not None:
-                pipe.unload_lora_weights()
     with open(out_dir / "index.jsonl", "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

@@ -79,6 +79,7 @@ def score_new(pipe, run: Path, scores: dict[int, np.ndarray], prompts: list[str]
     import torch
 
     from ncp.curves import run_loras
+    from ncp.generate import lora_loaded
     from ncp.toy_base import BASE_GUIDANCE, score_images
 
     try:
@@ -88,12 +89,8 @@ def score_new(pipe, run: Path, scores: dict[int, np.ndarray], prompts: list[str]
     for step, lora in loras:
         if step in scores or (lora == run and not finished):
             continue
-        pipe.load_lora_weights(str(lora), adapter_name="ncp_quickstart")
-        try:
-            with torch.no_grad():
-                scores[step] = score_images(pipe, prompts, seeds, steps, guidance=BASE_GUIDANCE)
-        finally:
-            pipe.unload_lora_weights()
+        with lora_loaded(pipe, lora), torch.no_grad():
+            scores[step] = score_images(pipe, prompts, seeds, steps, guidance=BASE_GUIDANCE)
 
 
 def summarise(scores: dict[int, np.ndarray]) -> list[dict]:
@@ -158,18 +155,12 @@ def show(pipe, prompts: list[str], seeds: list[int], steps: int, lora: Path | No
     `pipe` is left without it."""
     import torch
 
-    from ncp.generate import render
+    from ncp.generate import lora_loaded, render
     from ncp.toy_base import BASE_GUIDANCE
 
     jobs = [(p, s) for p in prompts for s in seeds]
-    if lora is not None:
-        pipe.load_lora_weights(str(lora), adapter_name="ncp_quickstart")
-    try:
-        with torch.no_grad():
-            return render(pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, BASE_GUIDANCE, 32)
-    finally:
-        if lora is not None:
-            pipe.unload_lora_weights()
+    with lora_loaded(pipe, lora), torch.no_grad():
+        return render(pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, BASE_GUIDANCE, 32)
 
 
 def before_after(before: list, after: list, prompts: list[str], seeds: list[int], path: Path, scale: int = 3) -> Path:
