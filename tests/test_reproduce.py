@@ -69,7 +69,7 @@ def settings(tmp_path: Path, model: str) -> Path:
     return path
 
 
-def test_reproduce_end_to_end_equals_the_stages_by_hand(tiny_sd15, tmp_path):
+def test_reproduce_end_to_end_equals_the_stages_by_hand(tiny_sd15, tmp_path, one_torch_thread):
     from ncp.evaluate import main as evaluate_main
     from ncp.generate import main as generate_main
 
