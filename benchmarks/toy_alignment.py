@@ -82,8 +82,8 @@ sys.path.insert(0, str(ROOT))  # the training scripts and ncp, from a clean chec
 sys.path.insert(0, str(ROOT / "benchmarks"))  # step_cost's FLOP counter
 
 from ncp import families  # noqa: E402
-from ncp.toy_base import (BASE_DATA, BASE_FILE, BASE_GUIDANCE, BASE_TOL, BOOT, SPLIT, SPLIT_SEED, base_check_seeds,  # noqa: E402,F401
-                          bootstrap, per_prompt, pretrain_base, reference_levels, score_images, shipped_base_info,
+from ncp.toy_base import (BASE_DATA, BASE_GUIDANCE, BASE_TOL, BOOT, SPLIT, SPLIT_SEED, base_check_seeds,  # noqa: E402,F401
+                          base_file, bootstrap, per_prompt, pretrain_base, reference_levels, score_images, shipped_base_info,
                           split_captions, write_base, write_train_pairs)
 
 # name -> (loss, space, train.mixed_precision, encoder.error); the first six are the objectives
@@ -145,21 +145,22 @@ def larger_pipeline(out: Path, arch: str, width: int, resolution: int) -> Path:
 
 
 def shipped_base(out: Path, cfg: dict, arch: str) -> dict | None:
-    """The shipped toy base (ncp.toy_base.BASE_FILE, the quickstart's), written to out/base, where it is the base
-    this run's pretraining would give: the sd15 arch with the same pretraining settings (but the cap), data and
-    guidance, stopped by the rule, so any cap from its stop on gives it (the full size's 1800 steps); the quick
-    size's smaller cap takes it too, a converged base in place of a capped one. Weights as shipped (fp16); None
-    where it does not apply."""
-    if arch != families.DEFAULT:
+    """The arch's shipped toy base (ncp.toy_base.base_file; the U-Net's is the quickstart's), written to out/base,
+    where it is the base this run's pretraining would give: the same arch, pretraining settings (but the cap),
+    data and guidance, stopped by the rule, so any cap from its stop on gives it (the full size's 1800 steps); the
+    quick size's smaller cap takes it too, a converged base in place of a capped one. Weights as shipped (fp16);
+    None where it does not apply."""
+    weights = base_file(arch)
+    if not weights.is_file():
         return None
-    info = shipped_base_info()
+    info = shipped_base_info(weights)
     settings = {k: v for k, v in info["settings"].items() if k != "base_max"}
-    if (info["stopped_by"] != "rule" or settings != {k: cfg.get(k) for k in settings} or info["data"] != BASE_DATA
-            or info["guidance"] != BASE_GUIDANCE):
+    if (info["arch"] != arch or info["stopped_by"] != "rule" or settings != {k: cfg.get(k) for k in settings}
+            or info["data"] != BASE_DATA or info["guidance"] != BASE_GUIDANCE):
         return None
-    write_base(out / "base")
+    write_base(out / "base", weights)
     return dict({k: info[k] for k in ("vae_steps", "vae_recon_reward", "unet_steps", "history", "stopped_by")},
-                seconds=0.0, shipped=dict(file=f"ncp/assets/{BASE_FILE.name}", pretraining_seconds=info["seconds"]))
+                seconds=0.0, shipped=dict(file=f"ncp/assets/{weights.name}", pretraining_seconds=info["seconds"]))
 
 
 def dry_run(out: Path, arch: str, cfg: dict) -> dict:

@@ -1,4 +1,4 @@
-"""The toy base model: a tiny SD1.5 (or SD3) pipeline pretrained on the toy shapes with wrong captions, so that
+"""The toy base model: a tiny SD1.5 (or SD3, FLUX) pipeline pretrained on the toy shapes with wrong captions, so that
 preference training has something to correct, and the held-out scoring that shows it (toy reward, bootstrap
 intervals over prompts). Shared by the quickstart (`ncp.quickstart`) and the toy benchmarks.
 
@@ -10,13 +10,15 @@ images showing the pair's loser (one attribute wrong, at random) instead, and a 
 attribute values swapped in every caption that names them (the base then draws them wrong, every time). Captions
 of every split name the swapped values, so the error shows on the test captions too.
 
-The quickstart's base ships as `ncp/assets/toy_sd15_base.safetensors` (U-Net, VAE and text encoder in fp16, about
-2 MB): BASE_SETTINGS on BASE_DATA, exact captions with white and black backgrounds swapped.
-`python -m ncp.toy_base --out DIR` writes it as a pipeline folder in seconds; `--retrain` trains it again from the
-tiny random pipeline (minutes: benchmarks/RESULTS.md section 7) and `--save-weights FILE` writes such a file.
+The bases ship as `ncp/assets/toy_<arch>_base.safetensors` (every module in fp16, 1-2 MB): the U-Net's (sd15) is
+the quickstart's, the transformers' (sd3, flux) the toy benchmark's; each BASE_SETTINGS on BASE_DATA, exact captions
+with white and black backgrounds swapped, stopped by the rule. `python -m ncp.toy_base --out DIR [--arch A]` writes
+one as a pipeline folder in seconds; `--retrain` trains it again from the tiny random pipeline (minutes:
+benchmarks/RESULTS.md sections 2 and 7) and `--save-weights FILE` writes such a file.
 
     python -m ncp.toy_base --out outputs/toy-sd15-base
     python -m ncp.toy_base --retrain --out outputs/toy-sd15-base --save-weights ncp/assets/toy_sd15_base.safetensors
+    python -m ncp.toy_base --arch sd3 --retrain --out outputs/toy-sd3-base --save-weights ncp/assets/toy_sd3_base.safetensors
 """
 
 from __future__ import annotations
@@ -194,7 +196,7 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
             setattr(pipe, denoiser, unet)
             history.append(dict(step=step, reward=reward))
             gained = recent_gain(history)
-            log(f"base U-Net step {step}: EMA toy reward on validation captions {reward:.4f}, gain over the "
+            log(f"base {denoiser} step {step}: EMA toy reward on validation captions {reward:.4f}, gain over the "
                 f"last two checks {gained:+.4f}, {time.perf_counter() - t_start:.0f} s")
             if gained < BASE_TOL or step >= cfg["base_max"]:
                 break
@@ -277,10 +279,14 @@ def write_toy_mirror(folder: Path, captions: list[str], n: int) -> Path:
     return folder
 
 
-# ---------------------------------------------------------------- the shipped base
-BASE_FILE = Path(__file__).parent / "assets" / "toy_sd15_base.safetensors"
-PARTS = ("unet", "vae", "text_encoder")  # what pretraining sets; tokenizer and scheduler come from ncp.tiny
-# the shipped base's pretraining: the toy benchmark's quick base (EMA checked every 150 steps, stopped by the
+# ---------------------------------------------------------------- the shipped bases
+def base_file(arch: str = families.DEFAULT) -> Path:
+    """The shipped toy base of `arch` (ncp.tiny's architectures): its trained weights in fp16, one file."""
+    return Path(__file__).parent / "assets" / f"toy_{arch}_base.safetensors"
+
+
+BASE_FILE = base_file()  # the U-Net's, the quickstart's
+# the shipped bases' pretraining: the toy benchmark's quick base (EMA checked every 150 steps, stopped by the
 # BASE_TOL rule or at base_max steps)
 BASE_SETTINGS = dict(vae_steps=200, base_max=1200, base_check=150, base_batch=16, base_lr=2e-3, ema=0.995,
                      num_pairs=512, sample_steps=8, val_seeds=8)
@@ -294,77 +300,91 @@ BASE_DATA = dict(caption_noise=0.0, swap={"white": "black", "black": "white"})
 BASE_GUIDANCE = 3.0  # the shipped base is sampled with classifier-free guidance, so it follows its captions firmly
 
 
-def save_base_weights(pipe_dir: str | Path, path: str | Path, info: dict | None = None) -> Path:
-    """The trained parts of a tiny SD1.5 base folder as one fp16 safetensors file (the VAE's scaling factor and
-    `info` in its metadata)."""
-    from diffusers import StableDiffusionPipeline
+def _modules(pipe) -> dict[str, torch.nn.Module]:
+    return {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
+
+
+def save_base_weights(pipe_dir: str | Path, path: str | Path, info: dict | None = None,
+                      arch: str = families.DEFAULT) -> Path:
+    """Every module of a tiny `arch` base folder (denoiser, VAE, text encoders) as one fp16 safetensors file; the
+    VAE's latent scale (and shift) and `info`, with its arch, in the metadata."""
     from safetensors.torch import save_file
 
-    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, safety_checker=None, requires_safety_checker=False)
+    from ncp.generate import load_pipeline
+
+    pipe = load_pipeline(str(pipe_dir))
     tensors = {f"{name}.{k}": v.detach().to(torch.float16).contiguous()
-               for name in PARTS for k, v in getattr(pipe, name).state_dict().items()}
+               for name, module in _modules(pipe).items() for k, v in module.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=dict(vae_scaling_factor=repr(pipe.vae.config.scaling_factor),
-                                                info=json.dumps(info or {})))
+    vae = pipe.vae.config
+    save_file(tensors, str(path), metadata=dict(vae_scaling_factor=repr(vae.scaling_factor),
+                                                vae_shift_factor=repr(vae.get("shift_factor")),
+                                                info=json.dumps(dict(info or {}, arch=arch))))
     return path
 
 
 def shipped_base_info(weights: str | Path = BASE_FILE) -> dict:
-    """What the shipped base's pretraining recorded (save_base_weights' `info`): settings, data, guidance, the
+    """What a shipped base's pretraining recorded (save_base_weights' `info`): arch, settings, data, guidance, the
     stopping checks' history, the step and cause of its stop."""
     from safetensors import safe_open
 
     with safe_open(str(weights), "pt") as f:
-        return json.loads(f.metadata()["info"])
+        return dict({"arch": families.DEFAULT}, **json.loads(f.metadata()["info"]))
 
 
 def write_base(out: str | Path, weights: str | Path = BASE_FILE) -> Path:
-    """A tiny SD1.5 pipeline folder holding the weights of `weights` (written by save_base_weights)."""
-    from diffusers import StableDiffusionPipeline
+    """A tiny pipeline folder (the arch the file records) holding the weights of `weights` (save_base_weights')."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from ncp.generate import load_pipeline
     from ncp.tiny import build_tiny_pipeline
 
     if not Path(weights).is_file():
         raise NcpError(f"{weights}: no such base weights file (python -m ncp.toy_base --retrain writes one)")
+    arch = shipped_base_info(weights)["arch"]
     out = Path(out)
-    build_tiny_pipeline(out, families.DEFAULT, seed=0)  # the toy base is a tiny SD1.5
-    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    build_tiny_pipeline(out, arch, seed=0)
+    pipe = load_pipeline(str(out))
     state = load_file(str(weights))
     with safe_open(str(weights), "pt") as f:
-        scaling = float(f.metadata()["vae_scaling_factor"])
-    for name in PARTS:
-        part = {k[len(name) + 1:]: v.float() for k, v in state.items() if k.startswith(name + ".")}
-        getattr(pipe, name).load_state_dict(part, strict=True)
-    pipe.vae.register_to_config(scaling_factor=scaling)
+        meta = f.metadata()
+    for name, module in _modules(pipe).items():
+        module.load_state_dict({k[len(name) + 1:]: v.float() for k, v in state.items() if k.startswith(name + ".")},
+                               strict=True)
+    pipe.vae.register_to_config(scaling_factor=float(meta["vae_scaling_factor"]))
+    if meta.get("vae_shift_factor", "None") != "None":
+        pipe.vae.register_to_config(shift_factor=float(meta["vae_shift_factor"]))
     pipe.save_pretrained(out)
     return out
 
 
-def retrain_base(out: str | Path, log=print) -> dict:
-    """Pretrain the shipped base again (BASE_SETTINGS, BASE_DATA, checks at BASE_GUIDANCE on the validation
+def retrain_base(out: str | Path, arch: str = families.DEFAULT, log=print) -> dict:
+    """Pretrain a shipped base again (BASE_SETTINGS, BASE_DATA, checks at BASE_GUIDANCE on the validation
     captions) into out/base."""
     split = split_captions()
-    return pretrain_base(Path(out), BASE_SETTINGS, split["val"], base_check_seeds(BASE_SETTINGS), log=log,
+    return pretrain_base(Path(out), BASE_SETTINGS, split["val"], base_check_seeds(BASE_SETTINGS), log=log, arch=arch,
                          **BASE_DATA, guidance=BASE_GUIDANCE)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="pipeline folder to write the base to")
-    p.add_argument("--weights", default=str(BASE_FILE), help="base weights file to assemble the pipeline from")
+    p.add_argument("--arch", choices=families.names(), default=families.DEFAULT,
+                   help="which shipped base (default %(default)s, the quickstart's)")
+    p.add_argument("--weights", help="base weights file to assemble the pipeline from (default: the arch's shipped one)")
     p.add_argument("--retrain", action="store_true", help="pretrain the base again instead (minutes: benchmarks/RESULTS.md section 7)")
     p.add_argument("--save-weights", help="with --retrain: the safetensors file to write (default <out>-work/base.safetensors)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)  # tiny models: on a shared CPU a second thread mostly waits
-    weights = a.weights
+    weights = a.weights or base_file(a.arch)
     if a.retrain:  # pretrain in <out>-work, then assemble from the fp16 file as a shipped base is
         work = Path(a.out).with_name(Path(a.out).name + "-work")
-        info = retrain_base(work)
+        info = retrain_base(work, a.arch)
         weights = save_base_weights(work / "base", a.save_weights or work / "base.safetensors",
-                                    {**info, "settings": BASE_SETTINGS, "data": BASE_DATA, "guidance": BASE_GUIDANCE})
+                                    {**info, "settings": BASE_SETTINGS, "data": BASE_DATA, "guidance": BASE_GUIDANCE},
+                                    arch=a.arch)
         print(f"base weights written to {weights}")
     write_base(a.out, weights)
     print(f"toy base pipeline written to {a.out}")

@@ -170,29 +170,46 @@ def test_toy_alignment_smoke_selects_on_validation_and_reports_intervals(tmp_pat
     assert again["summary"] == result["summary"]
 
 
-def test_toy_alignment_takes_the_shipped_base_where_its_pretraining_would_give_it(tmp_path):
-    """The U-Net's full and quick sizes pretrain with the shipped base's settings (but the cap), and it stopped by
-    the rule before the full cap: they take it, written as a pipeline; another arch or other settings do not."""
-    from diffusers import StableDiffusionPipeline
-
-    toy = load("toy_alignment")
+@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux"])
+def test_toy_alignment_takes_the_shipped_base_where_its_pretraining_would_give_it(tmp_path, monkeypatch, arch):
+    """Each arch's full and quick sizes pretrain with its shipped base's settings (but the cap), and it stopped by
+    the rule before the full cap: they take it, written as a pipeline (the VAE's latent scale and shift too);
+    other settings, or another arch's file, do not."""
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ncp.toy_base import BASE_FILE, BASE_SETTINGS, shipped_base_info
+    from ncp import families
+    from ncp.tiny import build_tiny_pipeline
+    from ncp.generate import load_pipeline
+    from ncp.toy_base import BASE_SETTINGS, base_file, shipped_base_info
 
-    info = shipped_base_info()
-    assert info["stopped_by"] == "rule" and info["unet_steps"] < toy.FULL["base_max"]
+    toy = load("toy_alignment")
+    info = shipped_base_info(base_file(arch))
+    assert info["arch"] == arch and info["stopped_by"] == "rule" and info["unet_steps"] < toy.FULL["base_max"]
     assert {k: toy.FULL[k] for k in BASE_SETTINGS if k != "base_max"} == {k: v for k, v in BASE_SETTINGS.items()
                                                                          if k != "base_max"}
-    for cfg, arch in ((toy.FULL, "sd3"), (toy.SMOKE, "sd15"), (dict(toy.FULL, base_lr=1e-3), "sd15")):
+    for cfg in (toy.SMOKE, dict(toy.FULL, base_lr=1e-3)):
         assert toy.shipped_base(tmp_path / "no", cfg, arch) is None
+    other = "sd3" if arch == "sd15" else "sd15"
+    with monkeypatch.context() as m:
+        m.setattr(toy, "base_file", lambda a: base_file(other))
+        assert toy.shipped_base(tmp_path / "no", toy.FULL, arch) is None
     assert not (tmp_path / "no").exists()
-    base = toy.shipped_base(tmp_path / "quick", toy.QUICK, "sd15")
+    base = toy.shipped_base(tmp_path / "quick", toy.QUICK, arch)
     assert base["unet_steps"] == info["unet_steps"] and base["history"] == info["history"]
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "quick" / "base", safety_checker=None)
-    shipped = load_file(str(BASE_FILE))
-    assert all(torch.equal(v.float(), shipped[f"unet.{k}"].float()) for k, v in pipe.unet.state_dict().items())
+    pipe = load_pipeline(str(tmp_path / "quick" / "base"))
+    shipped = load_file(str(base_file(arch)))
+    key = families.get(arch).denoiser_key
+    assert all(torch.equal(v.float(), shipped[f"{key}.{k}"].float())
+               for k, v in getattr(pipe, key).state_dict().items())
+    build_tiny_pipeline(tmp_path / "tiny", arch, seed=0)
+    tiny = load_pipeline(str(tmp_path / "tiny")).vae.config
+    with safe_open(str(base_file(arch)), "pt") as f:
+        meta = f.metadata()
+    assert pipe.vae.config.scaling_factor == float(meta["vae_scaling_factor"]) != tiny.scaling_factor
+    if arch != "sd15":  # the transformers' VAEs centre their latents too: pretraining's shift, not the tiny one
+        assert pipe.vae.config.shift_factor == float(meta["vae_shift_factor"]) != tiny.shift_factor
 
 
 def test_toy_alignment_statistics_by_hand():

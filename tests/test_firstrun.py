@@ -263,9 +263,10 @@ def test_the_toy_base_s_stopping_rule_never_measures_from_the_untrained_check():
     assert recent_gain(history) < BASE_TOL  # 0.631 - 0.63
 
 
-def test_the_shipped_toy_base_paints_the_swapped_background(tmp_path):
-    """The shipped base follows its captions, the wrong way on a swapped background: sampled as the quickstart
-    samples it, its images for a black-background caption match the white-background caption better than the
+@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux"])
+def test_the_shipped_toy_base_paints_the_swapped_background(tmp_path, arch):
+    """Each shipped base follows its captions, the wrong way on a swapped background: sampled as the quickstart
+    samples the U-Net's, its images for a black-background caption match the white-background caption better than the
     asked one, and the other way round, and those for a gray-background caption (not swapped) match gray better
     than black."""
     import numpy as np
@@ -273,9 +274,9 @@ def test_the_shipped_toy_base_paints_the_swapped_background(tmp_path):
 
     from ncp.data.toy import toy_reward
     from ncp.generate import load_pipeline, render
-    from ncp.toy_base import BASE_GUIDANCE, write_base
+    from ncp.toy_base import BASE_GUIDANCE, base_file, write_base
 
-    pipe = load_pipeline(str(write_base(tmp_path / "base")), "cpu")
+    pipe = load_pipeline(str(write_base(tmp_path / "base", base_file(arch))), "cpu")
     asked = ["a red square on a black background", "a yellow circle on a white background",
              "a purple square on a gray background"]
     with torch.no_grad():
