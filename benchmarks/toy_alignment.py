@@ -15,9 +15,10 @@ Every selection rule below is fixed in code and printed (`rules()`) before any t
    base's mistake for white and black captions, one other attribute wrong for the gray ones. The EMA is scored on
    the validation captions every `base_check` steps; training stops at the first check where the reward gained
    less than BASE_TOL over the last two checks (the untrained step-0 check never counts as the earlier one), or at
-   `base_max` steps. The EMA weights at that check are the base. On the U-Net that base ships with the project
-   (ncp/assets/toy_sd15_base.safetensors, the quickstart's: these settings, stopped by the rule at step 1050,
-   fp16), and is used instead of pretraining it again, at the quick size too (a converged base, not its cap's).
+   `base_max` steps. The EMA weights at that check are the base. Each arch's base ships with the project
+   (ncp/assets/toy_<arch>_base.safetensors: these settings, stopped by the rule; the U-Net's, the quickstart's, at
+   step 1050, the SD3 transformer's at step 750; fp16), and is used instead of pretraining it again, at the quick
+   size too (a converged base, not its cap's).
 2. Grid. Each of the six objectives (NCP / latent x DPO / CPO / SFT) trains with training seed 0 from the
    base for every lr in the grid (x every beta multiplier for DPO / CPO; beta = multiplier / median
    |err_w - err_l| of the base on the training pairs, per space). The setting with the highest mean
@@ -99,6 +100,8 @@ SD3_BLOCKS = {"NCP-DPO K=1": 1, "NCP-DPO K=2": 2, "NCP-DPO K=4": 4}
 ALL_METHODS = {**METHODS, **{name: METHODS["NCP-DPO"] for name in SD3_BLOCKS}}  # METHODS stays the sd15 set
 DEFAULT_METHODS = {"sd15": list(METHODS), "sd3": OBJECTIVES + ["NCP-DPO K=2", "NCP-DPO K=4"],
                    "flux": OBJECTIVES + ["NCP-DPO K=1", "NCP-DPO K=4"]}
+# --quick: the transformers' K rows are left to the full size (the quick size's budget)
+QUICK_METHODS = dict(DEFAULT_METHODS, sd3=OBJECTIVES, flux=OBJECTIVES)
 RESOLUTION = 32  # toy images and training pixels (ncp.toy_base renders 32 px)
 PAIRS = [("DPO", "NCP-DPO", "latent DPO"), ("CPO", "NCP-CPO", "latent CPO"), ("SFT", "NCP-SFT", "latent SFT")]
 
@@ -706,7 +709,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if a.device == "cuda" and not a.dry_run:
         p.error("--device cuda: only --dry-run is wired (ncp.toy_base renders and pretrains at 32 px on the CPU)")
-    a.methods = a.methods or DEFAULT_METHODS[a.arch]
+    a.methods = a.methods or (QUICK_METHODS if a.quick else DEFAULT_METHODS)[a.arch]
     unknown = set(a.methods) - set(ALL_METHODS)
     if unknown:
         p.error(f"--methods: unknown {sorted(unknown)}; choose from {list(ALL_METHODS)}")
