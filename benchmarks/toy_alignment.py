@@ -482,15 +482,32 @@ def learning_speed(gain_curves: dict[str, np.ndarray], steps: list[int], flops: 
             out["fractions"][str(frac)] = None
             continue
         target, target_b = frac * final[best], frac * boot[best][:, -1]
-        rows = {}
+        rows, points, draws = {}, {}, {}
         for m in names:
-            point = float(first_reach(steps, gain_curves[m].mean(axis=(0, 1)), np.array(target)))
-            b = first_reach(steps, boot[m], target_b)
+            points[m] = point = float(first_reach(steps, gain_curves[m].mean(axis=(0, 1)), np.array(target)))
+            draws[m] = b = first_reach(steps, boot[m], target_b)
             lo, hi = (float(np.quantile(b, q, method="inverted_cdf")) for q in (0.025, 0.975))
             rows[m] = dict(steps=point, steps_low=lo, steps_high=hi, reached_share=float(np.isfinite(b).mean()),
                            flops=point * flops[m], flops_low=lo * flops[m], flops_high=hi * flops[m])
-        out["fractions"][str(frac)] = dict(target=target, methods=rows)
+        ratios = {loss: step_ratio(points[n], points[lat], draws[n], draws[lat], flops[n] / flops[lat])
+                  for loss, n, lat in PAIRS if n in names and lat in names}
+        out["fractions"][str(frac)] = dict(target=target, methods=rows, ncp_over_latent=ratios)
     return out
+
+
+def step_ratio(ncp: float, latent: float, ncp_b: np.ndarray, latent_b: np.ndarray, flop_ratio: float) -> dict:
+    """NCP's steps to a target over latent's, paired (the same bootstrap resamples), and the same in FLOPs (times
+    the per-step FLOP ratio): below 1, NCP gets there first. Only latent reaching gives inf, only NCP 0; a resample
+    where neither reaches has no ratio (left out; `defined_share` says how many had one)."""
+    def ratio(a, b):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(np.isinf(a) & np.isinf(b), np.nan, np.asarray(a, float) / np.asarray(b, float))
+
+    point, b = float(ratio(ncp, latent)), ratio(ncp_b, latent_b)
+    b = b[~np.isnan(b)]
+    lo, hi = (float(np.quantile(b, q, method="inverted_cdf")) if len(b) else float("nan") for q in (0.025, 0.975))
+    return dict(steps=point, steps_low=lo, steps_high=hi, flop_ratio=flop_ratio, defined_share=len(b) / len(ncp_b),
+                ncp_first_share=float((b < 1).mean()) if len(b) else float("nan"))
 
 
 def summarise(results: list[dict], base_scores: np.ndarray, chosen: dict, flops: dict[str, int], seed: int = 0) -> dict:
@@ -550,6 +567,11 @@ def reach(v: float | None, scale: float = 1.0, digits: int = 0) -> str:
     return "not reached" if v is None or not np.isfinite(v) else f"{v / scale:.{digits}f}"
 
 
+def ratio_text(v: float) -> str:
+    """A step ratio: inf where only latent reaches the target, '-' where neither does."""
+    return "-" if v is None or np.isnan(v) else "inf" if np.isinf(v) else f"{v:.2f}"
+
+
 def jsonable(x):
     """The result with inf (a target never reached) as None: standard JSON."""
     if isinstance(x, dict):
@@ -588,6 +610,21 @@ def format_tables(result: dict) -> str:
                           f"{reach(r['steps_high'], digits=1)}] ({r['reached_share']:.0%})",
                           f"{reach(r['flops'], gf, 1)} [{reach(r['flops_low'], gf, 1)}, {reach(r['flops_high'], gf, 1)}]"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if any(sp["fractions"][k]["ncp_over_latent"] for k in fracs):
+            lines += ["", "NCP's steps (and FLOPs) to the target over latent's, paired by resample: below 1, NCP gets "
+                          "there first; [95% CI], share of resamples where NCP is first", "",
+                      "| loss | " + " | ".join(f"steps to {float(k):.0%}, NCP / latent | FLOPs to {float(k):.0%}"
+                                               for k in fracs) + " |", "|---|" + "---|---|" * len(fracs)]
+            for loss in sp["fractions"][fracs[0]]["ncp_over_latent"]:
+                cells = []
+                for k in fracs:
+                    r = sp["fractions"][k]["ncp_over_latent"][loss]
+                    f = r["flop_ratio"]
+                    cells += [f"{ratio_text(r['steps'])} [{ratio_text(r['steps_low'])}, {ratio_text(r['steps_high'])}]"
+                              f" ({r['ncp_first_share']:.0%})",
+                              f"{ratio_text(r['steps'] * f)} [{ratio_text(r['steps_low'] * f)}, "
+                              f"{ratio_text(r['steps_high'] * f)}]"]
+                lines.append(f"| {loss} | " + " | ".join(cells) + " |")
     else:
         lines.append("No method gained over the base: no learning-speed target.")
     lines += ["", "| loss | NCP - latent at equal steps [95% CI] | equal FLOPs: GFLOP | NCP step | latent step | NCP gain | "
@@ -627,9 +664,13 @@ def verdict(summary: dict) -> str:
     lines = [f"Above the base by more than the 95% interval at the last step: {', '.join(up) or 'none'}; "
              f"below it: {', '.join(down) or 'none'}."]
     word = lambda ci: ("NCP higher" if ci[1] > 0 else "latent higher" if ci[2] < 0 else "no significant difference")  # noqa: E731
+    fracs = {k: v["ncp_over_latent"] for k, v in summary["speed"]["fractions"].items() if v}
     for c in summary["comparisons"]:
+        speed = "; ".join(f"steps to {float(k):.0%}, NCP / latent, {ratio_text(r['steps'])} [{ratio_text(r['steps_low'])}, "
+                          f"{ratio_text(r['steps_high'])}]" for k, rs in fracs.items() if (r := rs.get(c["loss"])))
         lines.append(f"{c['loss']}: equal steps {word(c['equal_steps'])} ({fmt(c['equal_steps'])}); equal FLOPs "
-                     f"({c['flops'] / 1e9:.4g} GFLOP) {word(c['equal_flops'])} ({fmt(c['equal_flops'])}).")
+                     f"({c['flops'] / 1e9:.4g} GFLOP) {word(c['equal_flops'])} ({fmt(c['equal_flops'])})"
+                     + (f"; {speed}." if speed else "."))
     top = summary["speed"]["fractions"].get(str(SPEED_FRACTIONS[-1]))
     if top:
         rows = {m: r for m, r in top["methods"].items() if np.isfinite(r["flops"])}

@@ -265,6 +265,20 @@ def test_toy_alignment_learning_speed_and_grid_extension_by_hand():
     assert most["fast"]["steps"] == pytest.approx(16)
     assert most["slow"]["steps"] == math.inf and most["slow"]["reached_share"] == 0.0  # 0.32 never reached
     assert toy.reach(most["slow"]["steps"]) == "not reached"
+    # NCP over latent, paired: NCP-SFT at "fast"'s curve, latent SFT at "slow"'s: to 50%, 10 / 30 steps, and with
+    # NCP's step twice the FLOPs, 20 / 30; to 80% only NCP gets there: ratio 0, first in every resample
+    paired = toy.learning_speed({"NCP-SFT": curves["fast"], "latent SFT": curves["slow"]}, steps,
+                                {"NCP-SFT": 2, "latent SFT": 1}, np.random.default_rng(0))
+    r = paired["fractions"]["0.5"]["ncp_over_latent"]["SFT"]
+    assert [r["steps"], r["steps_low"], r["steps_high"], r["steps"] * r["flop_ratio"]] == pytest.approx([1 / 3] * 3 + [2 / 3])
+    assert r["ncp_first_share"] == 1.0 and r["defined_share"] == 1.0
+    r = paired["fractions"]["0.8"]["ncp_over_latent"]["SFT"]
+    assert r["steps"] == 0.0 and r["ncp_first_share"] == 1.0 and toy.ratio_text(math.inf) == "inf"
+    # neither reaches: no ratio; only latent: inf
+    r = toy.step_ratio(math.inf, math.inf, np.array([math.inf, 5.0]), np.array([math.inf, math.inf]), 1.0)
+    assert math.isnan(r["steps"]) and r["defined_share"] == 0.5 and r["steps_low"] == 0.0
+    assert toy.step_ratio(math.inf, 4.0, np.array([math.inf]), np.array([4.0]), 1.0)["steps"] == math.inf
+    assert "SFT" not in speed["fractions"]["0.5"]["ncp_over_latent"]  # methods without a pair: no ratio
     # nothing gained: no target
     flat = toy.learning_speed({"a": np.zeros((3, 4, 3))}, steps, {"a": 1}, np.random.default_rng(0))
     assert flat["fractions"]["0.5"] is None
