@@ -44,22 +44,22 @@ Every selection rule below is fixed in code and printed (`rules()`) before any t
 Outputs in --out: toy_alignment.json (every number: the tables are formatted from it), curves.png (gain vs step
 and vs counted FLOPs, 95% bands), table.md (the tables printed at the end), runs/ and base/.
 
-    python benchmarks/toy_alignment.py --out outputs/toy-v3               # full (not yet run with v3)
-    python benchmarks/toy_alignment.py --quick --out outputs/toy-v3-quick # shorter runs (13 min on 2 cores)
+    python benchmarks/toy_alignment.py --out outputs/toy-v3               # full (U-Net: about 3 h on 2 cores)
+    python benchmarks/toy_alignment.py --quick --out outputs/toy-v3-quick # shorter runs (U-Net 13 min, SD3 9 min)
     python benchmarks/toy_alignment.py --smoke --out /tmp/toy-smoke       # seconds: the code runs
 
 SD3 variant (--arch sd3): the same protocol on the tiny SD3 pipeline (MMDiT, flow matching): its own base
 (VAE with SD3's shift and scale, then the transformer with velocity-MSE on logit-normal timesteps, with an
 EMA, same stopping rule), the objectives in flow form, f = the first K joint blocks (configs/tiny_sd3_*.yaml:
-K = 1 of 4), plus NCP-DPO with K = 2 and K = 4 (every block) at NCP-DPO's chosen setting, so those rows
+K = 1 of 4), plus at the full size NCP-DPO with K = 2 and K = 4 (every block) at NCP-DPO's chosen setting, so those rows
 differ in K alone; beta is scaled per space and per K. No bf16 rows (tests/test_sd3.py covers precision).
 
-    python benchmarks/toy_alignment.py --arch sd3 --quick --workers 1 --out outputs/toy-sd3-quick
+    python benchmarks/toy_alignment.py --arch sd3 --quick --out outputs/toy-sd3-quick
 
 FLUX variant (--arch flux): the same on the tiny FLUX.1 dev pipeline (guidance 3.5, the training sigmas unshifted),
 f = the first K double-stream blocks (configs/tiny_flux_*.yaml: K = 2 of 4), plus NCP-DPO with K = 1 and K = 4.
 
-    python benchmarks/toy_alignment.py --arch flux --quick --workers 1 --out outputs/toy-flux-quick
+    python benchmarks/toy_alignment.py --arch flux --quick --out outputs/toy-flux-quick
 """
 
 from __future__ import annotations
@@ -737,8 +737,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="outputs/toy-v2")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="shorter runs, a smaller grid: 13 minutes on 2 CPU cores for the U-Net (its base ships), "
-                           "longer for the transformers (their bases pretrain)")
+                      help="shorter runs, a smaller grid (transformers: no K rows): 9-13 minutes on 2 CPU cores")
     size.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs, in seconds")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel processes, 1 torch thread each")
     p.add_argument("--methods", nargs="+", help="subset of the methods (default: every method of the arch)")
