@@ -17,8 +17,8 @@ Every selection rule below is fixed in code and printed (`rules()`) before any t
    less than BASE_TOL over the last two checks (the untrained step-0 check never counts as the earlier one), or at
    `base_max` steps. The EMA weights at that check are the base. Each arch's base ships with the project
    (ncp/assets/toy_<arch>_base.safetensors: these settings, stopped by the rule; the U-Net's, the quickstart's, at
-   step 1050, the SD3 transformer's at step 750; fp16), and is used instead of pretraining it again, at the quick
-   size too (a converged base, not its cap's).
+   step 1050, the SD3 transformer's at 750, the FLUX transformer's at 1350; fp16), and is used instead of
+   pretraining it again, at the quick size too (a converged base, not its cap's).
 2. Grid. Each of the six objectives (NCP / latent x DPO / CPO / SFT) trains with training seed 0 from the
    base for every lr in the grid (x every beta multiplier for DPO / CPO; beta = multiplier / median
    |err_w - err_l| of the base on the training pairs, per space). The setting with the highest mean
