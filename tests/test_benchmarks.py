@@ -167,7 +167,7 @@ def test_toy_alignment_smoke_selects_on_validation_and_reports_intervals(tmp_pat
     finally:
         toy.score_images = real
     assert scored == [len(split["val"]), len(split["test"])]  # the base's validation and test images
-    assert again["summary"] == result["summary"]
+    assert toy.jsonable(again["summary"]) == toy.jsonable(result["summary"])  # as written (nan: no ratio, never equal)
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sd3", "flux"])
