@@ -45,7 +45,7 @@ Outputs in --out: toy_alignment.json (every number: the tables are formatted fro
 and vs counted FLOPs, 95% bands), table.md (the tables printed at the end), runs/ and base/.
 
     python benchmarks/toy_alignment.py --out outputs/toy-v3               # full (U-Net: about 3 h on 2 cores)
-    python benchmarks/toy_alignment.py --quick --out outputs/toy-v3-quick # shorter runs (U-Net 13 min, SD3 9 min)
+    python benchmarks/toy_alignment.py --quick --out outputs/toy-v3-quick # shorter runs (U-Net 13 min, SD3 9, FLUX 15)
     python benchmarks/toy_alignment.py --smoke --out /tmp/toy-smoke       # seconds: the code runs
 
 SD3 variant (--arch sd3): the same protocol on the tiny SD3 pipeline (MMDiT, flow matching): its own base
@@ -57,7 +57,8 @@ differ in K alone; beta is scaled per space and per K. No bf16 rows (tests/test_
     python benchmarks/toy_alignment.py --arch sd3 --quick --out outputs/toy-sd3-quick
 
 FLUX variant (--arch flux): the same on the tiny FLUX.1 dev pipeline (guidance 3.5, the training sigmas unshifted),
-f = the first K double-stream blocks (configs/tiny_flux_*.yaml: K = 2 of 4), plus NCP-DPO with K = 1 and K = 4.
+f = the first K double-stream blocks (configs/tiny_flux_*.yaml: K = 2 of 4), plus at the full size NCP-DPO with K = 1
+and K = 4.
 
     python benchmarks/toy_alignment.py --arch flux --quick --out outputs/toy-flux-quick
 """
@@ -612,7 +613,7 @@ def format_tables(result: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         if any(sp["fractions"][k]["ncp_over_latent"] for k in fracs):
             lines += ["", "NCP's steps (and FLOPs) to the target over latent's, paired by resample: below 1, NCP gets "
-                          "there first; [95% CI], share of resamples where NCP is first", "",
+                          "there first; [95% CI], share of NCP-first among the resamples where either gets there", "",
                       "| loss | " + " | ".join(f"steps to {float(k):.0%}, NCP / latent | FLOPs to {float(k):.0%}"
                                                for k in fracs) + " |", "|---|" + "---|---|" * len(fracs)]
             for loss in sp["fractions"][fracs[0]]["ncp_over_latent"]:
@@ -737,7 +738,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="outputs/toy-v2")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="shorter runs, a smaller grid (transformers: no K rows): 9-13 minutes on 2 CPU cores")
+                      help="shorter runs, a smaller grid (transformers: no K rows): 9-15 minutes on 2 CPU cores")
     size.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs, in seconds")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel processes, 1 torch thread each")
     p.add_argument("--methods", nargs="+", help="subset of the methods (default: every method of the arch)")
