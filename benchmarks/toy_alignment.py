@@ -573,6 +573,12 @@ def ratio_text(v: float) -> str:
     return "-" if v is None or np.isnan(v) else "inf" if np.isinf(v) else f"{v:.2f}"
 
 
+def ratio_ci(r: dict, scale: float = 1.0) -> str:
+    """A step_ratio's point and 95% interval, times `scale` (its flop_ratio: the same in FLOPs)."""
+    low, high = (ratio_text(r[k] * scale) for k in ("steps_low", "steps_high"))
+    return f"{ratio_text(r['steps'] * scale)} [{low}, {high}]"
+
+
 def jsonable(x):
     """The result with inf (a target never reached) as None: standard JSON."""
     if isinstance(x, dict):
@@ -620,11 +626,7 @@ def format_tables(result: dict) -> str:
                 cells = []
                 for k in fracs:
                     r = sp["fractions"][k]["ncp_over_latent"][loss]
-                    f = r["flop_ratio"]
-                    cells += [f"{ratio_text(r['steps'])} [{ratio_text(r['steps_low'])}, {ratio_text(r['steps_high'])}]"
-                              f" ({r['ncp_first_share']:.0%})",
-                              f"{ratio_text(r['steps'] * f)} [{ratio_text(r['steps_low'] * f)}, "
-                              f"{ratio_text(r['steps_high'] * f)}]"]
+                    cells += [f"{ratio_ci(r)} ({r['ncp_first_share']:.0%})", ratio_ci(r, r["flop_ratio"])]
                 lines.append(f"| {loss} | " + " | ".join(cells) + " |")
     else:
         lines.append("No method gained over the base: no learning-speed target.")
@@ -667,8 +669,8 @@ def verdict(summary: dict) -> str:
     word = lambda ci: ("NCP higher" if ci[1] > 0 else "latent higher" if ci[2] < 0 else "no significant difference")  # noqa: E731
     fracs = {k: v["ncp_over_latent"] for k, v in summary["speed"]["fractions"].items() if v}
     for c in summary["comparisons"]:
-        speed = "; ".join(f"steps to {float(k):.0%}, NCP / latent, {ratio_text(r['steps'])} [{ratio_text(r['steps_low'])}, "
-                          f"{ratio_text(r['steps_high'])}]" for k, rs in fracs.items() if (r := rs.get(c["loss"])))
+        speed = "; ".join(f"steps to {float(k):.0%}, NCP / latent, {ratio_ci(r)}"
+                          for k, rs in fracs.items() if (r := rs.get(c["loss"])))
         lines.append(f"{c['loss']}: equal steps {word(c['equal_steps'])} ({fmt(c['equal_steps'])}); equal FLOPs "
                      f"({c['flops'] / 1e9:.4g} GFLOP) {word(c['equal_flops'])} ({fmt(c['equal_flops'])})"
                      + (f"; {speed}." if speed else "."))

@@ -304,10 +304,9 @@ def _modules(pipe) -> dict[str, torch.nn.Module]:
     return {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
 
 
-def save_base_weights(pipe_dir: str | Path, path: str | Path, info: dict | None = None,
-                      arch: str = families.DEFAULT) -> Path:
-    """Every module of a tiny `arch` base folder (denoiser, VAE, text encoders) as one fp16 safetensors file; the
-    VAE's latent scale (and shift) and `info`, with its arch, in the metadata."""
+def save_base_weights(pipe_dir: str | Path, path: str | Path, info: dict | None = None) -> Path:
+    """Every module of a tiny base folder (denoiser, VAE, text encoders) as one fp16 safetensors file; the VAE's
+    latent scale (and shift) and `info`, with the folder's arch, in the metadata."""
     from safetensors.torch import save_file
 
     from ncp.generate import load_pipeline
@@ -320,7 +319,7 @@ def save_base_weights(pipe_dir: str | Path, path: str | Path, info: dict | None 
     vae = pipe.vae.config
     save_file(tensors, str(path), metadata=dict(vae_scaling_factor=repr(vae.scaling_factor),
                                                 vae_shift_factor=repr(vae.get("shift_factor")),
-                                                info=json.dumps(dict(info or {}, arch=arch))))
+                                                info=json.dumps(dict(info or {}, arch=families.detect(pipe_dir).name))))
     return path
 
 
@@ -383,8 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(a.out).with_name(Path(a.out).name + "-work")
         info = retrain_base(work, a.arch)
         weights = save_base_weights(work / "base", a.save_weights or work / "base.safetensors",
-                                    {**info, "settings": BASE_SETTINGS, "data": BASE_DATA, "guidance": BASE_GUIDANCE},
-                                    arch=a.arch)
+                                    {**info, "settings": BASE_SETTINGS, "data": BASE_DATA, "guidance": BASE_GUIDANCE})
         print(f"base weights written to {weights}")
     write_base(a.out, weights)
     print(f"toy base pipeline written to {a.out}")
