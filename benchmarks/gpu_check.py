@@ -15,6 +15,10 @@ and ONE JSON file (benchmarks/gpu/gpu_check.md / .json). Every stage asserts wha
   cost-flux   FLUX.1 (12B, random weights) at 1024 px, 1 pair, bf16, NCP-DPO with the linearized error: s/step and
               peak memory with the frozen transformer in bf16 and in nf4 (model.quantize); and the tiny FLUX loaded
               through diffusers' / transformers' bitsandbytes configs (load_models(quantize=nf4)) on the GPU
+  toy         benchmarks/toy_alignment.py --device cuda: the larger toy (64 px, a 4x wider U-Net; base, grid and
+              test on the GPU), sized for 10 minutes: passes when it finishes within them and the best method
+              gains over the base. Not in the default stages (it does not fit the 8 minutes):
+              bash scripts/gpu_check.sh --stages toy --budget-s 660
 
 Stages run in that order, each in its own process (a crash or an out-of-memory stays in its stage), each under a
 time limit, all under one deadline (--budget-s): a stage the deadline cuts off is reported as not run.
@@ -48,7 +52,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 # stage: (seconds it may take on the GPU, in the dry run)
 STAGES = {"resume": (100, 200), "cost-sd15": (60, 60), "cost-sdxl": (75, 60), "cost-sd3": (75, 60),
           "fidelity": (40, 60), "syncs": (40, 90), "precision": (60, 60), "fast": (150, 90),
-          "cost-flux": (240, 90)}
+          "cost-flux": (240, 90), "toy": (600, 150)}
+DEFAULT_STAGES = [name for name in STAGES if name != "toy"]  # the toy's 10 minutes are a run of their own
 BUDGET_S = 480
 # paper configs (configs/*_ncp_dpo.yaml): per-GPU pairs, latent side, beta, grad_accum
 PAPER = {"sd15": (16, 64, 2500, 8), "sdxl": (2, 128, 2500, 64), "sd3": (2, 128, 2500, 64)}
@@ -362,13 +367,33 @@ def stage_cost_flux(dry: bool) -> dict:
     return dict(ok=ok, rows=rows, summary=summary)
 
 
+def stage_toy(dry: bool, out: Path | None = None) -> dict:
+    """The toy benchmark's larger toy on the GPU (dry run: the same path on the CPU at the smoke size, 48 px, twice
+    the width, NCP-DPO alone). Its JSON and table stay in `out`."""
+    out = out or Path(tempfile.mkdtemp(prefix="gpu-check-toy-"))
+    args = (["--smoke", "--resolution", "48", "--width", "2", "--methods", "NCP-DPO", "--workers", "1"] if dry
+            else ["--device", "cuda"])
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/toy_alignment.py"), *args, "--out", str(out)], check=True,
+                   stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    minutes = (time.perf_counter() - t0) / 60
+    saved = json.loads((out / "toy_alignment.json").read_text())
+    gains = {m: r["final"]["gain"] for m, r in saved["summary"]["methods"].items()}
+    best = max(gains, key=gains.get)
+    ok = None if dry else minutes <= 10 and gains[best] > 0  # the dry run's 2 smoke steps need not gain
+    head = (f"{saved['setup']['resolution']} px, denoiser x{saved['setup']['width']}, {minutes:.1f} min (budget 10 on "
+            f"one H200); best {best} {gains[best]:+.4f} over the base's {saved['base_test_reward']:.4f}")
+    return dict(ok=ok, minutes=minutes, gains=gains, out=str(out),
+                summary=head + "\n\n" + (out / "table.md").read_text().strip())
+
+
 def run_stage(name: str, dry: bool) -> dict:
     if name == "cost-flux":
         return stage_cost_flux(dry)
     if name.startswith("cost-"):
         return stage_cost(name.removeprefix("cost-"), dry)
     return {"resume": stage_resume, "fidelity": stage_fidelity, "syncs": stage_syncs, "precision": stage_precision,
-            "fast": stage_fast}[name](dry)
+            "fast": stage_fast, "toy": stage_toy}[name](dry)
 
 
 # ---------------------------------------------------------------- the driver
@@ -391,7 +416,8 @@ def write_report(out: Path, stem: str, setup: dict, results: dict) -> tuple[Path
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="every stage on CPU with tiny models and sizes")
-    p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
+    p.add_argument("--stages", nargs="+", choices=list(STAGES), default=DEFAULT_STAGES,
+                   help=f"default: all but toy ({' '.join(DEFAULT_STAGES)})")
     p.add_argument("--out", help="folder of gpu_check.md / .json (default benchmarks/gpu; dry run outputs/gpu-check-dry)")
     p.add_argument("--budget-s", type=int, default=BUDGET_S, help="deadline for all stages")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one stage in this process, JSON to --out

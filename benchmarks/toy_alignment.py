@@ -61,6 +61,14 @@ f = the first K double-stream blocks (configs/tiny_flux_*.yaml: K = 2 of 4), plu
 and K = 4.
 
     python benchmarks/toy_alignment.py --arch flux --quick --out outputs/toy-flux-quick
+
+A larger toy for one GPU (--device cuda): 64 px images, the denoiser 4x as wide, 16 pairs per step, 200 steps; the
+base is pretrained for it (not the shipped 32 px one) and everything runs on the GPU; sized by counted FLOPs for
+about 10 minutes on one H200 (never run on a GPU yet; `bash scripts/gpu_check.sh --stages toy --budget-s 660` runs
+it). --resolution and --width set those sizes on any device; --dry-run builds the pipeline and counts a step.
+
+    python benchmarks/toy_alignment.py --device cuda --out outputs/toy-v3-cuda
+    python benchmarks/toy_alignment.py --device cuda --dry-run --out /tmp/toy-cuda   # CPU: builds and counts
 """
 
 from __future__ import annotations
@@ -103,49 +111,25 @@ DEFAULT_METHODS = {"sd15": list(METHODS), "sd3": OBJECTIVES + ["NCP-DPO K=2", "N
                    "flux": OBJECTIVES + ["NCP-DPO K=1", "NCP-DPO K=4"]}
 # --quick: the transformers' K rows are left to the full size (the quick size's budget)
 QUICK_METHODS = dict(DEFAULT_METHODS, sd3=OBJECTIVES, flux=OBJECTIVES)
-RESOLUTION = 32  # toy images and training pixels (ncp.toy_base renders 32 px)
+RESOLUTION = 32  # toy images and training pixels, but the --device cuda toy's (its `resolution`)
 PAIRS = [("DPO", "NCP-DPO", "latent DPO"), ("CPO", "NCP-CPO", "latent CPO"), ("SFT", "NCP-SFT", "latent SFT")]
 
 # Sizes. img_seeds x 18 test captions: 270 test images per point (full), 108 (quick). Checkpoints every eval_every steps: the
 # learning-speed curves interpolate between them. max_ext: how many times a grid axis may be extended past an edge.
 FULL = dict(vae_steps=200, base_max=1800, base_check=150, base_batch=16, base_lr=2e-3, ema=0.995,
             steps=160, eval_every=20, pairs=4, num_pairs=512, rank=8, seeds=3, img_seeds=15, val_seeds=8,
-            lrs=[3e-3, 1e-2], beta_mults=[1.0, 4.0], sample_steps=8, max_ext=2)  # lrs: the quick runs' choices were 3e-3 and 9e-3
+            lrs=[3e-3, 1e-2], beta_mults=[1.0, 4.0], sample_steps=8, max_ext=2, resolution=RESOLUTION, width=1)  # lrs: the quick runs' choices were 3e-3 and 9e-3
 QUICK = dict(FULL, base_max=600, steps=40, eval_every=20, img_seeds=6, beta_mults=[1.0], max_ext=1)
 SMOKE = dict(vae_steps=3, base_max=4, base_check=2, base_batch=4, base_lr=2e-3, ema=0.9, steps=2, eval_every=1,
              pairs=2, num_pairs=8, rank=4, seeds=2, img_seeds=1, val_seeds=1, lrs=[5e-4], beta_mults=[1.0],
-             sample_steps=2, max_ext=1)  # one-value axes: no extension (tests cover search_grid by hand)
-# --device cuda: a larger toy for one GPU: 64 px images (32x32 latents), the tiny denoiser `width` times as wide,
-# 4x the pairs per step. Sized by counted FLOPs for about 10 minutes on one H200; never run on a GPU yet, and only
-# its --dry-run (the larger pipeline built and one step counted, on the CPU) is wired: ncp.toy_base renders and
-# pretrains at 32 px on the CPU.
+             sample_steps=2, max_ext=1, resolution=RESOLUTION, width=1)  # one-value axes: no extension (tests cover search_grid by hand)
+# --device cuda: a larger toy for one GPU: 64 px images (32x32 latents), the tiny denoiser `width` times as wide
+# (ncp.tiny.widen), 4x the pairs per step; base, training and scoring on the GPU. Sized by counted FLOPs for about
+# 10 minutes on one H200; never run on a GPU yet (the GPU check's `toy` stage runs it). --resolution / --width set
+# the larger sizes on any device (the tests run them on the CPU at the smoke size).
 CUDA = dict(FULL, base_max=3000, base_batch=64, steps=200, eval_every=25, pairs=16, num_pairs=2048, img_seeds=32,
             resolution=64, width=4)
 SPEED_FRACTIONS = (0.5, 0.8)  # learning speed: steps to reach these shares of the best method's final gain
-
-
-def larger_pipeline(out: Path, arch: str, width: int, resolution: int) -> Path:
-    """The arch's tiny pipeline (ncp.tiny) with its denoiser `width` times as wide (U-Net: channels; transformers:
-    attention heads) and sized for `resolution` px, fresh weights; saved to `out`."""
-    from ncp.config import ModelConfig
-    from ncp.tiny import build_tiny_pipeline
-
-    family = families.get(arch)
-    build_tiny_pipeline(out, arch, seed=0)
-    pipe = family.pipeline_class.from_pretrained(out, **family.pipeline_extras(ModelConfig()))
-    denoiser = getattr(pipe, family.denoiser_key)
-    cfg = dict(denoiser.config)
-    latent = resolution // pipe.vae_scale_factor
-    if "block_out_channels" in cfg:  # U-Net
-        cfg.update(block_out_channels=[c * width for c in cfg["block_out_channels"]], sample_size=latent)
-    else:  # MMDiT: more heads of the same size
-        cfg["num_attention_heads"] *= width
-        if "caption_projection_dim" in cfg:
-            cfg.update(caption_projection_dim=cfg["caption_projection_dim"] * width, sample_size=latent)
-    torch.manual_seed(0)
-    pipe.register_modules(**{family.denoiser_key: type(denoiser).from_config(cfg)})
-    pipe.save_pretrained(out)
-    return out
 
 
 def shipped_base(out: Path, cfg: dict, arch: str) -> dict | None:
@@ -155,7 +139,7 @@ def shipped_base(out: Path, cfg: dict, arch: str) -> dict | None:
     quick size's smaller cap takes it too, a converged base in place of a capped one. Weights as shipped (fp16);
     None where it does not apply."""
     weights = base_file(arch)
-    if not weights.is_file():
+    if not weights.is_file() or (cfg["resolution"], cfg["width"]) != (RESOLUTION, 1):
         return None
     info = shipped_base_info(weights)
     settings = {k: v for k, v in info["settings"].items() if k != "base_max"}
@@ -168,11 +152,12 @@ def shipped_base(out: Path, cfg: dict, arch: str) -> dict | None:
 
 
 def dry_run(out: Path, arch: str, cfg: dict) -> dict:
-    """Build the --device cuda toy's pipeline on the CPU and count one NCP-DPO and one latent DPO step's FLOPs (no
-    training): the larger configuration builds and runs."""
+    """Build the sized toy's pipeline (the --device cuda toy's by default) on the CPU and count one NCP-DPO and one
+    latent DPO step's FLOPs (no training): the larger configuration builds and runs."""
     from ncp.models import load_models
+    from ncp.tiny import build_tiny_pipeline
 
-    folder = larger_pipeline(out / "dry-run", arch, cfg["width"], cfg["resolution"])
+    folder = build_tiny_pipeline(out / "dry-run", arch, width=cfg["width"], resolution=cfg["resolution"])
     params = sum(p.numel() for p in load_models(str(folder)).unet.parameters())
     one = step_flops(folder, ["NCP-DPO", "latent DPO"], arch, 1, cfg["rank"], cfg["resolution"])
     flops = {m: f * cfg["pairs"] for m, f in one.items()}  # counted on one pair: FLOPs grow linearly with the batch
@@ -209,7 +194,8 @@ def method_blocks(method: str, arch: str) -> int | None:
     return SD3_BLOCKS.get(method, config_blocks(arch))
 
 
-def beta_scale(base: Path, pairs_path: Path, blocks: list[int] = (), arch: str = "sd15") -> dict:
+def beta_scale(base: Path, pairs_path: Path, blocks: list[int] = (), arch: str = "sd15",
+               resolution: int = RESOLUTION) -> dict:
     """1 / median |err_w - err_l| of the base on (up to) 64 training pairs, per space: beta x (error gap) is O(1) in
     both spaces (perceptual errors of the tiny U-Net are ~1e-5, latent ~1e-1). Transformers: "perceptual" at the
     tiny config's K, and "perceptual K=k" for each k in `blocks`."""
@@ -227,7 +213,7 @@ def beta_scale(base: Path, pairs_path: Path, blocks: list[int] = (), arch: str =
     encoders = {"perceptual": family.encoder(models.unet, EncoderConfig(blocks=k, error="difference"))}
     encoders.update({f"perceptual K={k}": family.encoder(models.unet, EncoderConfig(blocks=k, error="difference"))
                      for k in blocks})
-    loader = build_dataloader(DataConfig(source="pairs", path=str(pairs_path)), 8, seed=0)
+    loader = build_dataloader(DataConfig(source="pairs", path=str(pairs_path), resolution=resolution), 8, seed=0)
     g = torch.Generator().manual_seed(0)
     gaps = {**{k: [] for k in encoders}, "latent": []}
     with torch.no_grad():
@@ -306,7 +292,7 @@ def train_and_score(job: dict) -> dict:
                 f"train.checkpoint_every={job['eval_every']}", "train.keep_checkpoints=100000",
                 "train.validate_every=0", "train.validation_prompts=[]", "train.report_to=none",
                 f"train.seed={job['seed']}", "data.source=pairs", f"data.path={job['pairs_path']}",
-                f"data.resolution={RESOLUTION}"] + ([f"encoder.blocks={SD3_BLOCKS[job['method']]}"] if job["method"] in SD3_BLOCKS else [])
+                f"data.resolution={job['resolution']}"] + ([f"encoder.blocks={SD3_BLOCKS[job['method']]}"] if job["method"] in SD3_BLOCKS else [])
         importlib.import_module(f"train_ncp_{loss}").main(argv)
     rows = read_metrics(run_dir)
     seconds, total = {0: 0.0}, 0.0
@@ -322,10 +308,10 @@ def train_and_score(job: dict) -> dict:
     with torch.no_grad():
         for step, lora in run_loras(run_dir):
             if step in job["score_steps"] and step not in scores:
-                pipe = pipe or load_pipeline(job["base"], "cpu")
+                pipe = pipe or load_pipeline(job["base"], job["device"])
                 with lora_loaded(pipe, lora):
                     scores[step] = score_images(pipe, job["prompts"], job["img_seeds"], job["sample_steps"],
-                                                 guidance=BASE_GUIDANCE).tolist()
+                                                 guidance=BASE_GUIDANCE, resolution=job["resolution"]).tolist()
                 kept[key] = {**kept.get(key, {}), str(step): scores[step]}
                 (run_dir / "scores.tmp").write_text(json.dumps(kept))
                 (run_dir / "scores.tmp").replace(cache)  # whole or not at all
@@ -747,19 +733,27 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--arch", choices=list(DEFAULT_METHODS), default="sd15",
                    help="the base: tiny SD1.5 (U-Net, DDPM), tiny SD3 or tiny FLUX.1 dev (MMDiTs, flow matching)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="cuda: the larger toy (CUDA sizes: 64 px, a wider denoiser); only with --dry-run so far")
+                   help="cuda: base, training and scoring on the GPU, at the larger toy's sizes (64 px, a 4x wider "
+                        "denoiser, 16 pairs per step) unless --quick / --smoke is given")
+    p.add_argument("--resolution", type=int, help="image side in px (default 32; the --device cuda toy's 64)")
+    p.add_argument("--width", type=int, help="the denoiser this many times as wide (default 1; the cuda toy's 4)")
     p.add_argument("--dry-run", action="store_true", help="build the sized pipeline and count a step's FLOPs, no training")
     a = p.parse_args(argv)
-    if a.device == "cuda" and not a.dry_run:
-        p.error("--device cuda: only --dry-run is wired (ncp.toy_base renders and pretrains at 32 px on the CPU)")
+    if a.device == "cuda" and not a.dry_run and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here (--dry-run builds the larger toy and counts its FLOPs on the CPU)")
     a.methods = a.methods or (QUICK_METHODS if a.quick else DEFAULT_METHODS)[a.arch]
     unknown = set(a.methods) - set(ALL_METHODS)
     if unknown:
         p.error(f"--methods: unknown {sorted(unknown)}; choose from {list(ALL_METHODS)}")
-    cfg = dict(CUDA if a.device == "cuda" else SMOKE if a.smoke else QUICK if a.quick else FULL)
+    cfg = dict(SMOKE if a.smoke else QUICK if a.quick else CUDA if a.device == "cuda" else FULL)
+    for key, value in (("resolution", a.resolution), ("width", a.width)):
+        if value is not None:
+            cfg[key] = value
+    if cfg["resolution"] % 8:
+        p.error(f"--resolution must be a multiple of 8, got {cfg['resolution']}")
     if a.dry_run:
         torch.set_num_threads(1)
-        return dry_run(Path(a.out), a.arch, dict(cfg, resolution=cfg.get("resolution", RESOLUTION), width=cfg.get("width", 1)))
+        return dry_run(Path(a.out), a.arch, cfg)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     out = Path(a.out)
@@ -769,7 +763,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     split = split_captions()
     print(rules(cfg, split))
-    pairs_path = write_train_pairs(out, split["train"], cfg["num_pairs"], swap=BASE_DATA["swap"])
+    size, device = cfg["resolution"], a.device
+    pairs_path = write_train_pairs(out, split["train"], cfg["num_pairs"], swap=BASE_DATA["swap"], size=size)
     val_seeds = list(range(1000, 1000 + cfg["val_seeds"]))  # grid selection
     check_seeds = base_check_seeds(cfg)
     test_seeds = list(range(cfg["img_seeds"]))
@@ -778,24 +773,25 @@ def main(argv: list[str] | None = None) -> dict:
                                                                                        guidance=BASE_GUIDANCE)
     if a.arch != families.DEFAULT:  # the sd15 base's key stays as it was, so existing bases are reused
         base_key["arch"] = a.arch
+    base_key.update({k: cfg[k] for k in ("resolution", "width") if cfg[k] != FULL[k]})  # a larger toy's base
     saved = out / "base.json"
     if saved.is_file() and json.loads(saved.read_text())["settings"] == base_key:  # the same rule gives the same base
         base = json.loads(saved.read_text())["base"]
         print(f"base: reusing {out / 'base'} (U-Net step {base['unet_steps']}, same settings)")
     else:
         shutil.rmtree(out / "runs", ignore_errors=True)  # runs of another base must not be reused below
-        base = shipped_base(out, cfg, a.arch) or pretrain_base(out, cfg, split["val"], check_seeds, arch=a.arch,
+        base = shipped_base(out, cfg, a.arch) or pretrain_base(out, cfg, split["val"], check_seeds, arch=a.arch, device=device,
                                                                **BASE_DATA, guidance=BASE_GUIDANCE)
         if "shipped" in base:
             print(f"base: the shipped toy base ({base['shipped']['file']}: these settings, stopped by the rule at "
                   f"step {base['unet_steps']})")
         saved.write_text(json.dumps(dict(settings=base_key, base=base), indent=2))
     base_dir = str(out / "base")
-    betas = beta_scale(out / "base", pairs_path, [SD3_BLOCKS[m] for m in a.methods if m in SD3_BLOCKS], a.arch)
+    betas = beta_scale(out / "base", pairs_path, [SD3_BLOCKS[m] for m in a.methods if m in SD3_BLOCKS], a.arch, size)
     print("beta scale per space (1 / median |err_w - err_l| of the base): "
           + ", ".join(f"{k} {v:.4g}" for k, v in betas.items()))
     common = dict(arch=a.arch, base=base_dir, pairs_path=str(pairs_path), rank=cfg["rank"], pairs=cfg["pairs"], steps=cfg["steps"],
-                  eval_every=cfg["eval_every"], sample_steps=cfg["sample_steps"])
+                  eval_every=cfg["eval_every"], sample_steps=cfg["sample_steps"], resolution=size, device=device)
 
     def job(method, lr, mult, seed, prompts, img_seeds, score_steps):
         loss = ALL_METHODS[method][0]
@@ -808,10 +804,10 @@ def main(argv: list[str] | None = None) -> dict:
     from ncp.generate import load_pipeline
 
     t_grid = time.perf_counter()
-    pipe_base = load_pipeline(base_dir, "cpu")
+    pipe_base = load_pipeline(base_dir, device)
     with torch.no_grad():
         base_val = float(score_images(pipe_base, split["val"], val_seeds, cfg["sample_steps"],
-                                      guidance=BASE_GUIDANCE).mean())
+                                      guidance=BASE_GUIDANCE, resolution=size).mean())
     print(f"grid: the base's validation reward {base_val:.4f}")
     grid_jobs = [job(m, lr, mult, 0, split["val"], val_seeds, [cfg["steps"]])
                  for m in OBJECTIVES if m in a.methods or (m == "NCP-DPO" and any(x not in OBJECTIVES for x in a.methods))
@@ -844,13 +840,14 @@ def main(argv: list[str] | None = None) -> dict:
     t_test = time.perf_counter()
     score_steps = list(range(cfg["eval_every"], cfg["steps"] + 1, cfg["eval_every"]))
     with torch.no_grad():
-        base_test = score_images(pipe_base, split["test"], test_seeds, cfg["sample_steps"], guidance=BASE_GUIDANCE)
+        base_test = score_images(pipe_base, split["test"], test_seeds, cfg["sample_steps"], guidance=BASE_GUIDANCE,
+                                 resolution=size)
     test_jobs = [job(m, c["lr"], c["beta_mult"] or 1.0, s, split["test"], test_seeds, score_steps)
                  for m, c in chosen.items() for s in range(cfg["seeds"])]
     test = run_jobs(test_jobs, a.workers)
     test_minutes = (time.perf_counter() - t_test) / 60
 
-    flops = step_flops(out / "base", list(chosen), a.arch, cfg["pairs"], cfg["rank"], RESOLUTION)
+    flops = step_flops(out / "base", list(chosen), a.arch, cfg["pairs"], cfg["rank"], size)
     print("counted GFLOP per step (objective, forward + backward): "
           + ", ".join(f"{m} {f / 1e9:.4g}" for m, f in flops.items()))
     summary = summarise(test, base_test, chosen, flops)
@@ -858,7 +855,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = dict(command=command, setup=dict(cfg, guidance=BASE_GUIDANCE, base_tol=BASE_TOL, base_data=BASE_DATA,
                                               split_seed=SPLIT_SEED,
                                               workers=a.workers, methods=a.methods, beta_scale=betas),
-                  rules=rules(cfg, split, betas), split=split, reference=reference_levels(split["test"]), base=base,
+                  rules=rules(cfg, split, betas), split=split, reference=reference_levels(split["test"], size=size), base=base,
                   base_val_reward=base_val, base_test_reward=float(base_test.mean()), test_images=int(base_test.size),
                   grid=[{k: r[k] for k in ("method", "lr", "beta_mult", "beta", "val_reward", "metrics")} for r in grid],
                   flops_per_step=flops,

@@ -135,15 +135,37 @@ def write_t5_tokenizer(out_dir: Path) -> None:
 
 
 def build_tiny_pipeline(out_dir: str | Path, arch: str = families.DEFAULT, seed: int = 0,
-                        variant: str | None = None) -> Path:
+                        variant: str | None = None, width: int = 1, resolution: int | None = None) -> Path:
     """Write a complete tiny diffusers pipeline folder of the family named `arch` (of its `variant`, where it has
-    several: flux dev | schnell); return its path."""
+    several: flux dev | schnell); return its path. width / resolution: a larger toy (`widen`)."""
     family = families.get(arch)
-    if variant is None:
-        return family.tiny(Path(out_dir), seed)
-    if variant not in family.variants:
+    if variant is not None and variant not in family.variants:
         raise NcpError(f"--variant {variant!r}: {arch} has {', '.join(family.variants) or 'no variants'}")
-    return family.tiny(Path(out_dir), seed, variant=variant)
+    out = family.tiny(Path(out_dir), seed) if variant is None else family.tiny(Path(out_dir), seed, variant=variant)
+    return widen(out, width, resolution, seed) if width != 1 or resolution is not None else out
+
+
+def widen(folder: Path, width: int, resolution: int | None, seed: int = 0) -> Path:
+    """The tiny pipeline in `folder` with its denoiser `width` times as wide (U-Net: every block's channels;
+    transformers: more attention heads of the same size) and sized for `resolution` px (None: as it was), fresh
+    weights drawn with `seed`; saved in place. The toy benchmark's larger toy for a GPU."""
+    from .config import ModelConfig
+
+    family = families.detect(folder)
+    pipe = family.pipeline_class.from_pretrained(folder, **family.pipeline_extras(ModelConfig()))
+    denoiser = getattr(pipe, family.denoiser_key)
+    cfg = dict(denoiser.config)
+    latent = resolution // pipe.vae_scale_factor if resolution else cfg.get("sample_size")
+    if "block_out_channels" in cfg:  # U-Net
+        cfg.update(block_out_channels=[c * width for c in cfg["block_out_channels"]], sample_size=latent)
+    else:  # MMDiT: more heads of the same size
+        cfg["num_attention_heads"] *= width
+        if "caption_projection_dim" in cfg:
+            cfg.update(caption_projection_dim=cfg["caption_projection_dim"] * width, sample_size=latent)
+    torch.manual_seed(seed)
+    pipe.register_modules(**{family.denoiser_key: type(denoiser).from_config(cfg)})
+    pipe.save_pretrained(folder)
+    return folder
 
 
 def main(argv: list[str] | None = None) -> None:

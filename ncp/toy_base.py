@@ -61,24 +61,25 @@ def split_captions() -> dict[str, list[str]]:
     return dict(train=captions[:n_train], val=captions[n_train:n_train + n_val], test=captions[n_train + n_val:])
 
 
-def swapped(caption: str, swap: dict[str, str] | None) -> Image.Image | None:
+def swapped(caption: str, swap: dict[str, str] | None, size: int = 32) -> Image.Image | None:
     """The image a base pretrained with `swap` draws for `caption`: the caption's colour, shape and background,
     each one that `swap` names replaced by its swapped value (the three attributes' names are distinct); None when
     `swap` names none of them."""
     parts = parse_caption(caption)
-    return render(*(swap.get(p, p) for p in parts)) if swap and any(p in swap for p in parts) else None
+    return render(*(swap.get(p, p) for p in parts), size) if swap and any(p in swap for p in parts) else None
 
 
-def write_train_pairs(out: Path, captions: list[str], n: int, swap: dict[str, str] | None = None) -> Path:
-    """The first n toy pairs (stream PAIRS_SEED) whose caption is a train caption, as a `pairs` JSONL. With
-    `swap`, a pair whose caption names a swapped value has the base's systematic mistake as its loser."""
+def write_train_pairs(out: Path, captions: list[str], n: int, swap: dict[str, str] | None = None,
+                      size: int = 32) -> Path:
+    """The first n toy pairs (stream PAIRS_SEED) whose caption is a train caption, as a `pairs` JSONL of `size` px
+    images. With `swap`, a pair whose caption names a swapped value has the base's systematic mistake as its loser."""
     folder = out / "pairs"
     folder.mkdir(parents=True, exist_ok=True)
     keep, rows, i = set(captions), [], 0
     while len(rows) < n:
-        caption, win, lose = toy_pair(PAIRS_SEED, i, 32)
+        caption, win, lose = toy_pair(PAIRS_SEED, i, size)
         if caption in keep:
-            mistake = swapped(caption, swap)
+            mistake = swapped(caption, swap, size)
             lose = lose if mistake is None else mistake
             win.save(folder / f"{i}-w.png")
             lose.save(folder / f"{i}-l.png")
@@ -90,15 +91,15 @@ def write_train_pairs(out: Path, captions: list[str], n: int, swap: dict[str, st
 
 
 def score_images(pipe, prompts: list[str], seeds: list[int], steps: int, batch_size: int = 128,
-                 guidance: float = GUIDANCE) -> np.ndarray:
-    """toy_reward of every prompt x seed image, shape (prompts, seeds), sampled at `guidance`."""
+                 guidance: float = GUIDANCE, resolution: int = 32) -> np.ndarray:
+    """toy_reward of every prompt x seed image, shape (prompts, seeds), sampled at `guidance` and `resolution` px."""
     from ncp.generate import render as render_images
 
     jobs = [(p, s) for p in prompts for s in seeds]
     scores = []
     for i in range(0, len(jobs), batch_size):
         batch = jobs[i:i + batch_size]
-        images = render_images(pipe, [p for p, _ in batch], [s for _, s in batch], steps, guidance, 32)
+        images = render_images(pipe, [p for p, _ in batch], [s for _, s in batch], steps, guidance, resolution)
         scores += [toy_reward(img, p) for img, (p, _) in zip(images, batch)]
     return np.array(scores).reshape(len(prompts), len(seeds))
 
@@ -117,9 +118,10 @@ def recent_gain(history: list[dict]) -> float:
 
 def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], log=print, arch: str = families.DEFAULT,
                   caption_noise: float = CAPTION_NOISE, swap: dict[str, str] | None = None,
-                  guidance: float = GUIDANCE) -> dict:
+                  guidance: float = GUIDANCE, device: str = "cpu") -> dict:
     """VAE, then U-Net (sd3: transformer) with an EMA, on toy images; saves the EMA pipeline to out/base
-    (rule: module docstring). The pretraining captions' errors: `caption_noise` of the images show the pair's
+    (rule: module docstring). cfg's `resolution` (default 32 px) and `width` (default 1) make a larger toy
+    (ncp.tiny.widen), trained on `device`; random draws stay on the CPU, so a device changes no draw. The pretraining captions' errors: `caption_noise` of the images show the pair's
     loser, and `swap` {caption value: drawn value} is a systematic error (with {"white": "black", "black":
     "white"} every "white background" caption shows a black background and the other way round), so the base
     draws those values wrong confidently. The stopping checks sample at `guidance`."""
@@ -133,13 +135,14 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
 
     t_start = time.perf_counter()
     family = families.get(arch)
-    build_tiny_pipeline(out / "init", arch, seed=0)
-    pipe = family.pipeline_class.from_pretrained(out / "init", **family.pipeline_extras(ModelConfig()))
+    size, width = cfg.get("resolution", 32), cfg.get("width", 1)
+    build_tiny_pipeline(out / "init", arch, seed=0, width=width, resolution=None if size == 32 else size)
+    pipe = family.pipeline_class.from_pretrained(out / "init", **family.pipeline_extras(ModelConfig())).to(device)
     pipe.set_progress_bar_config(disable=True)
-    pairs = [toy_pair(PRETRAIN_SEED, i, 32) for i in range(max(64, cfg["num_pairs"]))]
+    pairs = [toy_pair(PRETRAIN_SEED, i, size) for i in range(max(64, cfg["num_pairs"]))]
     captions = [c for c, _, _ in pairs]
-    winners = torch.stack([to_tensor(w) for _, w, _ in pairs])
-    images = torch.cat([winners, torch.stack([to_tensor(l) for _, _, l in pairs])])
+    winners = torch.stack([to_tensor(w) for _, w, _ in pairs]).to(device)
+    images = torch.cat([winners, torch.stack([to_tensor(l) for _, _, l in pairs]).to(device)])
     g = torch.Generator().manual_seed(0)
 
     # VAE: reconstruction + a small KL (weight 1e-6, as SD's KL-f8 autoencoder) on all toy images
@@ -163,12 +166,13 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
     else:
         vae.register_to_config(scaling_factor=float(1 / mean.std()))  # unit-variance latents, as SD's 0.18215
     shown = mean[:len(winners)]  # what each caption shows: its winner, or with `swap` its swapped values
-    swaps = {i: img for i, c in enumerate(captions) if (img := swapped(c, swap)) is not None}
+    swaps = {i: img for i, c in enumerate(captions) if (img := swapped(c, swap, size)) is not None}
     if swaps:
         with torch.no_grad():
-            drawn = vae.encode(torch.stack([to_tensor(img) for img in swaps.values()])).latent_dist.mean
-        shown = shown.index_copy(0, torch.tensor(list(swaps)), drawn - (vae.config.get("shift_factor") or 0))
-    noisy = torch.rand(len(winners), generator=torch.Generator().manual_seed(PRETRAIN_SEED)) < caption_noise
+            drawn = vae.encode(torch.stack([to_tensor(img) for img in swaps.values()]).to(device)).latent_dist.mean
+        shown = shown.index_copy(0, torch.tensor(list(swaps), device=device),
+                                 drawn - (vae.config.get("shift_factor") or 0))
+    noisy = (torch.rand(len(winners), generator=torch.Generator().manual_seed(PRETRAIN_SEED)) < caption_noise).to(device)
     latents = torch.where(noisy.view(-1, 1, 1, 1), mean[len(winners):], shown) * vae.config.scaling_factor
     vae_reward = statistics.mean(toy_reward(r, c) for r, c in zip(recon, captions))
     log(f"VAE: {cfg['vae_steps']} steps, recon MSE {F.mse_loss(recon, winners).item():.4f}, toy reward of "
@@ -180,7 +184,7 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
     unet = getattr(pipe, denoiser)
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     ema = EMAModel(unet.parameters(), decay=cfg["ema"])
-    schedule = family.noise_process(pipe.scheduler, ObjectiveConfig())
+    schedule = family.noise_process(pipe.scheduler, ObjectiveConfig()).to(device)
     parts = pipe.components
     models = Models(family, unet, vae, [parts[k] for k in ("tokenizer", "tokenizer_2", "tokenizer_3") if k in parts],
                     [parts[k] for k in ("text_encoder", "text_encoder_2", "text_encoder_3") if k in parts], pipe.scheduler)
@@ -192,7 +196,8 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
             ema.copy_to(ema_unet.parameters())
             setattr(pipe, denoiser, ema_unet)
             with torch.no_grad():
-                reward = float(score_images(pipe, val, check_seeds, cfg["sample_steps"], guidance=guidance).mean())
+                reward = float(score_images(pipe, val, check_seeds, cfg["sample_steps"], guidance=guidance,
+                                            resolution=size).mean())
             setattr(pipe, denoiser, unet)
             history.append(dict(step=step, reward=reward))
             gained = recent_gain(history)
@@ -203,11 +208,11 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
         unet.train()
         idx = torch.randint(0, len(latents), (bs,), generator=g)
         x0 = latents[idx]
-        drop = torch.rand(bs, generator=g) < 0.1
+        drop = (torch.rand(bs, generator=g) < 0.1).to(device)
         cond = Cond(*(None if c is None else torch.where(drop.view(-1, *[1] * (c.dim() - 1)), e, c)
                       for c, e in zip(text.index(idx)._tensors(), empty_text.repeat(bs)._tensors())))
-        t = sample_timesteps(bs, schedule.num_timesteps, g, schedule.training_density)
-        eps = torch.randn(x0.shape, generator=g)
+        t = sample_timesteps(bs, schedule.num_timesteps, g, schedule.training_density).to(device)
+        eps = torch.randn(x0.shape, generator=g).to(device)
         pred = family.denoise(unet, schedule.q_sample(x0, t, eps), schedule.model_timestep(t), cond)
         loss = F.mse_loss(pred, schedule.target(x0, eps))
         opt.zero_grad(set_to_none=True)
@@ -221,24 +226,24 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
                 stopped_by="rule" if step < cfg["base_max"] else "base_max", seconds=time.perf_counter() - t_start)
 
 
-def reference_levels(prompts: list[str], vae=None) -> dict:
+def reference_levels(prompts: list[str], vae=None, size: int = 32) -> dict:
     """Toy reward levels, exact means over `prompts`: winner (the caption's image, 1.0), loser (one attribute wrong
     as in ncp.data.toy.toy_pair: colour or shape, each half the time, any other value), chance (the image of any
     of the 54 toy captions) and, given the base's VAE `vae`, the ceiling (the caption's image through it: what its
-    latents can show at best)."""
+    latents can show at best). Images of `size` px."""
     loser, chance = [], []
-    every = [render(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
+    every = [render(c, s, b, size) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
     for caption in prompts:
         colour, shape, background = parse_caption(caption)
-        wrong = [[toy_reward(render(c, shape, background), caption) for c in COLOURS if c != colour],
-                 [toy_reward(render(colour, s, background), caption) for s in SHAPES if s != shape]]
+        wrong = [[toy_reward(render(c, shape, background, size), caption) for c in COLOURS if c != colour],
+                 [toy_reward(render(colour, s, background, size), caption) for s in SHAPES if s != shape]]
         loser.append(np.mean([np.mean(w) for w in wrong]))
         chance.append(np.mean([toy_reward(img, caption) for img in every]))
     levels = dict(winner=1.0, loser=float(np.mean(loser)), chance=float(np.mean(chance)))
     if vae is not None:
         with torch.no_grad():
-            recon = vae.decode(vae.encode(torch.stack([to_tensor(render(*parse_caption(p))) for p in prompts]))
-                               .latent_dist.mean).sample
+            pixels = torch.stack([to_tensor(render(*parse_caption(p), size)) for p in prompts]).to(vae.device)
+            recon = vae.decode(vae.encode(pixels).latent_dist.mean).sample
         levels["ceiling"] = float(np.mean([toy_reward(r, p) for r, p in zip(recon, prompts)]))
     return levels
 

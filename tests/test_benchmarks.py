@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -236,7 +237,7 @@ def test_toy_alignment_statistics_by_hand():
 
 def test_toy_alignment_cuda_toy_builds_on_cpu(tmp_path):
     """--device cuda --dry-run: the larger toy's pipeline (64 px, a 4x wider U-Net) builds and one step is counted;
-    a full --device cuda run is refused with one line until ncp.toy_base renders at other sizes."""
+    without a CUDA device a real --device cuda run is refused with one line."""
     toy = load("toy_alignment")
     dry = toy.main(["--device", "cuda", "--dry-run", "--out", str(tmp_path)])
     from ncp.models import load_models
@@ -245,8 +246,36 @@ def test_toy_alignment_cuda_toy_builds_on_cpu(tmp_path):
     assert unet.config.block_out_channels == [128, 256] and unet.config.sample_size == 32
     assert dry["denoiser_params"] == sum(p.numel() for p in unet.parameters())
     assert dry["flops_per_step"]["NCP-DPO"] > dry["flops_per_step"]["latent DPO"] > 0
-    with pytest.raises(SystemExit):
-        toy.main(["--device", "cuda", "--out", str(tmp_path)])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            toy.main(["--device", "cuda", "--out", str(tmp_path)])
+
+
+def test_toy_alignment_larger_toy_trains_and_scores_at_its_size(tmp_path):
+    """The larger toy's path (what --device cuda runs at 64 px and 4x the width), through the GPU check's toy stage
+    in its dry run: on the CPU at the smoke size, 48 px and twice the width. The base is pretrained at that size and
+    width, not the shipped 32 px one; pairs, training and scoring use 48 px images; the base's settings name the
+    size, so a base of another size is never reused."""
+    from PIL import Image
+
+    from ncp.models import load_models
+
+    out = tmp_path / "toy"
+    stage = load("gpu_check").stage_toy(dry=True, out=out)
+    result = json.loads((out / "toy_alignment.json").read_text())
+    unet = load_models(str(out / "base")).unet
+    assert unet.config.block_out_channels == [64, 128] and unet.config.sample_size == 24  # 2x the tiny U-Net's
+    assert "shipped" not in result["base"]
+    assert json.loads((out / "base.json").read_text())["settings"].items() >= {"resolution": 48, "width": 2}.items()
+    pairs = [json.loads(line) for line in (out / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert Image.open(out / "pairs" / pairs[0]["chosen"]).size == (48, 48)
+    assert {r["method"] for r in result["runs"]} == {"NCP-DPO"}
+    for r in result["runs"]:
+        assert "resolution: 48" in (Path(r["run_dir"]) / "config.yaml").read_text()
+        assert all(len(v) == len(result["split"]["test"]) for v in r["scores"].values())
+    assert result["setup"]["resolution"] == 48 and result["test_images"] == len(result["split"]["test"])
+    assert stage["ok"] is None and set(stage["gains"]) == {"NCP-DPO"}  # the dry run measures, it does not judge
+    assert stage["summary"].startswith("48 px, denoiser x2") and "| NCP-DPO |" in stage["summary"]
 
 
 def test_toy_alignment_learning_speed_and_grid_extension_by_hand():
