@@ -120,11 +120,12 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
                   caption_noise: float = CAPTION_NOISE, swap: dict[str, str] | None = None,
                   guidance: float = GUIDANCE, device: str = "cpu") -> dict:
     """VAE, then U-Net (sd3: transformer) with an EMA, on toy images; saves the EMA pipeline to out/base
-    (rule: module docstring). cfg's `resolution` (default 32 px) and `width` (default 1) make a larger toy
-    (ncp.tiny.widen), trained on `device`; random draws stay on the CPU, so a device changes no draw. The pretraining captions' errors: `caption_noise` of the images show the pair's
+    (rule: module docstring). The pretraining captions' errors: `caption_noise` of the images show the pair's
     loser, and `swap` {caption value: drawn value} is a systematic error (with {"white": "black", "black":
     "white"} every "white background" caption shows a black background and the other way round), so the base
-    draws those values wrong confidently. The stopping checks sample at `guidance`."""
+    draws those values wrong confidently. The stopping checks sample at `guidance`. cfg's `resolution` (default
+    32 px) and `width` (default 1) make a larger toy (ncp.tiny.widen), trained on `device`; random draws stay on
+    the CPU, so the device changes no draw."""
     from diffusers.training_utils import EMAModel
 
     from ncp.conditioning import Cond, encode_prompts
