@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ncp import families
 from ncp.errors import NcpError, run_cli
 from ncp.models import LORA_FILE
 
@@ -133,6 +134,13 @@ def lora_loaded(pipe, lora: str | Path | None):
         pipe.unload_lora_weights()
 
 
+def sampling_kwargs(pipe) -> dict:
+    """The family's call arguments that sample as its denoiser was trained (`Family.sampling_kwargs`)."""
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    family = families.of_denoiser(denoiser) if denoiser is not None else None
+    return family.sampling_kwargs(denoiser) if family else {}
+
+
 def render(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.5,
            resolution: int | None = None, negative_prompt: str | None = None):
     """PIL images for prompts[i] with seeds[i], one CPU `torch.Generator` per image.
@@ -144,7 +152,7 @@ def render(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance
     out = pipe(
         prompt=list(prompts), negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
         generator=generators, num_inference_steps=steps, guidance_scale=guidance,
-        height=resolution, width=resolution, output_type="pil",
+        height=resolution, width=resolution, output_type="pil", **sampling_kwargs(pipe),
     )
     return out.images
 

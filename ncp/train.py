@@ -240,7 +240,8 @@ def render_validation_grid(cfg: Config, acc, parts: Parts, step: int) -> Path | 
         # eagerly: sampling shapes (classifier-free guidance doubles the batch) would compile graphs of their own
         with torch.no_grad(), acc.autocast(), torch.compiler.set_stance("force_eager"):
             images = [pipe(p, num_inference_steps=tc.validation_steps, guidance_scale=tc.validation_guidance,
-                           height=res, width=res, generator=torch.Generator().manual_seed(i)).images[0]
+                           height=res, width=res, generator=torch.Generator().manual_seed(i),
+                           **parts.models.family.sampling_kwargs(unet)).images[0]
                       for i, p in enumerate(tc.validation_prompts)]
         unet.train()
         grid = make_image_grid(images, rows=1, cols=len(images))

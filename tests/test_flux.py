@@ -97,6 +97,23 @@ def test_guidance_is_dev_only(tiny_flux):
         assert not torch.equal(flux.FluxPerceptualEncoder(dev.unet, 2)(x, ts, cond), f)
 
 
+def test_sampling_encodes_prompts_at_the_trained_t5_length(tiny_flux):
+    """Images are sampled with the T5 length the transformer trains at (FluxPipeline's call would take 512 tokens
+    for every variant): schnell's 256, dev's 512, a run's model.max_sequence_length where it set one."""
+    from ncp.generate import load_pipeline, render
+
+    seen = []
+    for variant, length in (("schnell", 256), ("dev", 512)):
+        pipe = load_pipeline(str(tiny_flux[variant]))
+        encode = pipe.encode_prompt
+        pipe.encode_prompt = lambda *a, **k: seen.append(k["max_sequence_length"]) or encode(*a, **k)
+        render(pipe, PROMPTS[:1], [0], steps=1, guidance=3.5, resolution=32)
+        assert seen[-1] == length
+    flux.apply_settings(pipe.transformer, max_length=64)  # as a run's configure leaves its transformer
+    render(pipe, PROMPTS[:1], [0], steps=1, guidance=3.5, resolution=32)
+    assert seen == [256, 512, 64]
+
+
 def test_vae_latents_are_shifted_and_scaled(tiny_flux):
     """FLUX's VAE: latents = (mean - shift_factor) * scaling_factor, as FluxPipeline decodes latents / scale + shift."""
     from ncp.models import to_latents

@@ -169,6 +169,11 @@ class Family:
 
         return DPMSolverMultistepScheduler.from_config(scheduler_config)
 
+    def sampling_kwargs(self, denoiser) -> dict:
+        """Keyword arguments of the pipeline's call that sample as the denoiser was trained (the conditioning's
+        settings that the pipeline's own defaults would change)."""
+        return {}
+
     def pipeline_extras(self, model_cfg) -> dict:
         """Pipeline components beyond denoiser, VAE, text encoders, tokenizers and scheduler (also given to
         `from_pretrained`, where they override the folder's)."""

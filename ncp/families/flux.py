@@ -359,6 +359,10 @@ class Flux(Family):
     def encode_prompts(self, models, prompts):
         return encode_prompts(models, prompts)
 
+    def sampling_kwargs(self, denoiser) -> dict:
+        """The run's T5 length (FluxPipeline's call would encode 512 tokens: schnell trains at 256)."""
+        return {"max_sequence_length": settings(denoiser).max_sequence_length}
+
     def latent_channels(self, denoiser) -> int:
         """in_channels counts 2x2-packed channels."""
         return denoiser.config.in_channels // 4
