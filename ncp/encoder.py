@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention import blockwise_sdpa
 from .errors import NcpError
+from .linear_jvp import frozen_layers
 from .quantize import dequantized_linears
 from .models import adapters_disabled
 
@@ -52,10 +53,11 @@ def _f_precision(error: str, dtype: torch.dtype):
 def linearize(fn, x: torch.Tensor, tangents: list[torch.Tensor], path: str = "vmap") -> list[torch.Tensor]:
     """[J_fn(x) t for t in tangents] by torch.func.jvp. path (LINEARIZE):
       vmap       one primal fn(x) for all tangents (vmap over the tangent only), attention by `ncp.attention`'s
-                 blockwise rule (no whole score matrix with its tangent);
-      blockwise  one jvp per tangent (the primal again each time), blockwise attention;
-      math       one jvp per tangent through SDPA's math kernel (PyTorch's own rule: every score matrix and its
-                 tangent at once; kept to measure against).
+                 blockwise rule (no whole score matrix with its tangent), frozen convolutions and linear layers by
+                 `ncp.linear_jvp`'s (no copy of their weights);
+      blockwise  one jvp per tangent (the primal again each time), the same rules;
+      math       one jvp per tangent through SDPA's math kernel and PyTorch's own rules for every layer (every score
+                 matrix and its tangent at once, the weights copied; kept to measure against).
     The fused SDPA kernels have no forward-AD formula (PyTorch 2.13), hence the math kernel or the custom rule.
     bitsandbytes layers (model.quantize) have none either: they run as their dequantized weight's linear map."""
     x = x.detach().contiguous()
@@ -64,7 +66,7 @@ def linearize(fn, x: torch.Tensor, tangents: list[torch.Tensor], path: str = "vm
     if path == "math":
         with sdpa_kernel([SDPBackend.MATH]), dequantized_linears():
             return [jvp(tan) for tan in tangents]
-    with blockwise_sdpa(), dequantized_linears():
+    with blockwise_sdpa(), frozen_layers(), dequantized_linears():
         if path == "blockwise" or len(tangents) == 1:
             return [jvp(tan) for tan in tangents]
         return list(torch.func.vmap(jvp)(torch.stack(tangents)).unbind(0))

@@ -1,4 +1,7 @@
-"""The blockwise forward-mode attention rule (ncp.attention) against torch.func.jvp through SDPA's math kernel."""
+"""The forward-mode rules of f's jvp against PyTorch's own: the blockwise attention (ncp.attention) against
+torch.func.jvp through SDPA's math kernel, and the frozen convolutions and linear layers (ncp.linear_jvp)."""
+
+import contextlib
 
 import pytest
 import torch
@@ -88,3 +91,69 @@ def test_cross_attention_without_key_tangents_and_the_switch_restores_the_origin
     with sdpa_kernel([SDPBackend.MATH]):
         ref = torch.func.jvp(lambda q: F.scaled_dot_product_attention(q, k, v), (q,), (tq,))[1]
     assert torch.allclose(ours, ref, atol=1e-10, rtol=0)
+
+
+# ---------------------------------------------------------------- frozen convolutions and linear layers (linear_jvp)
+def frozen_net(dtype):
+    """Frozen convolutions (stride, padding, groups, with and without bias) and linear layers, around nonlinearities."""
+    torch.manual_seed(0)
+    net = torch.nn.ModuleDict(dict(
+        a=torch.nn.Conv2d(4, 8, 3, padding=1), b=torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2, bias=False),
+        c=torch.nn.Linear(8, 6), d=torch.nn.Linear(6, 5, bias=False))).to(dtype).requires_grad_(False)
+
+    def f(x):
+        h = net["b"](F.silu(net["a"](x)))
+        return net["d"](F.gelu(net["c"](h.flatten(2).transpose(1, 2))))
+    return net, f
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_frozen_layer_rules_equal_pytorchs_under_vmap_and_through_the_tangent(dtype):
+    """Two tangents against one primal under vmap: the tangents, and the gradient through the first one into it,
+    equal PyTorch's own forward-mode rules; outside the `with` F.linear and F.conv2d are the originals again."""
+    from ncp.linear_jvp import frozen_layers
+
+    _, f = frozen_net(dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 6, 6, generator=g, dtype=dtype)
+    tangents = torch.randn(2, 2, 4, 6, 6, generator=g, dtype=dtype)
+    originals = F.linear, F.conv2d
+    results = []
+    for switch in (contextlib.nullcontext, frozen_layers):
+        t = tangents.clone().requires_grad_(True)
+        with switch():
+            out = torch.func.vmap(lambda tan: torch.func.jvp(f, (x,), (tan,))[1])(t)
+        (out[0] ** 2).sum().backward()
+        results.append((out.detach(), t.grad))
+    assert (F.linear, F.conv2d) == originals
+    (ref, ref_grad), (ours, our_grad) = results
+    assert ref_grad[0].abs().max() > 0 and torch.equal(our_grad[1], torch.zeros_like(our_grad[1]))
+    assert torch.allclose(ours, ref, atol=TOL[dtype], rtol=0)
+    assert torch.allclose(our_grad, ref_grad, atol=TOL[dtype], rtol=0)
+
+
+def test_frozen_layer_rules_copy_no_weight():
+    """PyTorch's rules copy a frozen layer's weight on every jvp; these do not (nor make zero tangents of it); a
+    layer whose weight needs a gradient goes to PyTorch's rule."""
+    from torch.profiler import profile
+
+    from ncp.linear_jvp import frozen_layers
+
+    net, f = frozen_net(torch.float32)
+    weights = {tuple(p.shape) for p in net.parameters()}
+    weights |= {tuple(p.t().shape) for p in net.parameters() if p.dim() == 2}  # linear's copy is transposed
+    x, t = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+
+    def weight_copies(switch):
+        with switch(), profile(record_shapes=True) as p:
+            torch.func.jvp(f, (x,), (t,))
+        return [e.key for e in p.key_averages(group_by_input_shape=True)
+                if e.key in ("aten::clone", "aten::copy_", "aten::zeros_like") and e.input_shapes
+                and tuple(e.input_shapes[0]) in weights]
+
+    assert weight_copies(contextlib.nullcontext)  # the test can fail: PyTorch's rules copy
+    assert weight_copies(frozen_layers) == []
+    net["c"].weight.requires_grad_(True)
+    with frozen_layers():
+        out = torch.func.jvp(f, (x,), (t,))[1]
+    assert torch.allclose(out, torch.func.jvp(f, (x,), (t,))[1], atol=1e-6, rtol=0)
