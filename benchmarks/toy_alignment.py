@@ -111,7 +111,7 @@ DEFAULT_METHODS = {"sd15": list(METHODS), "sd3": OBJECTIVES + ["NCP-DPO K=2", "N
                    "flux": OBJECTIVES + ["NCP-DPO K=1", "NCP-DPO K=4"]}
 # --quick: the transformers' K rows are left to the full size (the quick size's budget)
 QUICK_METHODS = dict(DEFAULT_METHODS, sd3=OBJECTIVES, flux=OBJECTIVES)
-RESOLUTION = 32  # toy images and training pixels, but the --device cuda toy's (its `resolution`)
+RESOLUTION = 32  # toy images and training pixels (the --device cuda toy has its own `resolution`)
 PAIRS = [("DPO", "NCP-DPO", "latent DPO"), ("CPO", "NCP-CPO", "latent CPO"), ("SFT", "NCP-SFT", "latent SFT")]
 
 # Sizes. img_seeds x 18 test captions: 270 test images per point (full), 108 (quick). Checkpoints every eval_every steps: the
