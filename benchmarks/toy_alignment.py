@@ -132,6 +132,11 @@ CUDA = dict(FULL, base_max=3000, base_batch=64, steps=200, eval_every=25, pairs=
 SPEED_FRACTIONS = (0.5, 0.8)  # learning speed: steps to reach these shares of the best method's final gain
 
 
+def larger_size(cfg: dict) -> dict:
+    """The run's image size and denoiser width where they are not the toy's own (32 px, 1x): {} for the CPU sizes."""
+    return {k: cfg[k] for k in ("resolution", "width") if cfg[k] != FULL[k]}
+
+
 def shipped_base(out: Path, cfg: dict, arch: str) -> dict | None:
     """The arch's shipped toy base (ncp.toy_base.base_file; the U-Net's is the quickstart's), written to out/base,
     where it is the base this run's pretraining would give: the same arch, pretraining settings (but the cap),
@@ -139,7 +144,7 @@ def shipped_base(out: Path, cfg: dict, arch: str) -> dict | None:
     quick size's smaller cap takes it too, a converged base in place of a capped one. Weights as shipped (fp16);
     None where it does not apply."""
     weights = base_file(arch)
-    if not weights.is_file() or (cfg["resolution"], cfg["width"]) != (RESOLUTION, 1):
+    if not weights.is_file() or larger_size(cfg):  # the shipped bases are 32 px, 1x
         return None
     info = shipped_base_info(weights)
     settings = {k: v for k, v in info["settings"].items() if k != "base_max"}
@@ -773,7 +778,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                                        guidance=BASE_GUIDANCE)
     if a.arch != families.DEFAULT:  # the sd15 base's key stays as it was, so existing bases are reused
         base_key["arch"] = a.arch
-    base_key.update({k: cfg[k] for k in ("resolution", "width") if cfg[k] != FULL[k]})  # a larger toy's base
+    base_key.update(larger_size(cfg))  # a larger toy's base: its own key
     saved = out / "base.json"
     if saved.is_file() and json.loads(saved.read_text())["settings"] == base_key:  # the same rule gives the same base
         base = json.loads(saved.read_text())["base"]
