@@ -58,7 +58,9 @@ differ in K alone; beta is scaled per space and per K. No bf16 rows (tests/test_
 
 FLUX variant (--arch flux): the same on the tiny FLUX.1 dev pipeline (guidance 3.5, the training sigmas unshifted),
 f = the first K double-stream blocks (configs/tiny_flux_*.yaml: K = 2 of 4), plus at the full size NCP-DPO with K = 1
-and K = 4.
+and K = 4. Prompts are encoded at the tiny configs' T5 length, 64 tokens (toy captions have at most 35; dev's
+default 512 is padding that made the transformer's work about 6x larger), in the base's pretraining, training,
+beta scale, FLOP count and scoring alike (`ncp.toy_base.configured`).
 
     python benchmarks/toy_alignment.py --arch flux --quick --out outputs/toy-flux-quick
 
@@ -93,8 +95,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # step_cost's FLOP counter
 
 from ncp import families  # noqa: E402
 from ncp.toy_base import (BASE_DATA, BASE_GUIDANCE, BASE_TOL, BOOT, SPLIT, SPLIT_SEED, base_check_seeds,  # noqa: E402,F401
-                          base_file, bootstrap, per_prompt, pretrain_base, reference_levels, score_images, shipped_base_info,
-                          split_captions, write_base, write_train_pairs)
+                          base_file, bootstrap, configured, per_prompt, pretrain_base, reference_levels, score_images,
+                          shipped_base_info, split_captions, toy_settings, write_base, write_train_pairs)
 
 # name -> (loss, space, train.mixed_precision, encoder.error); the first six are the objectives
 METHODS = {"NCP-DPO": ("dpo", "perceptual", "no", "difference"), "latent DPO": ("dpo", "latent", "no", "difference"),
@@ -149,11 +151,12 @@ def shipped_base(out: Path, cfg: dict, arch: str) -> dict | None:
     info = shipped_base_info(weights)
     settings = {k: v for k, v in info["settings"].items() if k != "base_max"}
     if (info["arch"] != arch or info["stopped_by"] != "rule" or settings != {k: cfg.get(k) for k in settings}
-            or info["data"] != BASE_DATA or info["guidance"] != BASE_GUIDANCE):
+            or info["data"] != BASE_DATA or info["guidance"] != BASE_GUIDANCE
+            or info.get("model", {}) != toy_settings(arch)):  # flux: the T5 length it was pretrained at
         return None
     write_base(out / "base", weights)
     return dict({k: info[k] for k in ("vae_steps", "vae_recon_reward", "unet_steps", "history", "stopped_by")},
-                seconds=0.0, shipped=dict(file=f"ncp/assets/{weights.name}", pretraining_seconds=info["seconds"]))
+                model=toy_settings(arch), seconds=0.0, shipped=dict(file=f"ncp/assets/{weights.name}", pretraining_seconds=info["seconds"]))
 
 
 def dry_run(out: Path, arch: str, cfg: dict) -> dict:
@@ -211,7 +214,7 @@ def beta_scale(base: Path, pairs_path: Path, blocks: list[int] = (), arch: str =
     from ncp.models import load_models
     from ncp.objective import ObjectiveConfig, compute_objective, randomness_for
 
-    models = load_models(str(base))
+    models = configured(load_models(str(base)), arch)
     family = models.family
     schedule = family.noise_process(models.scheduler, ObjectiveConfig())
     k = config_blocks(arch)
@@ -247,7 +250,7 @@ def step_flops(base: Path, methods: list[str], arch: str, pairs: int, rank: int,
     from ncp.models import add_lora, load_models
     from ncp.objective import ObjectiveConfig, compute_objective, randomness_for
 
-    models = load_models(str(base))
+    models = configured(load_models(str(base)), arch)
     family = models.family
     schedule = family.noise_process(models.scheduler, ObjectiveConfig())
     kinds = {(method_blocks(m, arch), ALL_METHODS[m][3]) for m in methods}
@@ -313,7 +316,7 @@ def train_and_score(job: dict) -> dict:
     with torch.no_grad():
         for step, lora in run_loras(run_dir):
             if step in job["score_steps"] and step not in scores:
-                pipe = pipe or load_pipeline(job["base"], job["device"])
+                pipe = pipe or configured(load_pipeline(job["base"], job["device"]), job.get("arch", families.DEFAULT))
                 with lora_loaded(pipe, lora):
                     scores[step] = score_images(pipe, job["prompts"], job["img_seeds"], job["sample_steps"],
                                                  guidance=BASE_GUIDANCE, resolution=job["resolution"]).tolist()
@@ -779,6 +782,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.arch != families.DEFAULT:  # the sd15 base's key stays as it was, so existing bases are reused
         base_key["arch"] = a.arch
     base_key.update(larger_size(cfg))  # a larger toy's base: its own key
+    if toy_settings(a.arch):  # flux: the T5 length its prompts are encoded at
+        base_key["model"] = toy_settings(a.arch)
     saved = out / "base.json"
     if saved.is_file() and json.loads(saved.read_text())["settings"] == base_key:  # the same rule gives the same base
         base = json.loads(saved.read_text())["base"]
@@ -809,7 +814,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ncp.generate import load_pipeline
 
     t_grid = time.perf_counter()
-    pipe_base = load_pipeline(base_dir, device)
+    pipe_base = configured(load_pipeline(base_dir, device), a.arch)
     with torch.no_grad():
         base_val = float(score_images(pipe_base, split["val"], val_seeds, cfg["sample_steps"],
                                       guidance=BASE_GUIDANCE, resolution=size).mean())

@@ -116,6 +116,27 @@ def recent_gain(history: list[dict]) -> float:
     return history[-1]["reward"] - history[-3]["reward"] if len(history) >= 4 else float("inf")
 
 
+def toy_model(arch: str = families.DEFAULT):
+    """The model section the toy trains with: configs/tiny_<arch>_ncp_dpo.yaml's (flux: its T5 length, 64 tokens)."""
+    from ncp.config import load_config
+
+    return load_config(str(Path(__file__).resolve().parents[1] / "configs" / f"tiny_{arch}_ncp_dpo.yaml")).model
+
+
+def toy_settings(arch: str = families.DEFAULT) -> dict:
+    """The family's model settings in `toy_model(arch)` ({} for a family without any): part of a base's identity."""
+    return families.get(arch).model_settings(toy_model(arch))
+
+
+def configured(pipe, arch: str = families.DEFAULT):
+    """`pipe` (a pipeline, or `ncp.models.Models`) with the toy's model settings on its denoiser, as training
+    leaves them (flux: prompts encoded and sampled at the toy's T5 length); returns it."""
+    family = families.get(arch)
+    denoiser = pipe.denoiser if hasattr(pipe, "denoiser") else getattr(pipe, family.denoiser_key)
+    family.apply_model_settings(denoiser, toy_model(arch))
+    return pipe
+
+
 def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], log=print, arch: str = families.DEFAULT,
                   caption_noise: float = CAPTION_NOISE, swap: dict[str, str] | None = None,
                   guidance: float = GUIDANCE, device: str = "cpu") -> dict:
@@ -123,7 +144,8 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
     (rule: module docstring). The pretraining captions' errors: `caption_noise` of the images show the pair's
     loser, and `swap` {caption value: drawn value} is a systematic error (with {"white": "black", "black":
     "white"} every "white background" caption shows a black background and the other way round), so the base
-    draws those values wrong confidently. The stopping checks sample at `guidance`. cfg's `resolution` (default
+    draws those values wrong confidently. The stopping checks sample at `guidance`; prompts are encoded with the
+    toy's model settings (`configured`: flux's T5 length). cfg's `resolution` (default
     32 px) and `width` (default 1) make a larger toy (ncp.tiny.widen), trained on `device`; random draws stay on
     the CPU, so the device changes no draw."""
     from diffusers.training_utils import EMAModel
@@ -140,6 +162,7 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
     build_tiny_pipeline(out / "init", arch, seed=0, width=width, resolution=None if size == 32 else size)
     pipe = family.pipeline_class.from_pretrained(out / "init", **family.pipeline_extras(ModelConfig())).to(device)
     pipe.set_progress_bar_config(disable=True)
+    configured(pipe, arch)  # the EMA copy below inherits the settings
     pairs = [toy_pair(PRETRAIN_SEED, i, size) for i in range(max(64, cfg["num_pairs"]))]
     captions = [c for c, _, _ in pairs]
     winners = torch.stack([to_tensor(w) for _, w, _ in pairs]).to(device)
@@ -224,7 +247,8 @@ def pretrain_base(out: Path, cfg: dict, val: list[str], check_seeds: list[int], 
     setattr(pipe, denoiser, ema_unet)
     pipe.save_pretrained(out / "base")
     return dict(vae_steps=cfg["vae_steps"], vae_recon_reward=vae_reward, unet_steps=step, history=history,
-                stopped_by="rule" if step < cfg["base_max"] else "base_max", seconds=time.perf_counter() - t_start)
+                stopped_by="rule" if step < cfg["base_max"] else "base_max", seconds=time.perf_counter() - t_start,
+                model=toy_settings(arch))
 
 
 def reference_levels(prompts: list[str], vae=None, size: int = 32) -> dict:

@@ -196,6 +196,9 @@ def test_toy_alignment_takes_the_shipped_base_where_its_pretraining_would_give_i
     with monkeypatch.context() as m:
         m.setattr(toy, "base_file", lambda a: base_file(other))
         assert toy.shipped_base(tmp_path / "no", toy.FULL, arch) is None
+    with monkeypatch.context() as m:  # a base pretrained at other model settings (flux: another T5 length)
+        m.setattr(toy, "toy_settings", lambda a: {"max_sequence_length": 77})
+        assert toy.shipped_base(tmp_path / "no", toy.FULL, arch) is None
     assert not (tmp_path / "no").exists()
     base = toy.shipped_base(tmp_path / "quick", toy.QUICK, arch)
     assert base["unet_steps"] == info["unet_steps"] and base["history"] == info["history"]

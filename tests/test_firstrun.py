@@ -274,9 +274,9 @@ def test_the_shipped_toy_base_paints_the_swapped_background(tmp_path, arch):
 
     from ncp.data.toy import toy_reward
     from ncp.generate import load_pipeline, render
-    from ncp.toy_base import BASE_GUIDANCE, base_file, write_base
+    from ncp.toy_base import BASE_GUIDANCE, base_file, configured, write_base
 
-    pipe = load_pipeline(str(write_base(tmp_path / "base", base_file(arch))), "cpu")
+    pipe = configured(load_pipeline(str(write_base(tmp_path / "base", base_file(arch))), "cpu"), arch)
     asked = ["a red square on a black background", "a yellow circle on a white background",
              "a purple square on a gray background"]
     with torch.no_grad():

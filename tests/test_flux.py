@@ -442,3 +442,15 @@ def test_toy_alignment_smoke_on_a_flux_base(tmp_path):
     assert {m: (c.model.arch, c.encoder.blocks) for m, c in runs.items() if m != "latent DPO"} == {
         "NCP-DPO": ("flux", 2), "NCP-DPO K=1": ("flux", 1)}
     assert set(result["setup"]["beta_scale"]) == {"perceptual", "perceptual K=1", "latent"}
+    # the toy's T5 length (configs/tiny_flux_*.yaml) in pretraining, training and scoring alike
+    assert {c.model.max_sequence_length for c in runs.values()} == {64}
+    assert result["base"]["model"] == {"guidance": None, "max_sequence_length": 64}
+    from ncp.conditioning import encode_prompts
+    from ncp.generate import load_pipeline, sampling_kwargs
+    from ncp.toy_base import configured
+
+    pipe = load_pipeline(str(out / "base"))
+    assert sampling_kwargs(pipe) == {"max_sequence_length": 512}  # the variant's, until configured
+    assert sampling_kwargs(configured(pipe, "flux")) == {"max_sequence_length": 64}
+    models = configured(load_models(str(out / "base")), "flux")
+    assert encode_prompts(models, ["a red circle on a white background"]).encoder_hidden_states.shape[1] == 64

@@ -129,6 +129,15 @@ class Family:
                 if value != default:
                     raise NcpError(f"{key}={value!r} applies to {family.name} models only; this is {self.name}")
 
+    def apply_model_settings(self, denoiser: torch.nn.Module, model_cfg) -> None:
+        """Attach the model section's `setting_keys` to a loaded denoiser (flux: guidance and T5 length), where no
+        whole run is configured (a pipeline loaded to sample, a benchmark's models); none for this family."""
+
+    def model_settings(self, model_cfg) -> dict:
+        """This family's model-section settings in `model_cfg`, {name: value} (flux: guidance, T5 length)."""
+        return {key.split(".")[1]: getattr(model_cfg, key.split(".")[1]) for key in self.setting_keys
+                if key.startswith("model.")}
+
     # -- the noise process and the denoiser --------------------------------------------------------------------
     def noise_process(self, scheduler, objective_cfg, resolution: int | None = None):
         """The process the objective runs (`ncp.diffusion.Schedule` or `ncp.flow.FlowSchedule`: one interface), from

@@ -342,7 +342,8 @@ class Flux(Family):
         latent cache's T5 length; the resolution shift counts image tokens with FLUX.1's VAE, so it is refused for
         another."""
         super().configure(models, cfg)
-        length = apply_settings(models.denoiser, cfg.model.guidance, cfg.model.max_sequence_length).max_sequence_length
+        self.apply_model_settings(models.denoiser, cfg.model)
+        length = settings(models.denoiser).max_sequence_length
         prompts = Path(cfg.data.cache_dir or "") / "prompts-00000.safetensors"  # ncp.data.cache's text shard
         if cfg.data.cache_dir and prompts.is_file():
             from safetensors import safe_open
@@ -355,6 +356,9 @@ class Flux(Family):
         if cfg.objective.flow_shift == "resolution" and models.vae_scale_factor != VAE_SCALE:
             raise NcpError(f"objective.flow_shift=resolution counts image tokens with FLUX.1's {VAE_SCALE}x VAE; "
                            f"this VAE downsamples {models.vae_scale_factor}x")
+
+    def apply_model_settings(self, denoiser, model_cfg) -> None:
+        apply_settings(denoiser, model_cfg.guidance, model_cfg.max_sequence_length)
 
     def encode_prompts(self, models, prompts):
         return encode_prompts(models, prompts)
