@@ -39,8 +39,9 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _probs(q, k, scale, mask):
-    s = _wide(q @ k.transpose(-2, -1)) * scale
+def _probs(qs, k, mask):
+    """P for queries `qs` already multiplied by the scale (a pass over the queries, not over the scores)."""
+    s = _wide(qs @ k.transpose(-2, -1))
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
     return s.softmax(-1)
@@ -51,28 +52,49 @@ def _block_mask(mask, sl):
     return None if mask is None else (mask if mask.shape[-2] == 1 else mask[..., sl, :])
 
 
+def _times(p, x):
+    """p @ x where x leads with tangent dims that p lacks: they ride in x's columns, so the score-sized p is
+    multiplied once, not expanded (copied) per tangent."""
+    extra = x.dim() - p.dim()
+    if extra <= 0 or x.shape[extra:-2] != p.shape[:-2]:
+        return p @ x
+    inner = tuple(range(-extra - 1, -1))  # where the tangent dims sit in [B..., T, E..., d]
+    cols = x.movedim(tuple(range(extra)), inner)
+    out = p @ cols.reshape(*cols.shape[:-extra - 1], -1)
+    return out.reshape(*out.shape[:-1], *x.shape[:extra], x.shape[-1]).movedim(inner, tuple(range(extra)))
+
+
+def _score_tangent(qs, k, dqs, dk):
+    """(left, right) with dS = left[rows] @ right^T = s (dQ K^T + Q dK^T): one product over [s dQ, s Q] and
+    [K, dK] where both tangents are given (no sum of two score-sized products); None without Q and K tangents."""
+    if dqs is None or dk is None:
+        return (None, None) if dqs is None and dk is None else ((dqs, k) if dk is None else (qs, dk))
+    left = torch.broadcast_shapes(dqs.shape, qs.shape)
+    right = torch.broadcast_shapes(dk.shape[:-2], k.shape[:-2]) + k.shape[-2:]
+    return torch.cat([dqs.expand(left), qs.expand(left)], -1), torch.cat([k.expand(right), dk.expand(right)], -1)
+
+
 class _Tangent(torch.autograd.Function):
     """dO from primal (q, k, v) and tangents (dq, dk, dv; None = zero), blockwise over queries. The tangents may
-    carry extra leading dims (several tangents against one primal: broadcasting does the rest)."""
+    carry extra leading dims (several tangents against one primal: broadcasting does the rest). Per block the
+    score-sized work is P, one product for dS, dP = P dS - P rowsum(P dS) in place (two passes), and the
+    products with V and dV; the scale rides on the query-sized operands."""
 
     @staticmethod
     def forward(q, k, v, dq, dk, dv, scale, mask, rows):
+        qs = q * scale
+        left, right = _score_tangent(qs, k, None if dq is None else dq * scale, dk)
         out = []
         for i in range(0, q.shape[-2], rows):
             sl = slice(i, i + rows)
-            p = _probs(q[..., sl, :], k, scale, _block_mask(mask, sl))
-            ds = 0
-            if dq is not None:
-                ds = dq[..., sl, :] @ k.transpose(-2, -1)
-            if dk is not None:
-                ds = ds + q[..., sl, :] @ dk.transpose(-2, -1)
+            p = _probs(qs[..., sl, :], k, _block_mask(mask, sl))
             do = 0
-            if dq is not None or dk is not None:
-                ds = _wide(ds) * scale
-                dp = p * (ds - (p * ds).sum(-1, keepdim=True))
+            if left is not None:
+                dp = _wide(left[..., sl, :] @ right.transpose(-2, -1)).mul_(p)  # P dS: a fresh tensor, in place
+                dp.addcmul_(p, dp.sum(-1, keepdim=True), value=-1)
                 do = dp.to(v.dtype) @ v
             if dv is not None:
-                do = do + p.to(v.dtype) @ dv
+                do = do + _times(p.to(v.dtype), dv)
             out.append(do if torch.is_tensor(do) else torch.zeros_like(q[..., sl, :]))
         return torch.cat(out, -2)
 
@@ -89,24 +111,30 @@ class _Tangent(torch.autograd.Function):
             raise RuntimeError("blockwise SDPA: the tangent's backward reaches the tangents only, not the primal Q, K, V")
         q, k, v, mask = ctx.saved_tensors
         need_q, need_k, need_v = ctx.needs_input_grad[3:6]
-        gq, gk, gv = [], 0, 0
+        qs, vw = q * ctx.scale, _wide(v)
+        gq, gk_t, gv = [], None, None
         for i in range(0, q.shape[-2], ctx.rows):
             sl = slice(i, i + ctx.rows)
-            p = _probs(q[..., sl, :], k, ctx.scale, _block_mask(mask, sl))
+            p = _probs(qs[..., sl, :], k, _block_mask(mask, sl))
             gb = g[..., sl, :]
             if need_v:
-                gv = gv + p.to(v.dtype).transpose(-2, -1) @ gb
+                part = _times(p.to(v.dtype).transpose(-2, -1), gb)
+                gv = part if gv is None else gv.add_(part)
             if need_q or need_k:
-                gp = _wide(gb @ v.transpose(-2, -1))
-                gs = (p * (gp - (p * gp).sum(-1, keepdim=True)) * ctx.scale).to(q.dtype)
+                # dL/dS / s = P (G V^T - rowsum(P G V^T)), the rowsum as rowsum(G (P V)): query-sized, not a pass
+                # over the scores; P V in fp32 (the block's attention output)
+                gs = _wide(gb @ v.transpose(-2, -1))
+                gs = gs.sub_((_wide(gb) * (p @ vw)).sum(-1, keepdim=True)).mul_(p).to(q.dtype)
                 if need_q:
                     gq.append(gs @ k)
-                if need_k:
-                    gk = gk + gs.transpose(-2, -1) @ q[..., sl, :]
+                if need_k:  # accumulated as Q^T G, where the score-sized G is the contiguous operand
+                    part = q[..., sl, :].transpose(-2, -1) @ gs
+                    gk_t = part if gk_t is None else gk_t.add_(part)
         shape_q, shape_k, shape_v = ctx.shapes
-        return (None, None, None, torch.cat(gq, -2).sum_to_size(shape_q) if need_q else None,
-                gk.sum_to_size(shape_k) if need_k else None, gv.sum_to_size(shape_v) if need_v else None,
-                None, None, None)
+        s = ctx.scale
+        return (None, None, None, (torch.cat(gq, -2) * s).sum_to_size(shape_q) if need_q else None,
+                (gk_t.transpose(-2, -1) * s).sum_to_size(shape_k) if need_k else None,
+                gv.sum_to_size(shape_v) if need_v else None, None, None, None)
 
     @staticmethod
     def vmap(info, in_dims, q, k, v, dq, dk, dv, scale, mask, rows):
