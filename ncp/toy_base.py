@@ -317,7 +317,7 @@ def base_file(arch: str = families.DEFAULT) -> Path:
 
 BASE_FILE = base_file()  # the U-Net's, the quickstart's
 # the shipped bases' pretraining: the toy benchmark's full size's (EMA checked every 150 steps, stopped by the
-# BASE_TOL rule or at base_max steps; stopped by the rule: the U-Net at step 1050, SD3 at 750, FLUX at 1350)
+# BASE_TOL rule or at base_max steps; stopped by the rule: the U-Net at step 1050, SD3 at 750, FLUX at 1050)
 BASE_SETTINGS = dict(vae_steps=200, base_max=1800, base_check=150, base_batch=16, base_lr=2e-3, ema=0.995,
                      num_pairs=512, sample_steps=8, val_seeds=8)
 # ... on captions that are exact except for one systematic error: white and black backgrounds swapped (every

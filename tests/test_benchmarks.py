@@ -168,6 +168,22 @@ def test_toy_alignment_smoke_selects_on_validation_and_reports_intervals(tmp_pat
     finally:
         toy.score_images = real
     assert scored == [len(split["val"]), len(split["test"])]  # the base's validation and test images
+    # toy_lr_check: the chosen setting gives back the run's tables from its own runs; another lr trains every seed
+    # and changes that method's rows alone; the run's folder is not written
+    check = load("toy_lr_check")
+    before = sorted(str(f) for f in out.rglob("*"))
+    same = check.main(["--run", str(out), "--method", "latent DPO", "--lr", "5e-4", "--workers", "1",
+                       "--out", str(tmp_path / "same")])
+    assert toy.jsonable(same["summary"]["methods"]["latent DPO"]["points"]) == toy.jsonable(
+        result["summary"]["methods"]["latent DPO"]["points"])
+    other = check.main(["--run", str(out), "--method", "latent DPO", "--lr", "2e-3", "--workers", "1",
+                        "--out", str(tmp_path / "other")])
+    assert [r["seed"] for r in other["runs"]] == list(range(cfg["seeds"])) and {r["lr"] for r in other["runs"]} == {2e-3}
+    assert all(Path(r["run_dir"]).is_relative_to(tmp_path / "other") for r in other["runs"])
+    assert other["summary"]["methods"]["latent DPO"]["points"] != same["summary"]["methods"]["latent DPO"]["points"]
+    assert toy.jsonable(other["summary"]["methods"]["NCP-DPO"]) == toy.jsonable(result["summary"]["methods"]["NCP-DPO"])
+    assert "replaced: lr 0.002" in (tmp_path / "other" / "table.md").read_text()
+    assert sorted(str(f) for f in out.rglob("*")) == before
     assert toy.jsonable(again["summary"]) == toy.jsonable(result["summary"])  # as written (nan: no ratio, never equal)
 
 
