@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     beta = 1.0 if mult is None else st["beta_scale"][toy.space_key(a.method)] * mult
     common = dict(arch=arch, base=str(run / "base"), pairs_path=str(run / "pairs" / "pairs.jsonl"), rank=st["rank"],
                   pairs=st["pairs"], steps=st["steps"], eval_every=st["eval_every"], sample_steps=st["sample_steps"],
-                  resolution=st["resolution"], device=st.get("device", "cpu"))
+                  resolution=st.get("resolution", toy.RESOLUTION), device=st.get("device", "cpu"))
     jobs = []
     for seed in range(st["seeds"]):
         name = toy.run_name(a.method, st["steps"], a.lr, mult, seed)
