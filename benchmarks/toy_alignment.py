@@ -17,8 +17,8 @@ Every selection rule below is fixed in code and printed (`rules()`) before any t
    less than BASE_TOL over the last two checks (the untrained step-0 check never counts as the earlier one), or at
    `base_max` steps. The EMA weights at that check are the base. Each arch's base ships with the project
    (ncp/assets/toy_<arch>_base.safetensors: these settings, stopped by the rule; the U-Net's, the quickstart's, at
-   step 1050, the SD3 transformer's at 750, the FLUX transformer's at 1050, at 64 T5 tokens; fp16), and is used instead of
-   pretraining it again, at the quick size too (a converged base, not its cap's).
+   step 1050, the SD3 transformer's at 750, the FLUX transformer's at 1050, at 64 T5 tokens; fp16), and is used
+   instead of pretraining it again, at the quick size too (a converged base, not its cap's).
 2. Grid. Each of the six objectives (NCP / latent x DPO / CPO / SFT) trains with training seed 0 from the
    base for every lr in the grid (x every beta multiplier for DPO / CPO; beta = multiplier / median
    |err_w - err_l| of the base on the training pairs, per space). The setting with the highest mean
@@ -156,7 +156,8 @@ def shipped_base(out: Path, cfg: dict, arch: str) -> dict | None:
         return None
     write_base(out / "base", weights)
     return dict({k: info[k] for k in ("vae_steps", "vae_recon_reward", "unet_steps", "history", "stopped_by")},
-                model=toy_settings(arch), seconds=0.0, shipped=dict(file=f"ncp/assets/{weights.name}", pretraining_seconds=info["seconds"]))
+                model=toy_settings(arch), seconds=0.0,
+                shipped=dict(file=f"ncp/assets/{weights.name}", pretraining_seconds=info["seconds"]))
 
 
 def dry_run(out: Path, arch: str, cfg: dict) -> dict:
@@ -862,8 +863,8 @@ def main(argv: list[str] | None = None) -> dict:
           + ", ".join(f"{m} {f / 1e9:.4g}" for m, f in flops.items()))
     summary = summarise(test, base_test, chosen, flops)
     plot(summary, out / "curves.png")
-    result = dict(command=command, setup=dict(cfg, arch=a.arch, device=device, guidance=BASE_GUIDANCE, base_tol=BASE_TOL, base_data=BASE_DATA,
-                                              split_seed=SPLIT_SEED,
+    result = dict(command=command, setup=dict(cfg, arch=a.arch, device=device, guidance=BASE_GUIDANCE, base_tol=BASE_TOL,
+                                              base_data=BASE_DATA, split_seed=SPLIT_SEED,
                                               workers=a.workers, methods=a.methods, beta_scale=betas),
                   rules=rules(cfg, split, betas), split=split, reference=reference_levels(split["test"], size=size), base=base,
                   base_val_reward=base_val, base_test_reward=float(base_test.mean()), test_images=int(base_test.size),
