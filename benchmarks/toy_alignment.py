@@ -26,7 +26,9 @@ Every selection rule below is fixed in code and printed (`rules()`) before any t
    the smallest or largest value tried, one more value past that edge (at the grid's ratio) is trained and the
    choice made again, at most `max_ext` times per axis; a choice still on an edge is reported as such
    (`grid` column). NCP-DPO under bf16 (difference and linearized error) takes NCP-DPO's chosen setting, so the
-   precision rows differ in precision alone.
+   precision rows differ in precision alone. Two lrs that end level can climb at different speeds, so a speed
+   ratio can be a ratio of the chosen lrs: `benchmarks/toy_lr_check.py` retrains one method of a finished run at
+   another lr and prints the tables again (on SD3 and FLUX it turned NCP's apparent leads into parity).
 3. Test. Every method with its chosen setting trains with `seeds` training seeds (seed 0 is the grid's run)
    through the real scripts (`train_ncp_{dpo,cpo,sft}.main`), a checkpoint every `eval_every` steps. Each
    checkpoint and the base render every test caption x `img_seeds` image seeds, scored with `toy_reward`.
@@ -44,8 +46,8 @@ Every selection rule below is fixed in code and printed (`rules()`) before any t
 Outputs in --out: toy_alignment.json (every number: the tables are formatted from it), curves.png (gain vs step
 and vs counted FLOPs, 95% bands), table.md (the tables printed at the end), runs/ and base/.
 
-    python benchmarks/toy_alignment.py --out outputs/toy-v3               # full (U-Net about 3 h on 2 cores, SD3 1 h 45)
-    python benchmarks/toy_alignment.py --quick --out outputs/toy-v3-quick # shorter runs (U-Net 13 min, SD3 9, FLUX 15)
+    python benchmarks/toy_alignment.py --out outputs/toy-v3               # full (U-Net about 3 h on 2 cores, SD3 1 h 45, FLUX 35 min)
+    python benchmarks/toy_alignment.py --quick --out outputs/toy-v3-quick # shorter runs (U-Net 13 min, SD3 9, FLUX 6)
     python benchmarks/toy_alignment.py --smoke --out /tmp/toy-smoke       # seconds: the code runs
 
 SD3 variant (--arch sd3): the same protocol on the tiny SD3 pipeline (MMDiT, flow matching): its own base
@@ -735,7 +737,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="outputs/toy-v2")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="shorter runs, a smaller grid (transformers: no K rows): 9-15 minutes on 2 CPU cores")
+                      help="shorter runs, a smaller grid (transformers: no K rows): 6-13 minutes on 2 CPU cores")
     size.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs, in seconds")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel processes, 1 torch thread each")
     p.add_argument("--methods", nargs="+", help="subset of the methods (default: every method of the arch)")

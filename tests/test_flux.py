@@ -299,6 +299,11 @@ def test_settings_of_another_family_are_refused(tiny_flux, tiny_sd15, tmp_path):
     cfg.data.cache_dir = str(tmp_path)  # a cache built at schnell's default 256 tokens
     with pytest.raises(NcpError, match="holds T5 embeddings of 256 tokens but model.max_sequence_length is 128"):
         schnell.family.configure(schnell, cfg)
+    from ncp.data.cache import main as build_cache
+
+    with pytest.raises(SystemExit, match="model.max_sequence_length=64 applies to flux models only; this is sd15"):
+        build_cache(["--model", str(tiny_sd15), "--out", str(tmp_path / "sd15-cache"), "--toy-num-pairs", "4",
+                     "--max-sequence-length", "64"])
 
 
 # ---------------------------------------------------------------- the scripts, resume, LoRA in the pipeline, tools
@@ -408,18 +413,25 @@ def test_flux_run_in_the_pipeline_generate_curves_card(tiny_flux, tmp_path, run_
 
 def test_flux_latent_cache_matches_pixels(tiny_flux, tmp_path, run_script):
     """The cache stores FLUX latents ((mean - shift) * scale, unpacked) and T5 / pooled CLIP embeddings as encode()
-    computes them: a cached run sees the errors a pixel run sees."""
+    computes them, at the run's T5 length (the tiny config's 64): a cached run sees the errors a pixel run sees. A
+    cache at the variant's default length is refused by that run."""
     from ncp.data.cache import main as build_cache
     from ncp.metrics import read_metrics
 
     cache = tmp_path / "cache"
-    build_cache(["--model", str(tiny_flux["schnell"]), "--out", str(cache), "--toy-num-pairs", "16"])
+    build_cache(["--model", str(tiny_flux["schnell"]), "--out", str(cache), "--toy-num-pairs", "16",
+                 "--max-sequence-length", "64"])
     common = ["train.max_steps=1", "optim.optimizer=adamw", "train.validate_every=100"]
     run_script("dpo", script_args(tiny_flux["schnell"], tmp_path / "pixels", "dpo", "schnell", *common))
     run_script("dpo", script_args(tiny_flux["schnell"], tmp_path / "cached", "dpo", "schnell", *common,
                                   f"data.cache_dir={cache}"))
     a, b = read_metrics(tmp_path / "pixels"), read_metrics(tmp_path / "cached")
     assert a[0]["err_w"] == pytest.approx(b[0]["err_w"], rel=1e-4)
+    default = tmp_path / "cache-256"
+    build_cache(["--model", str(tiny_flux["schnell"]), "--out", str(default), "--toy-num-pairs", "16"])
+    with pytest.raises(NcpError, match="holds T5 embeddings of 256 tokens but model.max_sequence_length is 64"):
+        run_script("dpo", script_args(tiny_flux["schnell"], tmp_path / "refused", "dpo", "schnell", *common,
+                                      f"data.cache_dir={default}"))
 
 
 def test_toy_alignment_smoke_on_a_flux_base(tmp_path):

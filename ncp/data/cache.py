@@ -71,8 +71,9 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
 
 @torch.no_grad()
 def build_cache(cfg: DataConfig, model: str, out: str, vae: str | None = None, shard_size: int = 1024,
-                batch_size: int = 16, device: str = "cpu") -> Path:
-    """Encode every distinct image and prompt of `cfg`'s pairs into `out`; skip shards already written."""
+                batch_size: int = 16, device: str = "cpu", max_sequence_length: int | None = None) -> Path:
+    """Encode every distinct image and prompt of `cfg`'s pairs into `out`; skip shards already written.
+    max_sequence_length: FLUX's T5 tokens per prompt, the run's model.max_sequence_length (None: the variant's)."""
     from tqdm.auto import tqdm
 
     from ncp.conditioning import encode_prompts
@@ -85,7 +86,7 @@ def build_cache(cfg: DataConfig, model: str, out: str, vae: str | None = None, s
     pairs = load_pairs(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    key = cache_key(model, vae, cfg.resolution)
+    key = cache_key(model, vae, cfg.resolution)  # the T5 length is in the prompts shard's shape (the run checks it)
     manifest_path = out / MANIFEST
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
@@ -95,6 +96,12 @@ def build_cache(cfg: DataConfig, model: str, out: str, vae: str | None = None, s
         manifest_path.write_text(json.dumps({"key": key, "complete": False}, indent=1))
 
     models = load_models(model, vae=vae, device=device)
+    if max_sequence_length is not None:  # as the run's configure will set it (other families refuse the key)
+        from ncp.config import Config
+
+        run = Config()
+        run.model.max_sequence_length = max_sequence_length
+        models.family.configure(models, run)
     images = unique_images(pairs)
     bad: dict[str, str] = {}
     n_shards = (len(images) + shard_size - 1) // shard_size
@@ -246,13 +253,15 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--shard-size", type=int, default=1024, help="images per latents shard (the resume unit)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-sequence-length", type=int, default=None,
+                   help="FLUX: T5 tokens per prompt, the run's model.max_sequence_length (default: the variant's)")
     for f in fields(DataConfig):
         if f.name != "cache_dir":
             p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=f.default, type=_arg_type(str(f.type)))
     a = p.parse_args(argv)
     cfg = DataConfig(**{f.name: getattr(a, f.name) for f in fields(DataConfig) if f.name != "cache_dir"})
     try:
-        return build_cache(cfg, a.model, a.out, a.vae, a.shard_size, a.batch_size, a.device)
+        return build_cache(cfg, a.model, a.out, a.vae, a.shard_size, a.batch_size, a.device, a.max_sequence_length)
     except NcpError as e:
         raise SystemExit(f"error: {e}")
 

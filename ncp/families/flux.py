@@ -352,7 +352,9 @@ class Flux(Family):
                 cached = f.get_slice("prompt_embeds").get_shape()[1]
             if cached != length:
                 raise NcpError(f"data.cache_dir={cfg.data.cache_dir} holds T5 embeddings of {cached} tokens but "
-                               f"model.max_sequence_length is {length}; the cache is built at the variant's default")
+                               f"model.max_sequence_length is {length}; build the cache with "
+                               f"`python -m ncp.data.cache --max-sequence-length {length}` or train with "
+                               f"model.max_sequence_length={cached}")
         if cfg.objective.flow_shift == "resolution" and models.vae_scale_factor != VAE_SCALE:
             raise NcpError(f"objective.flow_shift=resolution counts image tokens with FLUX.1's {VAE_SCALE}x VAE; "
                            f"this VAE downsamples {models.vae_scale_factor}x")
