@@ -278,6 +278,27 @@ def run_name(method: str, steps: int, lr: float, beta_mult: float | None, seed: 
     return f"{slug(method)}_{steps}steps_lr{lr:g}" + (f"_b{beta_mult:g}" if beta_mult is not None else "") + f"_s{seed}"
 
 
+def job_common(arch: str, base, pairs_path, cfg: dict, device: str) -> dict:
+    """What every run of a benchmark shares: base, pairs and the sizes of `cfg` (`train_and_score`'s job)."""
+    return dict(arch=arch, base=str(base), pairs_path=str(pairs_path), device=device,
+                **{k: cfg[k] for k in ("rank", "pairs", "steps", "eval_every", "sample_steps", "resolution")})
+
+
+def make_job(common: dict, betas: dict, runs: Path, method: str, lr: float, mult: float | None, seed: int,
+             prompts: list[str], img_seeds: list[int], score_steps: list[int]) -> dict:
+    """One run for `train_and_score`, in runs/<run_name>: beta = the method's space scale x mult (SFT: no beta)."""
+    sft = ALL_METHODS[method][0] == "sft"
+    mult = None if sft else mult
+    return dict(common, method=method, lr=lr, beta_mult=mult, beta=1.0 if sft else betas[space_key(method)] * mult,
+                seed=seed, run_dir=str(runs / run_name(method, common["steps"], lr, mult, seed)), prompts=prompts,
+                img_seeds=img_seeds, score_steps=score_steps)
+
+
+def checkpoint_steps(cfg: dict) -> list[int]:
+    """The steps whose checkpoints are scored on the test captions."""
+    return list(range(cfg["eval_every"], cfg["steps"] + 1, cfg["eval_every"]))
+
+
 def train_and_score(job: dict) -> dict:
     """One run: train it through the real script (unless its final LoRA exists), then score its checkpoints
     at job["score_steps"] on job["prompts"] x job["img_seeds"]. Runs in a worker process."""
@@ -785,8 +806,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.arch != families.DEFAULT:  # the sd15 base's key stays as it was, so existing bases are reused
         base_key["arch"] = a.arch
     base_key.update(larger_size(cfg))  # a larger toy's base: its own key
-    if toy_settings(a.arch):  # flux: the T5 length its prompts are encoded at
-        base_key["model"] = toy_settings(a.arch)
+    if model := toy_settings(a.arch):  # flux: the T5 length its prompts are encoded at
+        base_key["model"] = model
     saved = out / "base.json"
     if saved.is_file() and json.loads(saved.read_text())["settings"] == base_key:  # the same rule gives the same base
         base = json.loads(saved.read_text())["base"]
@@ -803,15 +824,10 @@ def main(argv: list[str] | None = None) -> dict:
     betas = beta_scale(out / "base", pairs_path, [SD3_BLOCKS[m] for m in a.methods if m in SD3_BLOCKS], a.arch, size)
     print("beta scale per space (1 / median |err_w - err_l| of the base): "
           + ", ".join(f"{k} {v:.4g}" for k, v in betas.items()))
-    common = dict(arch=a.arch, base=base_dir, pairs_path=str(pairs_path), rank=cfg["rank"], pairs=cfg["pairs"], steps=cfg["steps"],
-                  eval_every=cfg["eval_every"], sample_steps=cfg["sample_steps"], resolution=size, device=device)
+    common = job_common(a.arch, base_dir, pairs_path, cfg, device)
 
     def job(method, lr, mult, seed, prompts, img_seeds, score_steps):
-        loss = ALL_METHODS[method][0]
-        beta = betas[space_key(method)] * mult if loss != "sft" else 1.0
-        return dict(common, method=method, lr=lr, beta_mult=mult if loss != "sft" else None, beta=beta, seed=seed,
-                    run_dir=str(out / "runs" / run_name(method, cfg["steps"], lr, mult if loss != "sft" else None, seed)),
-                    prompts=prompts, img_seeds=img_seeds, score_steps=score_steps)
+        return make_job(common, betas, out / "runs", method, lr, mult, seed, prompts, img_seeds, score_steps)
 
     # 2. grid on the validation captions
     from ncp.generate import load_pipeline
@@ -851,7 +867,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. test: chosen settings, every training seed, every checkpoint (the grid's seed-0 runs are reused)
     t_test = time.perf_counter()
-    score_steps = list(range(cfg["eval_every"], cfg["steps"] + 1, cfg["eval_every"]))
+    score_steps = checkpoint_steps(cfg)
     with torch.no_grad():
         base_test = score_images(pipe_base, split["test"], test_seeds, cfg["sample_steps"], guidance=BASE_GUIDANCE,
                                  resolution=size)

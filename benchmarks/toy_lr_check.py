@@ -47,30 +47,24 @@ def main(argv: list[str] | None = None) -> dict:
     r = json.loads(saved.read_text())
     if a.method not in r["chosen"]:
         p.error(f"--method {a.method!r}: the run has {list(r['chosen'])}")
-    st = r["setup"]
+    st = dict(toy.FULL, **r["setup"])  # a run from before the setup named its resolution had the toy's 32 px
     arch = toy.families.detect(run / "base").name
-    loss = toy.ALL_METHODS[a.method][0]
-    mult = None if loss == "sft" else (a.beta_mult if a.beta_mult is not None else r["chosen"][a.method]["beta_mult"])
-    beta = 1.0 if mult is None else st["beta_scale"][toy.space_key(a.method)] * mult
-    common = dict(arch=arch, base=str(run / "base"), pairs_path=str(run / "pairs" / "pairs.jsonl"), rank=st["rank"],
-                  pairs=st["pairs"], steps=st["steps"], eval_every=st["eval_every"], sample_steps=st["sample_steps"],
-                  resolution=st.get("resolution", toy.RESOLUTION), device=st.get("device", "cpu"))
-    jobs = []
-    for seed in range(st["seeds"]):
-        name = toy.run_name(a.method, st["steps"], a.lr, mult, seed)
-        run_dir = out / "runs" / name
-        if not run_dir.exists() and (run / "runs" / name / "pytorch_lora_weights.safetensors").is_file():
-            shutil.copytree(run / "runs" / name, run_dir)  # trained already (its kept scores say of which captions)
-        jobs.append(dict(common, method=a.method, lr=a.lr, beta_mult=mult, beta=beta, seed=seed, run_dir=str(run_dir),
-                         prompts=r["split"]["test"], img_seeds=list(range(st["img_seeds"])),
-                         score_steps=list(range(st["eval_every"], st["steps"] + 1, st["eval_every"]))))
+    mult = r["chosen"][a.method]["beta_mult"] if a.beta_mult is None else a.beta_mult
+    common = toy.job_common(arch, run / "base", run / "pairs" / "pairs.jsonl", st, st.get("device", "cpu"))
+    jobs = [toy.make_job(common, st["beta_scale"], out / "runs", a.method, a.lr, mult, seed, r["split"]["test"],
+                         list(range(st["img_seeds"])), toy.checkpoint_steps(st)) for seed in range(st["seeds"])]
+    for j in jobs:
+        trained = run / "runs" / Path(j["run_dir"]).name
+        if not Path(j["run_dir"]).exists() and (trained / "pytorch_lora_weights.safetensors").is_file():
+            shutil.copytree(trained, j["run_dir"])  # trained already (its kept scores say of which captions)
+    mult = jobs[0]["beta_mult"]  # None for SFT
     new = toy.run_jobs(jobs, a.workers)
     runs = [x for x in r["runs"] if x["method"] != a.method] + new
     for x in runs:  # the JSON's step keys are strings
         x["scores"] = {int(k): v for k, v in x["scores"].items()}
         x["seconds"] = {int(k): v for k, v in x["seconds"].items()}
     chosen = copy.deepcopy(r["chosen"])
-    chosen[a.method].update(lr=a.lr, beta_mult=mult, beta=None if mult is None else beta,
+    chosen[a.method].update(lr=a.lr, beta_mult=mult, beta=None if mult is None else jobs[0]["beta"],
                             grid=f"replaced: lr {a.lr:g}" + ("" if mult is None else f", beta x{mult:g}"))
     summary = toy.summarise(runs, np.array(r["base_test_scores"]), chosen, r["flops_per_step"])
     tables = toy.format_tables(dict(r, chosen=chosen, summary=summary))
