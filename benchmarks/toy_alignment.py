@@ -312,6 +312,7 @@ def train_and_score(job: dict) -> dict:
     loss, space, mp, error = ALL_METHODS[job["method"]]
     run_dir = Path(job["run_dir"])
     cache = run_dir / "scores.json"  # its checkpoints' scores, kept for a rerun (below)
+    t_train = time.perf_counter()
     if not (run_dir / "pytorch_lora_weights.safetensors").is_file():
         cache.unlink(missing_ok=True)  # scores of a run trained again are scores of new weights
         AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps a singleton per process
@@ -326,6 +327,7 @@ def train_and_score(job: dict) -> dict:
                 f"train.seed={job['seed']}", "data.source=pairs", f"data.path={job['pairs_path']}",
                 f"data.resolution={job['resolution']}"] + ([f"encoder.blocks={SD3_BLOCKS[job['method']]}"] if job["method"] in SD3_BLOCKS else [])
         importlib.import_module(f"train_ncp_{loss}").main(argv)
+    t_score = time.perf_counter()
     rows = read_metrics(run_dir)
     seconds, total = {0: 0.0}, 0.0
     for r in rows:  # measured wall time between optimizer steps: loading, VAE encoding, objective, backward, update
@@ -352,7 +354,8 @@ def train_and_score(job: dict) -> dict:
     mean = lambda rs, k: statistics.mean(r[k] for r in rs) if rs and k in rs[0] else None  # noqa: E731
     metrics = dict(implicit_acc=mean(tail, "implicit_acc"), err_w_first=mean(head, "err_w"), err_w_last=mean(tail, "err_w"),
                    err_l_first=mean(head, "err_l"), err_l_last=mean(tail, "err_l"), loss_last=mean(tail, "loss"))
-    return dict(job, scores=scores, seconds={s: seconds.get(s) for s in job["score_steps"]}, metrics=metrics)
+    work = dict(train=t_score - t_train, score=time.perf_counter() - t_score)  # this job's wall seconds in its worker
+    return dict(job, scores=scores, seconds={s: seconds.get(s) for s in job["score_steps"]}, metrics=metrics, work=work)
 
 
 def run_jobs(jobs: list[dict], workers: int, log=print) -> list[dict]:
@@ -361,15 +364,19 @@ def run_jobs(jobs: list[dict], workers: int, log=print) -> list[dict]:
     if workers <= 1:
         for j in jobs:
             done.append(train_and_score(j))
-            log(f"  {Path(j['run_dir']).name} done")
+            log(f"  {Path(j['run_dir']).name} done ({worked(done[-1])})")
         return done
     import multiprocessing as mp
 
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         for j, r in zip(jobs, pool.map(train_and_score, jobs)):
             done.append(r)
-            log(f"  {Path(j['run_dir']).name} done")
+            log(f"  {Path(j['run_dir']).name} done ({worked(r)})")
     return done
+
+
+def worked(result: dict) -> str:
+    return f"training {result['work']['train']:.0f} s, scoring {result['work']['score']:.0f} s"
 
 
 # ---------------------------------------------------------------- 2. the grid, extended past its edges
@@ -889,16 +896,21 @@ def main(argv: list[str] | None = None) -> dict:
                   grid=[{k: r[k] for k in ("method", "lr", "beta_mult", "beta", "val_reward", "metrics")} for r in grid],
                   flops_per_step=flops,
                   chosen=chosen, summary=summary, base_test_scores=base_test.tolist(),
-                  runs=[{k: r[k] for k in ("method", "seed", "lr", "beta", "run_dir", "scores", "seconds", "metrics")}
+                  runs=[{k: r[k] for k in ("method", "seed", "lr", "beta", "run_dir", "scores", "seconds", "metrics", "work")}
                         for r in test],
                   minutes=dict(base=base["seconds"] / 60, grid=grid_minutes, test=test_minutes,
-                               total=(time.perf_counter() - t0) / 60))
+                               total=(time.perf_counter() - t0) / 60,
+                               # worker minutes summed over the jobs (the walls above divide them among the workers)
+                               worker_train=sum(r["work"]["train"] for r in grid + test) / 60,
+                               worker_score=sum(r["work"]["score"] for r in grid + test) / 60))
     tables = format_tables(result)
     (out / "table.md").write_text(tables + "\n")
     (out / "toy_alignment.json").write_text(json.dumps(jsonable(result), indent=2))
     print(tables)
-    print(f"total {result['minutes']['total']:.1f} min (base {result['minutes']['base']:.1f}, grid {grid_minutes:.1f}, "
-          f"test {test_minutes:.1f}); plot {out / 'curves.png'}, numbers {out / 'toy_alignment.json'}")
+    mins = result["minutes"]
+    print(f"total {mins['total']:.1f} min (base {mins['base']:.1f}, grid {grid_minutes:.1f}, test {test_minutes:.1f}; "
+          f"worker minutes: training {mins['worker_train']:.1f}, scoring {mins['worker_score']:.1f}); "
+          f"plot {out / 'curves.png'}, numbers {out / 'toy_alignment.json'}")
     return result
 
 

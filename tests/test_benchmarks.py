@@ -185,6 +185,11 @@ def test_toy_alignment_smoke_selects_on_validation_and_reports_intervals(tmp_pat
     assert "replaced: lr 0.002" in (tmp_path / "other" / "table.md").read_text()
     assert sorted(str(f) for f in out.rglob("*")) == before
     assert toy.jsonable(again["summary"]) == toy.jsonable(result["summary"])  # as written (nan: no ratio, never equal)
+    # each job's worker time is recorded: the first run trained and scored; the rerun did neither (its kept scores)
+    first, rerun = result["minutes"], again["minutes"]
+    assert first["worker_train"] > 0 and first["worker_score"] > 0
+    assert all(r["work"]["train"] > 0 and r["work"]["score"] > 0 for r in result["runs"] if r["seed"] > 0)
+    assert rerun["worker_train"] + rerun["worker_score"] < 0.2 * (first["worker_train"] + first["worker_score"])
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sd3", "flux"])
