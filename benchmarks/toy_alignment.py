@@ -28,7 +28,8 @@ Every selection rule below is fixed in code and printed (`rules()`) before any t
    (`grid` column). NCP-DPO under bf16 (difference and linearized error) takes NCP-DPO's chosen setting, so the
    precision rows differ in precision alone. Two lrs that end level can climb at different speeds, so a speed
    ratio can be a ratio of the chosen lrs: `benchmarks/toy_lr_check.py` retrains one method of a finished run at
-   another lr and prints the tables again (on SD3 and FLUX it turned NCP's apparent leads into parity).
+   another lr and prints the tables again (on SD3 and FLUX it turned NCP's apparent leads into parity); the
+   verdict names it for every NCP / latent pair that chose different lrs.
 3. Test. Every method with its chosen setting trains with `seeds` training seeds (seed 0 is the grid's run)
    through the real scripts (`train_ncp_{dpo,cpo,sft}.main`), a checkpoint every `eval_every` steps. Each
    checkpoint and the base render every test caption x `img_seeds` image seeds, scored with `toy_reward`.
@@ -698,7 +699,7 @@ def verdict(summary: dict) -> str:
                           for k, rs in fracs.items() if (r := rs.get(c["loss"])))
         lines.append(f"{c['loss']}: equal steps {word(c['equal_steps'])} ({fmt(c['equal_steps'])}); equal FLOPs "
                      f"({c['flops'] / 1e9:.4g} GFLOP) {word(c['equal_flops'])} ({fmt(c['equal_flops'])})"
-                     + (f"; {speed}." if speed else "."))
+                     + (f"; {speed}." if speed else ".") + lr_caution(summary, c["ncp"], c["latent"]))
     top = summary["speed"]["fractions"].get(str(SPEED_FRACTIONS[-1]))
     if top:
         rows = {m: r for m, r in top["methods"].items() if np.isfinite(r["flops"])}
@@ -707,6 +708,17 @@ def verdict(summary: dict) -> str:
                      + (f" ({rows[fastest]['flops'] / 1e9:.4g} GFLOP, step {rows[fastest]['steps']:.1f})" if fastest else "")
                      + "; not reached: " + (", ".join(m for m in top["methods"] if m not in rows) or "none") + ".")
     return "\n".join(lines)
+
+
+def lr_caution(summary: dict, ncp: str, latent: str) -> str:
+    """Where the pair's chosen lrs differ, a gap between them may be the lrs' (the transformers' full runs had two
+    such): the note says so and names the check that trains the latent method at NCP's lr."""
+    a, b = (summary["methods"][m]["setting"]["lr"] for m in (ncp, latent))
+    if a == b:
+        return ""
+    return (f" The two chose different lrs ({ncp} {a:g}, {latent} {b:g}): the gap may be the lrs'; "
+            f"`python benchmarks/toy_lr_check.py --run OUT --method '{latent}' --lr {a:g} --out DIR` trains {latent} "
+            f"at {ncp}'s lr and prints these tables with it in place.")
 
 
 def plot(summary: dict, path: Path) -> None:

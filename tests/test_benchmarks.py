@@ -356,6 +356,12 @@ def test_toy_alignment_learning_speed_and_grid_extension_by_hand():
     assert grids["B"]["axes"]["lr"] == dict(values=[3e-4, 1e-3, 3.33e-3, 1.11e-2], edge="high", extensions=2, next=None)
     assert grids["B"]["verdict"] == "lr high edge after 2 extension(s)"
     assert len(runs) == 4 + 2 + 2
+    # a pair that chose different lrs is flagged with the check that puts them at one lr; a pair at one lr is not
+    chose = {"NCP-SFT": {"setting": {"lr": 1e-2}}, "latent SFT": {"setting": {"lr": 3.33e-2}}}
+    note = toy.lr_caution({"methods": chose}, "NCP-SFT", "latent SFT")
+    assert "(NCP-SFT 0.01, latent SFT 0.0333)" in note and "--method 'latent SFT' --lr 0.01 " in note
+    chose["latent SFT"]["setting"]["lr"] = 1e-2
+    assert toy.lr_caution({"methods": chose}, "NCP-SFT", "latent SFT") == ""
 
 
 def test_precision_smoke_reports_every_row_and_a_decision(tmp_path, capsys):
