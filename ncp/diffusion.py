@@ -100,7 +100,7 @@ class Schedule:
         abar, abar_prev, beta = self._step_tables()
         x0_coef = abar_prev.sqrt() * beta / (1 - abar)
         xt_coef = (1 - beta).sqrt() * (1 - abar_prev) / (1 - abar)
-        std = ((1 - abar_prev) / (1 - abar) * beta).clamp(min=1e-20).sqrt() * (torch.arange(len(abar)) > 0)
+        std = ((1 - abar_prev) / (1 - abar) * beta).clamp(min=1e-20).sqrt() * (torch.arange(len(abar), device=abar.device) > 0)
         x0_hat = self.predict_x0(x_t, t, eps)
         return _gather(x0_coef, t, x_t) * x0_hat + _gather(xt_coef, t, x_t) * x_t + _gather(std, t, x_t) * z
 

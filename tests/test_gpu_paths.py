@@ -1,6 +1,6 @@
 """What the GPU-only paths rely on, checked on CPU: the process-group timeout that covers validation, TF32 off
-inside f where its error needs real fp32, no per-micro-step host syncs in the loop's metrics, and the GPU
-check's dry run."""
+inside f where its error needs real fp32, no per-micro-step host syncs in the loop's metrics, a step that keeps
+every tensor on the models' device, and the GPU check's dry run."""
 
 import pytest
 import torch
@@ -46,6 +46,42 @@ def test_tf32_is_off_inside_f_and_restored_after(tiny_sd15, one_torch_thread, er
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     assert seen == [(not off, not off)] and after == (True, True)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux"])
+def test_a_step_on_another_device_makes_no_host_tensor(tmp_path, one_torch_thread, monkeypatch, arch):
+    """The training step's models, noise tables, conditioning and draws on the `meta` device, which refuses to mix
+    with a host tensor as CUDA does (a 0-dim scalar excepted) and cannot be read back (`.item()` raises, as a host
+    sync would cost): the objective's forward and backward, every loss and error mode. A table made on the host
+    inside a step (the reverse step's noise mask once was) fails here, where a CPU run cannot see it."""
+    import types
+
+    from ncp.conditioning import build_cond
+    from ncp.objective import compute_objective, randomness_for
+    from ncp.tiny import build_tiny_pipeline
+    from ncp.train import build_models
+
+    real_autocast = torch.autocast  # the meta device has no autocast state: f's fp32 mode switches the CPU's instead
+    monkeypatch.setattr(torch, "autocast", lambda device_type, *a, **k: real_autocast(
+        "cpu" if device_type == "meta" else device_type, *a, **k))
+    path = build_tiny_pipeline(tmp_path / arch, arch)
+    meta = torch.device("meta")
+    modes = [(loss, "perceptual", error) for error in ("difference", "linearized", "fp32") for loss in ("dpo", "cpo", "sft")]
+    for loss, space, error in modes + [("dpo", "latent", "difference")]:
+        cfg = load_config(f"configs/tiny_{arch}_ncp_{loss}.yaml",
+                          [f"model.pretrained={path}", f"objective.space={space}", f"encoder.error={error}"])
+        parts = build_models(cfg, types.SimpleNamespace(device=meta))
+        parts.schedule = parts.schedule.to(meta)  # as ncp.train.train does
+        assert next(parts.models.denoiser.parameters()).device == meta
+        side = cfg.data.resolution // parts.models.vae_scale_factor
+        x0 = torch.randn(4, parts.models.family.latent_channels(parts.models.denoiser), side, side, device=meta)
+        cond = build_cond(parts.models, ["a red circle", "a blue square"], target_size=(cfg.data.resolution,) * 2)
+        rnd = randomness_for(cfg.objective, parts.schedule, 2, x0.shape[1:], torch.Generator().manual_seed(0)).to(meta)
+        loss_value, metrics = compute_objective(parts.models.unet, parts.encoder, parts.schedule, x0, cond, rnd,
+                                                cfg.objective)
+        loss_value.backward()
+        assert loss_value.device == meta and all(v.device == meta for v in metrics.values()), (loss, space, error)
+        assert all(p.grad is not None and p.grad.device == meta for p in parts.params), (loss, space, error)
 
 
 def test_gpu_check_dry_run(tmp_path):
