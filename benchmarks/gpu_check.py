@@ -4,8 +4,9 @@ and ONE JSON file (benchmarks/gpu/gpu_check.md / .json). Every stage asserts wha
   resume      fp16 training stopped halfway and resumed equals a straight run (losses, loss scale, LoRA), on a
               model whose fp16 features are normal numbers; the losses vary and the LoRA moved
   cost-sd15   benchmarks/step_cost.py for latent DPO and NCP-DPO per encoder.error at the paper configs' per-GPU
-  cost-sdxl   batch (SD1.5 16 pairs at 512 px; SDXL and SD3.5 Medium 2 pairs at 1024 px), random weights from the
-  cost-sd3    architectures' configs: s/step, peak memory, MFU
+  cost-sdxl   batch, precision and gradient checkpointing (SD1.5 16 pairs at 512 px, fp16; SDXL 2 pairs at 1024 px,
+  cost-sd3    fp16; SD3.5 Medium 2 pairs at 1024 px, bf16), random weights from the architectures' configs: s/step,
+              peak memory, MFU
   fidelity    cosine between the LoRA gradient in half precision (fp16 with a GradScaler-like loss scale; bf16) and
               in fp32, at the config's beta and loss normalisation (mean over the batch, / grad_accum)
   syncs       host-device synchronisations of one optimizer step of the training loop
@@ -18,10 +19,12 @@ and ONE JSON file (benchmarks/gpu/gpu_check.md / .json). Every stage asserts wha
   toy         benchmarks/toy_alignment.py --device cuda: the larger toy (64 px, a 4x wider U-Net; base, grid and
               test on the GPU), sized for 10 minutes: passes when it finishes within them and the best method
               gains over the base. Not in the default stages (it does not fit the 8 minutes):
-              bash scripts/gpu_check.sh --stages toy --budget-s 660
+              bash scripts/gpu_check.sh --stages toy --budget-s 570   (a device call of its own: at most 600 s)
 
-Stages run in that order, each in its own process (a crash or an out-of-memory stays in its stage), each under a
-time limit, all under one deadline (--budget-s): a stage the deadline cuts off is reported as not run.
+Stages run in that order, each in its own process group (a crash or an out-of-memory stays in its stage; a stage
+past its time limit is killed with every process it started), all under one deadline (--budget-s): a stage the
+deadline cuts off is reported as not run. The report is written again after every stage, so a run stopped from
+outside keeps what its finished stages measured.
 --dry-run runs every stage on CPU with tiny models and sizes (bf16 for the half precision; compile left out).
 
     bash scripts/gpu_check.sh                       # on the GPU machine
@@ -36,6 +39,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -52,18 +56,20 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 # stage: (seconds it may take on the GPU, in the dry run)
 STAGES = {"resume": (100, 200), "cost-sd15": (60, 60), "cost-sdxl": (75, 60), "cost-sd3": (75, 60),
           "fidelity": (40, 60), "syncs": (40, 90), "precision": (60, 60), "fast": (150, 90),
-          "cost-flux": (240, 90), "toy": (600, 150)}
+          "cost-flux": (240, 90), "toy": (560, 150)}  # toy: one device call is at most 600 s
 DEFAULT_STAGES = [name for name in STAGES if name != "toy"]  # the toy's 10 minutes are a run of their own
 BUDGET_S = 480
-# paper configs (configs/*_ncp_dpo.yaml): per-GPU pairs, latent side, beta, grad_accum
-PAPER = {"sd15": (16, 64, 2500, 8), "sdxl": (2, 128, 2500, 64), "sd3": (2, 128, 2500, 64)}
+# paper configs (configs/*_ncp_dpo.yaml): per-GPU pairs, latent side, beta, grad_accum, mixed precision; all of
+# them train with gradient checkpointing
+PAPER = {"sd15": (16, 64, 2500, 8, "fp16"), "sdxl": (2, 128, 2500, 64, "fp16"), "sd3": (2, 128, 2500, 64, "bf16")}
 FP16_MIN_NORMAL = 6.1e-5
 MIN_COS = 0.99  # as benchmarks/precision.py's rule
 
 
 # ---------------------------------------------------------------- stages
 def stage_resume(dry: bool) -> dict:
-    """Straight run vs the same run stopped at half its steps and resumed: equal within `tol`."""
+    """Straight run vs the same run stopped at half its steps and resumed: equal within `tol`, or on the GPU within
+    10x the difference between two straight runs where that is larger (its kernels need not repeat bit for bit)."""
     from safetensors.torch import load_file
 
     from ncp.metrics import read_metrics
@@ -76,35 +82,53 @@ def stage_resume(dry: bool) -> dict:
     if scale["median_abs"] < 100 * FP16_MIN_NORMAL or scale["subnormal_share"] > 0.01:
         return dict(ok=False, feature_scale=scale, summary=f"f's features are too small for fp16 ({scale}): the "
                                                           "resume comparison would hold vacuously")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    env = dict(child_env(), CUBLAS_WORKSPACE_CONFIG=":4096:8")
     common = [sys.executable, str(ROOT / "train_ncp_dpo.py"), "--config", str(ROOT / "configs/tiny_sd15_ncp_dpo.yaml"),
               f"model.pretrained={model}", f"train.mixed_precision={precision}", "train.grad_accum=2",
               "train.batch_size=2", "data.toy_num_pairs=32", "train.checkpoint_every=1000", "train.validate_every=0",
               "train.validation_prompts=[]", "train.report_to=none", "objective.beta=5000"]
-    for out, extra in ((work / "straight", [f"train.max_steps={steps}"]),
-                       (work / "resumed", [f"train.max_steps={steps // 2}"]),
-                       (work / "resumed", [f"train.max_steps={steps}", "train.resume_from=latest"])):
+    runs = ((work / "straight", [f"train.max_steps={steps}"]), (work / "resumed", [f"train.max_steps={steps // 2}"]),
+            (work / "resumed", [f"train.max_steps={steps}", "train.resume_from=latest"]))
+    if not dry:  # the GPU's own run-to-run difference (atomics in attention and convolution backward)
+        runs += ((work / "again", [f"train.max_steps={steps}"]),)
+    for out, extra in runs:
         proc = subprocess.run([*common, f"train.output_dir={out}", *extra], env=env, cwd=work,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode:
             raise RuntimeError(f"training failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     a, b = read_metrics(work / "straight"), read_metrics(work / "resumed")
-    la, lb = (load_file(str(work / run / "pytorch_lora_weights.safetensors")) for run in ("straight", "resumed"))
-    loss_diff = max(abs(x["loss"] - y["loss"]) / max(abs(x["loss"]), 1e-12) for x, y in zip(a, b))
-    lora_diff = max(((la[k] - lb[k]).abs().max() / la[k].abs().max().clamp_min(1e-12)).item() for k in la)
+    loss_diff, lora_diff = run_difference(work / "straight", work / "resumed")
+    floor = (0.0, 0.0) if dry else run_difference(work / "straight", work / "again")
+    tol_loss, tol_lora = (max(tol, 10 * f) for f in floor)  # resumed within 10x of two straight runs' difference
+    la = load_file(str(work / "straight" / "pytorch_lora_weights.safetensors"))
     moved = max(la[k].abs().max().item() for k in la if ".lora.up." in k)  # B (up) starts at zero (lora.init)
     losses = [r["loss"] for r in a]
     scaler_same = all(x.get(k) == y.get(k) for x, y in zip(a, b) for k in ("loss_scale", "scaler_skips"))
     checks = {"same steps": [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1)),
-              f"losses within {tol:g}": loss_diff <= tol, f"LoRA within {tol:g}": lora_diff <= tol,
+              f"losses within {tol_loss:.3g}": loss_diff <= tol_loss, f"LoRA within {tol_lora:.3g}": lora_diff <= tol_lora,
               "loss scale and skips equal": scaler_same, "losses vary": max(losses) - min(losses) > 1e-6,
               "LoRA moved": moved > 0, "losses finite": all(math.isfinite(x) for x in losses)}
     return dict(ok=all(checks.values()), checks=checks, precision=precision, steps=steps, loss_rel_diff=loss_diff,
-                lora_rel_diff=lora_diff, lora_b_max=moved, losses=losses, feature_scale=scale,
-                loss_scale=a[-1].get("loss_scale"), scaler_skips=a[-1].get("scaler_skips"),
+                lora_rel_diff=lora_diff, run_to_run=dict(loss=floor[0], lora=floor[1]), lora_b_max=moved,
+                losses=losses, feature_scale=scale, loss_scale=a[-1].get("loss_scale"),
+                scaler_skips=a[-1].get("scaler_skips"),
                 summary=f"{precision}, {steps} steps, stopped at {steps // 2}: max relative difference loss "
-                        f"{loss_diff:.3g}, LoRA {lora_diff:.3g}; losses {min(losses):.4f}..{max(losses):.4f}; "
-                        f"LoRA-B max {moved:.3g}; " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items()))
+                        f"{loss_diff:.3g}, LoRA {lora_diff:.3g} (two straight runs: {floor[0]:.3g}, {floor[1]:.3g}); "
+                        f"losses {min(losses):.4f}..{max(losses):.4f}; LoRA-B max {moved:.3g}; "
+                        + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items()))
+
+
+def run_difference(one: Path, other: Path) -> tuple[float, float]:
+    """Largest relative difference of two runs' per-step losses and of their final LoRAs (per tensor, to its max)."""
+    from safetensors.torch import load_file
+
+    from ncp.metrics import read_metrics
+
+    a, b = read_metrics(one), read_metrics(other)
+    la, lb = (load_file(str(run / "pytorch_lora_weights.safetensors")) for run in (one, other))
+    loss = max(abs(x["loss"] - y["loss"]) / max(abs(x["loss"]), 1e-12) for x, y in zip(a, b))
+    lora = max(((la[k] - lb[k]).abs().max() / la[k].abs().max().clamp_min(1e-12)).item() for k in la)
+    return loss, lora
 
 
 def feature_scale(model: Path, device: str, dtype: torch.dtype) -> dict:
@@ -129,11 +153,12 @@ def stage_cost(model: str, dry: bool) -> dict:
 
     from ncp.encoder import ERRORS
 
-    pairs, latent, _, _ = PAPER[model]
+    pairs, latent, _, _, precision = PAPER[model]
+    # the config's batch, precision and gradient checkpointing (the dry run: checkpointing on the tiny model too)
     kw = dict(model=f"tiny-{model}", latent_size=8, pairs=1, device="cpu", dtype="fp32", threads=1) if dry else \
-        dict(model=model, latent_size=latent, pairs=pairs, device="cuda", dtype="fp16")
-    r = step_cost.run(steps=1, warmup=1, repeats=2, errors=ERRORS, losses=("dpo",), **kw)
-    peak = step_cost.device_peak_flops(kw["device"], torch.float16)
+        dict(model=model, latent_size=latent, pairs=pairs, device="cuda", dtype=precision)
+    r = step_cost.run(steps=1, warmup=1, repeats=2, errors=ERRORS, losses=("dpo",), checkpointing=True, **kw)
+    peak = step_cost.device_peak_flops(kw["device"], torch.float16)  # fp16 and bf16 peaks are the same
     for row in r["rows"]:
         row["mfu"] = row["step_gflop"] * 1e9 / row["s_per_step"] / peak if peak else None
     lines = [f"{kw['model']}, {kw['latent_size'] * 8} px, {kw['pairs']} pair(s) per GPU, {r['setup']['dtype']}, "
@@ -192,7 +217,7 @@ def gradient_fidelity(model: str, latent_size: int, pairs: int, accum: int, beta
 def stage_fidelity(dry: bool) -> dict:
     from ncp.encoder import ERRORS
 
-    pairs, latent, beta, accum = PAPER["sd15"]
+    pairs, latent, beta, accum, _ = PAPER["sd15"]
     if dry:  # fp16 on CPU kernels: accelerate refuses fp16 training there, but the arithmetic is fp16's
         rows = gradient_fidelity("tiny-sd15", 8, pairs, accum, beta, (torch.float16, torch.bfloat16), "cpu", ERRORS)
     else:  # fewer pairs than the config's 16, with its normalisation (1 / 16 / accum): fp32 beside fp16 must fit
@@ -203,12 +228,22 @@ def stage_fidelity(dry: bool) -> dict:
              "|---|---|---|---|---|"]
     lines += [f"| {name.rsplit(' ', 1)[0]} | {r['error']} | {r['cos']:.5f} | {r['norm_ratio']:.4f} | {r['zero_share']:.3g} |"
               for name, r in rows.items()]
-    # the GradScaler's scale is as large as fp16 allows without overflow, so its initial 2^16 is the row that trains
-    low = [name for name, r in rows.items() if not r["cos"] >= MIN_COS and r["scale"] >= 2.0**16 and
-           not (r["error"] == "difference" and r["precision"] != "float32")]
+    low = [name for name in training_rows(rows) if not rows[name]["cos"] >= MIN_COS
+           and not (rows[name]["error"] == "difference" and rows[name]["precision"] != "float32")]
     lines += ["", f"below cos {MIN_COS} at the training scale, for the errors auto picks in half precision "
                   f"(linearized, fp32): {', '.join(low) if low else 'none'}"]
     return dict(ok=not low, rows=rows, summary="\n".join(lines))
+
+
+def training_rows(rows: dict) -> list[str]:
+    """The rows that training would compute: every bf16 row, and per error the fp16 row at the largest loss scale
+    whose gradient is finite (a GradScaler starts at 2^16 and halves it after an overflow)."""
+    chosen = [name for name, r in rows.items() if r["precision"] != "float16"]
+    for error in {r["error"] for r in rows.values()}:
+        fp16 = [name for name, r in rows.items() if r["precision"] == "float16" and r["error"] == error]
+        finite = [name for name in fp16 if math.isfinite(rows[name]["norm_ratio"])]
+        chosen.append(max(finite or fp16, key=lambda name: rows[name]["scale"]))
+    return chosen
 
 
 @contextlib.contextmanager
@@ -432,33 +467,68 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no CUDA device: run it on the GPU machine, or --dry-run here")
     out = Path(a.out or ("outputs/gpu-check-dry" if a.dry_run else ROOT / "benchmarks/gpu"))
     t_start, results = time.perf_counter(), {}
+    setup = dict(dry_run=a.dry_run, stages=a.stages, budget_s=a.budget_s, torch=torch.__version__,
+                 device=torch.cuda.get_device_name() if torch.cuda.is_available() and not a.dry_run else "CPU")
+
+    def report():
+        return write_report(out, "gpu_check", dict(setup, seconds=time.perf_counter() - t_start,
+                                                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())), results)
+
     for name in a.stages:
         left = a.budget_s - (time.perf_counter() - t_start)
         limit = min(STAGES[name][1 if a.dry_run else 0] * (3 if a.dry_run else 1), left)
         if limit < 10:
             results[name] = dict(ok=False, status="not run: the deadline was reached")
             continue
-        part = Path(tempfile.mkstemp(suffix=f"-{name}.json")[1])
-        cmd = [sys.executable, __file__, "--one", name, "--out", str(part)] + (["--dry-run"] if a.dry_run else [])
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-        if a.dry_run:
-            env["OMP_NUM_THREADS"] = "1"
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=limit)
-            results[name] = json.loads(part.read_text()) if proc.returncode == 0 else dict(
-                ok=False, status="crashed", error="```\n" + (proc.stderr or proc.stdout)[-3000:] + "\n```")
-        except subprocess.TimeoutExpired:
-            results[name] = dict(ok=False, status=f"not finished in {limit:.0f} s")
-        results[name]["seconds"] = time.perf_counter() - t0
+        results[name] = run_child(name, limit, a.dry_run)
         print(f"{name}: {results[name].get('status') or results[name].get('ok')} "
               f"({results[name]['seconds']:.0f} s)", flush=True)
-    setup = dict(dry_run=a.dry_run, stages=a.stages, budget_s=a.budget_s, seconds=time.perf_counter() - t_start,
-                 torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                 device=torch.cuda.get_device_name() if torch.cuda.is_available() and not a.dry_run else "CPU")
-    md, js = write_report(out, "gpu_check", setup, results)
+        report()
+    md, js = report()
     print(f"wrote {md} and {js}")
     return 0 if all(r.get("ok") is not False for r in results.values()) else 1
+
+
+def child_env() -> dict:
+    """A subprocess's environment: offline, the project importable, and the caller's PYTHONPATH kept after it (on
+    the GPU machine it holds the packages carried there: scripts/gpu_kit.sh)."""
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
+
+
+def run_child(name: str, limit: float, dry: bool) -> dict:
+    """One stage in its own process, within `limit` seconds: its result, or why there is none."""
+    fd, part = tempfile.mkstemp(suffix=f"-{name}.json")
+    os.close(fd)
+    cmd = [sys.executable, __file__, "--one", name, "--out", part] + (["--dry-run"] if dry else [])
+    env = child_env()
+    if dry:
+        env["OMP_NUM_THREADS"] = "1"
+    t0 = time.perf_counter()
+    done = run_group(cmd, env, limit)
+    if done is None:
+        result = dict(ok=False, status=f"not finished in {limit:.0f} s")
+    elif done.returncode:
+        result = dict(ok=False, status="crashed", error="```\n" + (done.stderr or done.stdout)[-3000:] + "\n```")
+    else:
+        result = json.loads(Path(part).read_text())
+    Path(part).unlink(missing_ok=True)
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def run_group(cmd: list[str], env: dict, limit: float) -> subprocess.CompletedProcess | None:
+    """cmd in a process group of its own; None if it ran past `limit` seconds, and then the whole group is killed:
+    a stage's own subprocesses (training runs, the toy's workers) must not hold the GPU into the next stage."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 if __name__ == "__main__":

@@ -112,8 +112,9 @@ def toy_model(base: str, out: Path, pairs_per_bucket: int, train_steps: int, log
                 note=f"toy base {path}, LoRA rank 8 after {train_steps} fp32 DPO steps (lr 1e-3, beta {beta:.3g})")
 
 
-def sd15_model(latent_size: int, pairs_per_bucket: int, distance: float, smoke: bool):
-    """SD1.5 U-Net architecture (tiny SD1.5 for --smoke), random weights; LoRA-B scaled to `distance`."""
+def sd15_model(latent_size: int, pairs_per_bucket: int, distance: float, smoke: bool, device: str = "cpu"):
+    """SD1.5 U-Net architecture (tiny SD1.5 for --smoke), random weights, on `device`; LoRA-B scaled to `distance`
+    (measured there: 2 x 3 x pairs_per_bucket U-Net forwards)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from ncp.conditioning import Cond
@@ -128,7 +129,7 @@ def sd15_model(latent_size: int, pairs_per_bucket: int, distance: float, smoke: 
         config.update(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                       attention_head_dim=4, norm_num_groups=8, layers_per_block=1)
-    unet = UNet2DConditionModel(**config).requires_grad_(False).eval()
+    unet = UNet2DConditionModel(**config).requires_grad_(False).eval().to(device)
     base_unet = copy.deepcopy(unet)
     params = add_lora(unet, rank=4 if smoke else 64)
     unet.train()
@@ -143,7 +144,7 @@ def sd15_model(latent_size: int, pairs_per_bucket: int, distance: float, smoke: 
         for name, p in zip(names, params):
             if "lora_B" in name:
                 p.normal_()
-        measured = policy_distance(unet, schedule, x0, cond, rnd)
+        measured = policy_distance(unet, schedule, x0.to(device), cond.to(device), rnd.to(device))
         for name, p in zip(names, params):
             if "lora_B" in name:
                 p.mul_(distance / measured)
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
             model = toy_model("random" if a.smoke else a.base, out, n, 2 if a.smoke else a.train_steps)
         else:
             d = distance or results.get("toy", {}).get("distance") or 0.05
-            model = sd15_model(8 if a.smoke else a.latent_size, n, d, a.smoke)
+            model = sd15_model(8 if a.smoke else a.latent_size, n, d, a.smoke, a.device)
         r = measure(model, n, a.device)
         r.update(note=model["note"], pairs_per_bucket=n, seconds=time.perf_counter() - t0)
         results[name] = r

@@ -136,9 +136,10 @@ FULL_SIZE = {"sd15": ("UNet2DConditionModel", SD15_UNET, "DDPMScheduler", SCHEDU
 
 # ---------------------------------------------------------------- the model, data and randomness
 def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtype: torch.dtype,
-          errors=("difference",), blocks: int | None = None, quantize: str = "none"):
+          errors=("difference",), blocks: int | None = None, quantize: str = "none", checkpointing: bool = False):
     """(unet with LoRA, LoRA params, {error: encoder}, schedule, x0, cond) for `pairs` pairs on `device`.
-    quantize (model.quantize): the frozen denoiser's linears in int8 / nf4 under the LoRA (QLoRA)."""
+    quantize (model.quantize): the frozen denoiser's linears in int8 / nf4 under the LoRA (QLoRA).
+    checkpointing: the policy's gradient checkpointing (train.gradient_checkpointing, on in the paper configs)."""
     import diffusers
 
     family = families.get(model.removeprefix("tiny-"))
@@ -174,6 +175,8 @@ def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtyp
     # before LoRA: f is the frozen base (U-Net: its down path; MMDiT: its first K joint blocks, default K)
     encoders = {e: family.encoder(unet, EncoderConfig(error=e, blocks=blocks)) for e in errors}
     params = add_lora(unet, rank)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
     unet.train()
     x0 = torch.randn(n, family.latent_channels(unet), latent_size, latent_size, device=device)
     schedule = family.noise_process(scheduler, ObjectiveConfig())  # DDPM maths, or flow matching (the ODE step)
@@ -230,12 +233,15 @@ def peak_gb(device: str) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def count_flops(fn) -> int:
-    """FLOPs of fn(); SDPA runs its math path here because the fused CPU kernel is not in the counter's registry."""
+def count_flops(fn, device="cpu") -> int:
+    """FLOPs of fn() on `device`. On the CPU, SDPA runs its math path here because the fused CPU kernel is not in the
+    counter's registry; on a GPU the counter knows the fused kernels, and the math path's score matrices would not
+    fit at the paper configs' batch (16 x 8 heads x 4096^2 per layer at 512 px), so SDPA chooses as in training."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+    math = sdpa_kernel([SDPBackend.MATH]) if torch.device(device).type == "cpu" else contextlib.nullcontext()
+    with math, FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -246,8 +252,8 @@ def unit_flops(unet, encoder, schedule, x0, cond, rnd) -> tuple[int, int]:
     x, c = x0[:1], cond.index(slice(0, 1))
     t_model = schedule.model_timestep(rnd.t[:1])  # a flow model takes sigma * 1000
     denoise = families.of_denoiser(unet).denoise
-    return (count_flops(lambda: denoise(unet, x, t_model, c)),
-            count_flops(lambda: encoder(x, t_model, c)))
+    return (count_flops(lambda: denoise(unet, x, t_model, c), x.device),
+            count_flops(lambda: encoder(x, t_model, c), x.device))
 
 
 def loader_pairs_per_s(latent_size: int, pairs: int, batches: int = 8) -> float:
@@ -267,7 +273,7 @@ def loader_pairs_per_s(latent_size: int, pairs: int, batches: int = 8) -> float:
 def run(model: str = "tiny-sd15", latent_size: int = 32, pairs: int = 1, steps: int = 2, warmup: int = 1,
         repeats: int = 5, rank: int | None = None, device: str | None = None, profile: bool = False,
         threads: int | None = None, errors=("difference",), dtype: str | None = None,
-        losses=("dpo", "cpo", "sft"), quantize: str = "none") -> dict:
+        losses=("dpo", "cpo", "sft"), quantize: str = "none", checkpointing: bool = False) -> dict:
     """Measure every method of `losses` (dpo first: ratios are to latent DPO); returns {"rows": [...],
     "setup": {...}} (rows in `methods(errors, losses)` order).
 
@@ -277,7 +283,7 @@ def run(model: str = "tiny-sd15", latent_size: int = 32, pairs: int = 1, steps: 
     """
     with torch_threads(threads):
         return _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors, dtype, losses,
-                    quantize)
+                    quantize, checkpointing)
 
 
 @contextlib.contextmanager
@@ -310,26 +316,26 @@ def flop_floor(loss: str, space: str, error: str, u_flops: int, e_flops: int) ->
 
 
 def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors, dtype, losses,
-         quantize="none") -> dict:
+         quantize="none", checkpointing=False) -> dict:
     device, dtype, rank, errors = resolve(model, device, dtype, rank, errors)
     unet, params, encoders, schedule, x0, cond = build(model, latent_size, pairs, rank, device, dtype, errors,
-                                                       quantize=quantize)
+                                                       quantize=quantize, checkpointing=checkpointing)
     optimizer, opt_name = make_optimizer(params)
     spec = methods(errors, ("dpo", *[loss for loss in losses if loss != "dpo"]))
     cfgs = {name: (ObjectiveConfig(loss=loss, space=space, beta=1.0), encoders[error]) for name, loss, space, error in spec}
 
-    def randomness(i: int):
+    def randomness(i: int, n: int = pairs):
         g = torch.Generator().manual_seed(i)
-        return randomness_for(ObjectiveConfig(), schedule, pairs, x0.shape[1:], g).to(device)  # DDPM or flow t
+        return randomness_for(ObjectiveConfig(), schedule, n, x0.shape[1:], g).to(device)  # DDPM or flow t
 
     def amp():
         """Half-precision frozen weights run under autocast, as accelerate's mixed precision does in training."""
         return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def step(name: str, rnd) -> float:
+    def step(name: str, rnd, x=x0, c=cond) -> float:
         optimizer.zero_grad(set_to_none=True)
         with amp():
-            loss, _ = compute_objective(unet, cfgs[name][1], schedule, x0, cond, rnd, cfgs[name][0])
+            loss, _ = compute_objective(unet, cfgs[name][1], schedule, x, c, rnd, cfgs[name][0])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -339,9 +345,16 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
     rnd0 = randomness(0)
     with amp():
         u_flops, e_flops = unit_flops(unet, encoders["difference"], schedule, x0, cond, rnd0)
-    counted = {name: count_flops(lambda: step(name, rnd0)) for name, *_ in spec}  # also the first warmup
+    if checkpointing:  # the model's FLOPs, not the recomputation's (MFU's numerator): on one pair, x pairs
+        one = torch.tensor([0, pairs], device=device)  # its winner and loser
+        unet.disable_gradient_checkpointing()
+        counted = {name: pairs * count_flops(lambda: step(name, randomness(0, 1), x0[one], cond.index(one)), device)
+                   for name, *_ in spec}
+        unet.enable_gradient_checkpointing()
+    else:
+        counted = {name: count_flops(lambda: step(name, rnd0), device) for name, *_ in spec}  # also the first warmup
 
-    for i in range(warmup - 1):
+    for i in range(warmup - (0 if checkpointing else 1)):  # a one-pair count warms nothing up
         for name, *_ in spec:
             step(name, randomness(i + 1))
     times = {name: [] for name, *_ in spec}
@@ -370,7 +383,8 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
                          flop_counted=counted[name] / counted[base], step_gflop=counted[name] / 1e9,
                          peak_gb=peaks[name], loss=losses[name]))
     loader = loader_pairs_per_s(latent_size, pairs)
-    setup = dict(model=model, quantize=quantize, latent_size=latent_size, pairs=pairs, steps=steps, warmup=warmup,
+    setup = dict(model=model, quantize=quantize, checkpointing=checkpointing, latent_size=latent_size, pairs=pairs,
+                 steps=steps, warmup=warmup,
                  repeats=repeats, rank=rank, device=device, dtype=str(dtype).removeprefix("torch."), optimizer=opt_name,
                  threads=torch.get_num_threads(), torch=torch.__version__,
                  encoder_share=e_flops / u_flops, unet_gflop_per_image=u_flops / 1e9,
@@ -539,7 +553,7 @@ def run_fast(model: str = "tiny-sd15", latent_size: int = 16, pairs: int = 1, st
         rnd0 = randomness(0)
         with amp:
             u_flops, e_flops = unit_flops(unet, encoders[("difference", False)], schedule, x0, cond, rnd0)
-        counted = {m[0]: count_flops(lambda: step(m, (False, False), rnd0)) for m in spec}  # whole step, eager
+        counted = {m[0]: count_flops(lambda: step(m, (False, False), rnd0), device) for m in spec}  # whole step, eager
         first = {}  # the first (compiling) step of every combination, untimed in the table
         for combo in combos:
             set_format(combo[1])
@@ -689,6 +703,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--child-mode", choices=list(MODES), help=argparse.SUPPRESS)
     p.add_argument("--quantize", choices=["none", "int8", "nf4"], default="none",
                    help="model.quantize: the frozen denoiser in 8 / 4 bits under the LoRA (bitsandbytes)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="the policy's gradient checkpointing, as the paper configs train (train.gradient_checkpointing)")
     p.add_argument("--json", help="write the result here")
     a = p.parse_args(argv)
     if a.child_mode:
@@ -713,7 +729,7 @@ def main(argv: list[str] | None = None) -> dict:
             write_json(a.json, result)
         return result
     result = run(a.model, a.latent_size, a.pairs, a.steps, a.warmup, a.repeats, a.rank, a.device, a.profile, a.threads,
-                 a.errors, a.dtype, quantize=a.quantize)
+                 a.errors, a.dtype, quantize=a.quantize, checkpointing=a.checkpointing)
     print(format_table(result))
     for name, table in result.get("profile", {}).items():
         print(f"\nprofile of one {name} step\n{table}")

@@ -2,14 +2,22 @@
 # What the CPU tests cannot cover, on one GPU in at most 8 minutes (benchmarks/gpu_check.py): fp16 resume
 # exactness, peak memory / MFU per encoder.error at the paper configs' per-GPU batch (SD1.5 512 px, SDXL and
 # SD3.5 Medium 1024 px), fp16 gradient fidelity, host syncs per micro-step, precision.py on CUDA, the fast path.
-# Writes benchmarks/gpu/gpu_check.md and .json; exit code 0 = no stage failed.
+# Writes benchmarks/gpu/gpu_check.md and .json (again after every stage); exit code 0 = no stage failed.
 #   bash scripts/gpu_check.sh                          # on the GPU machine
 #   bash scripts/gpu_check.sh --dry-run                # on CPU, tiny models: every default stage runs (minutes)
 #   bash scripts/gpu_check.sh --stages resume fidelity # a subset
-#   bash scripts/gpu_check.sh --stages toy --budget-s 660  # then, with 11 minutes to spare: the toy benchmark's
-#                                                      # larger toy (toy_alignment.py --device cuda), not a default stage
+#   bash scripts/gpu_check.sh --stages toy --budget-s 570  # a device call of its own (at most 600 s): the toy
+#                                                      # benchmark's larger toy (toy_alignment.py --device cuda)
+# On a machine without ncp's packages (the lent GPU machines: no diffusers, bitsandbytes or datasets, and no
+# registry to fetch them from), make the kit here first (python scripts/gpu_kit.py) and carry .gpu-kit along:
+# this script installs it before anything else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] && . .venv/bin/activate
+PY=python3
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+if compgen -G ".gpu-kit/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ncp-kit .gpu-kit/*.whl
+  export PYTHONPATH="/tmp/ncp-kit${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec python benchmarks/gpu_check.py "$@"
+exec "$PY" benchmarks/gpu_check.py "$@"

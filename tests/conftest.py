@@ -63,3 +63,20 @@ def run_script(monkeypatch):
         return importlib.import_module(f"train_ncp_{loss}").main(argv)
 
     return run
+
+
+@pytest.fixture
+def load_script():
+    """load_script("benchmarks/gpu_check.py"): a script of the repository imported by its path (benchmarks/ and
+    scripts/ are folders of scripts, not packages)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(path: str):
+        file = Path(__file__).resolve().parents[1] / path
+        spec = importlib.util.spec_from_file_location(f"script_{file.stem}", file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -103,3 +103,57 @@ def test_gpu_check_dry_run(tmp_path):
     assert syncs["ok"] and syncs["per_micro_step"] == 0
     assert sum(v for k, v in syncs["windows"]["the optimizer step's micro-step"].items()) >= 1  # the counter counts
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.md"]
+
+
+def test_a_stage_past_its_limit_is_killed_with_every_process_it_started(tmp_path, load_script):
+    import os
+    import sys
+    import time
+    from pathlib import Path
+
+    check = load_script("benchmarks/gpu_check.py")
+    pid_file = tmp_path / "grandchild"
+    spawn = (f"import subprocess, time; p = subprocess.Popen(['sleep', '60']); "
+             f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    t0 = time.perf_counter()
+    assert check.run_group([sys.executable, "-c", spawn], dict(os.environ), limit=3) is None
+    assert time.perf_counter() - t0 < 30
+    stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
+    time.sleep(0.5)  # gone (or a zombie waiting for init), not left holding the device into the next stage
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    done = check.run_group([sys.executable, "-c", "print('ok')"], dict(os.environ), limit=30)
+    assert done.returncode == 0 and done.stdout.strip() == "ok"
+
+
+def test_fidelity_judges_the_rows_training_would_compute(load_script):
+    """bf16 rows all; fp16 per error the largest loss scale whose gradient is finite (a GradScaler backs off from an
+    overflow), so an overflow at 2^16 is not a failure when 2^8 is finite."""
+    check = load_script("benchmarks/gpu_check.py")
+    nan = float("nan")
+    rows = {f"float16 x{s:g} {e}": dict(precision="float16", scale=s, error=e, cos=c, norm_ratio=n)
+            for e, s, c, n in (("linearized", 2.0**16, nan, nan), ("linearized", 2.0**8, 0.999, 1.0),
+                               ("linearized", 1.0, 0.9, 0.5), ("fp32", 2.0**16, 0.995, 1.0), ("fp32", 2.0**8, 0.99, 1.0))}
+    rows["bfloat16 linearized"] = dict(precision="bfloat16", scale=1.0, error="linearized", cos=0.999, norm_ratio=1.0)
+    assert sorted(check.training_rows(rows)) == ["bfloat16 linearized", "float16 x256 linearized", "float16 x65536 fp32"]
+
+
+def test_gpu_kit_keeps_the_cuda_13_libraries_of_bitsandbytes(tmp_path, load_script):
+    import zipfile
+
+    kit = load_script("scripts/gpu_kit.py")
+    wheel = tmp_path / "bitsandbytes-0.0-py3-none-any.whl"
+    names = ["bitsandbytes/__init__.py", "bitsandbytes/libbitsandbytes_cpu.so", "bitsandbytes/libbitsandbytes_cuda118.so",
+             "bitsandbytes/libbitsandbytes_cuda128.so", "bitsandbytes/libbitsandbytes_cuda130.so"]
+    with zipfile.ZipFile(wheel, "w") as z:
+        for n in names:
+            z.writestr(n, b"x" * 1000)
+        z.writestr("bitsandbytes-0.0.dist-info/RECORD", "".join(f"{n},sha256=abc,1000\n" for n in names)
+                   + "bitsandbytes-0.0.dist-info/RECORD,,\n")
+    assert kit.slim_wheel(wheel) == 2000
+    with zipfile.ZipFile(wheel) as z:
+        kept = sorted(z.namelist())
+        record = [line.split(",")[0] for line in z.read("bitsandbytes-0.0.dist-info/RECORD").decode().split()]
+    left = [names[0], names[1], names[4]]
+    assert kept == sorted(left + ["bitsandbytes-0.0.dist-info/RECORD"])
+    assert record == left + ["bitsandbytes-0.0.dist-info/RECORD"]  # pip installs what RECORD lists
+    assert kit.pinned(kit.ROOT / "requirements.txt", ["diffusers", "bitsandbytes"])[0].startswith("diffusers==")
