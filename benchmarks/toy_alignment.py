@@ -69,7 +69,7 @@ beta scale, FLOP count and scoring alike (`ncp.toy_base.configured`).
 
 A larger toy for one GPU (--device cuda): 64 px images, the denoiser 4x as wide, 16 pairs per step, 200 steps; the
 base is pretrained for it (not the shipped 32 px one) and everything runs on the GPU; sized by counted FLOPs for
-about 10 minutes on one H200 (never run on a GPU yet; `bash scripts/gpu_check.sh --stages toy --budget-s 660` runs
+about 10 minutes on one H200 (never run on a GPU yet; `bash scripts/gpu_check.sh --stages toy --budget-s 570` runs
 it). --resolution and --width set those sizes on any device; --dry-run builds the pipeline and counts a step.
 
     python benchmarks/toy_alignment.py --device cuda --out outputs/toy-v3-cuda
@@ -81,6 +81,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import shlex
 import shutil
 import statistics
@@ -370,9 +371,13 @@ def run_jobs(jobs: list[dict], workers: int, log=print) -> list[dict]:
     import multiprocessing as mp
 
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        for j, r in zip(jobs, pool.map(train_and_score, jobs)):
-            done.append(r)
-            log(f"  {Path(j['run_dir']).name} done ({worked(r)})")
+        try:
+            for j, r in zip(jobs, pool.map(train_and_score, jobs)):
+                done.append(r)
+                log(f"  {Path(j['run_dir']).name} done ({worked(r)})")
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # a failed job ends the benchmark now, not after every queued job
+            raise
     return done
 
 
@@ -892,10 +897,16 @@ def main(argv: list[str] | None = None) -> dict:
                                  resolution=size)
     test_jobs = [job(m, c["lr"], c["beta_mult"] or 1.0, s, split["test"], test_seeds, score_steps)
                  for m, c in chosen.items() for s in range(cfg["seeds"])]
+    # the longest first, so that no worker is left with a long run at the end: the jobs that train (not the grid's
+    # seed-0 runs), by their method's training time in the grid (the rows never in it, as the precision rows, first)
+    train_s = {r["method"]: r["work"]["train"] for r in grid}
+    trains = lambda j: not (Path(j["run_dir"]) / "pytorch_lora_weights.safetensors").is_file()  # noqa: E731
+    test_jobs.sort(key=lambda j: -train_s.get(j["method"], math.inf) if trains(j) else 0.0)
     test = run_jobs(test_jobs, a.workers)
     test_minutes = (time.perf_counter() - t_test) / 60
 
-    flops = step_flops(out / "base", list(chosen), a.arch, cfg["pairs"], cfg["rank"], size)
+    one = step_flops(out / "base", list(chosen), a.arch, 1, cfg["rank"], size)  # on the CPU, one pair: FLOPs grow
+    flops = {m: f * cfg["pairs"] for m, f in one.items()}                     # linearly with the batch
     print("counted GFLOP per step (objective, forward + backward): "
           + ", ".join(f"{m} {f / 1e9:.4g}" for m, f in flops.items()))
     summary = summarise(test, base_test, chosen, flops)

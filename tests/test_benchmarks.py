@@ -57,6 +57,19 @@ def test_step_cost_prints_every_method_with_finite_figures(tmp_path, capsys):
     assert 0 < result["setup"]["encoder_share"] < 1 and result["setup"]["loader_pairs_per_s"] > 0
 
 
+def test_step_cost_with_checkpointing_counts_the_models_flops_not_the_recomputation():
+    """The paper configs' gradient checkpointing (the GPU check's cost stages): the step runs checkpointed, and its
+    FLOPs are counted without the recomputation on one pair times the batch, which equals the whole batch's count."""
+    step_cost = load("step_cost")
+    kw = dict(model="tiny-sd15", latent_size=8, pairs=2, steps=1, warmup=1, repeats=1, threads=1,
+              errors=("difference", "linearized"), losses=("dpo",))
+    plain, checkpointed = step_cost.run(**kw), step_cost.run(**kw, checkpointing=True)
+    assert checkpointed["setup"]["checkpointing"] and not plain["setup"]["checkpointing"]
+    for a, b in zip(plain["rows"], checkpointed["rows"]):
+        assert a["method"] == b["method"] and a["step_gflop"] == b["step_gflop"] > 0, (a, b)
+        assert math.isfinite(b["loss"]) and b["s_per_step"] > 0
+
+
 @pytest.mark.parametrize("part", ["step", "errors"])
 def test_step_cost_modes_run_each_mode_in_its_own_process(tmp_path, capsys, part):
     """--modes: one child process per perceptual-error mode; ratios to difference and latent DPO side by side."""
@@ -185,6 +198,10 @@ def test_toy_alignment_smoke_selects_on_validation_and_reports_intervals(tmp_pat
     assert "replaced: lr 0.002" in (tmp_path / "other" / "table.md").read_text()
     assert sorted(str(f) for f in out.rglob("*")) == before
     assert toy.jsonable(again["summary"]) == toy.jsonable(result["summary"])  # as written (nan: no ratio, never equal)
+    # the test runs that train come first (the grid trained seed 0 of the objectives), the precision rows (never in
+    # the grid: no training time known) first of all
+    trained = [("bf16" in r["method"], r["seed"] > 0 or "bf16" in r["method"]) for r in result["runs"]]
+    assert trained == sorted(trained, reverse=True) and trained[-1] == (False, False)
     # each job's worker time is recorded: the first run trained and scored; the rerun did neither (its kept scores)
     first, rerun = result["minutes"], again["minutes"]
     assert first["worker_train"] > 0 and first["worker_score"] > 0
