@@ -47,7 +47,7 @@ Every selection rule below is fixed in code and printed (`rules()`) before any t
 Outputs in --out: toy_alignment.json (every number: the tables are formatted from it), curves.png (gain vs step
 and vs counted FLOPs, 95% bands), table.md (the tables printed at the end), runs/ and base/.
 
-    python benchmarks/toy_alignment.py --out outputs/toy-v3               # full (U-Net about 3 h on 2 cores, SD3 1 h 45, FLUX 35 min)
+    python benchmarks/toy_alignment.py --out outputs/toy-v3               # full (2 cores: U-Net 1 h 40, SD3 1 h 45, FLUX 35 min)
     python benchmarks/toy_alignment.py --quick --out outputs/toy-v3-quick # shorter runs (U-Net 13 min, SD3 9, FLUX 6)
     python benchmarks/toy_alignment.py --smoke --out /tmp/toy-smoke       # seconds: the code runs
 
