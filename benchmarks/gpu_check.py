@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def child_env() -> dict:
     """A subprocess's environment: offline, the project importable, and the caller's PYTHONPATH kept after it (on
-    the GPU machine it holds the packages carried there: scripts/gpu_kit.sh)."""
+    the GPU machine it holds the packages carried there: scripts/gpu_kit.py, installed by scripts/gpu_check.sh)."""
     path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
 
