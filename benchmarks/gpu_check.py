@@ -326,7 +326,9 @@ def stage_syncs(dry: bool, accum: int = 4) -> dict:
             with micro_step_window(first, count, lambda: torch.cuda.set_sync_debug_mode("warn"),
                                    lambda: torch.cuda.set_sync_debug_mode("default")):
                 ncp.train.main(argv + ["train.overwrite=true"], "dpo", "NCP-DPO")
-        syncs = [str(w.message).splitlines()[0] for w in seen if "synchroniz" in str(w.message).lower()]
+        # where each sync was called from (the message alone is the same for every one)
+        syncs = [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in seen
+                 if "synchroniz" in str(w.message).lower()]
         return {"syncs": len(syncs), "first": sorted(set(syncs))[:5]}
 
     windows["micro-steps without the optimizer step"] = run_window(accum + 1, accum - 1)
