@@ -481,12 +481,11 @@ def main(argv: list[str] | None = None) -> int:
         limit = min(STAGES[name][1 if a.dry_run else 0] * (3 if a.dry_run else 1), left)
         if limit < 10:
             results[name] = dict(ok=False, status="not run: the deadline was reached")
-            continue
-        results[name] = run_child(name, limit, a.dry_run)
-        print(f"{name}: {results[name].get('status') or results[name].get('ok')} "
-              f"({results[name]['seconds']:.0f} s)", flush=True)
-        report()
-    md, js = report()
+        else:
+            results[name] = run_child(name, limit, a.dry_run)
+            print(f"{name}: {results[name].get('status') or results[name].get('ok')} "
+                  f"({results[name]['seconds']:.0f} s)", flush=True)
+        md, js = report()
     print(f"wrote {md} and {js}")
     return 0 if all(r.get("ok") is not False for r in results.values()) else 1
 

@@ -172,8 +172,7 @@ def dry_run(out: Path, arch: str, cfg: dict) -> dict:
 
     folder = build_tiny_pipeline(out / "dry-run", arch, width=cfg["width"], resolution=cfg["resolution"])
     params = sum(p.numel() for p in load_models(str(folder)).unet.parameters())
-    one = step_flops(folder, ["NCP-DPO", "latent DPO"], arch, 1, cfg["rank"], cfg["resolution"])
-    flops = {m: f * cfg["pairs"] for m, f in one.items()}  # counted on one pair: FLOPs grow linearly with the batch
+    flops = step_flops(folder, ["NCP-DPO", "latent DPO"], arch, cfg["pairs"], cfg["rank"], cfg["resolution"])
     print(f"dry run ({arch}, {cfg['resolution']} px, width x{cfg['width']}): denoiser {params / 1e6:.2f}M parameters; "
           + ", ".join(f"{m} {f / 1e9:.3g} GFLOP per step of {cfg['pairs']} pairs" for m, f in flops.items()))
     return dict(arch=arch, denoiser_params=params, flops_per_step=flops, setup=cfg)
@@ -247,7 +246,9 @@ def step_flops(base: Path, methods: list[str], arch: str, pairs: int, rank: int,
     """FLOPs of one optimizer step's objective, forward and backward (torch.utils.flop_counter), per method, on
     `pairs` pairs with the run's LoRA: the denoiser's and f's work, which is what differs between methods. The VAE
     encoding of the pixels and the optimizer update, nearly the same for every method, are left out; precision
-    does not change the count (a bf16 row counts as its fp32 twin with the same encoder.error)."""
+    does not change the count (a bf16 row counts as its fp32 twin with the same encoder.error). Counted on one
+    pair and multiplied: FLOPs grow linearly with the batch, and the larger toy's 16 pairs would take minutes of
+    one CPU thread."""
     from step_cost import count_flops  # benchmarks/step_cost.py
 
     from ncp.conditioning import build_cond
@@ -263,16 +264,16 @@ def step_flops(base: Path, methods: list[str], arch: str, pairs: int, rank: int,
     add_lora(models.unet, rank)
     models.unet.train()
     size = resolution // models.vae_scale_factor
-    x0 = torch.randn(2 * pairs, family.latent_channels(models.unet), size, size)
-    cond = build_cond(models, ["a red circle on a white background"] * pairs)
-    rnd = randomness_for(ObjectiveConfig(), schedule, pairs, x0.shape[1:], torch.Generator().manual_seed(0))
+    x0 = torch.randn(2, family.latent_channels(models.unet), size, size)
+    cond = build_cond(models, ["a red circle on a white background"])
+    rnd = randomness_for(ObjectiveConfig(), schedule, 1, x0.shape[1:], torch.Generator().manual_seed(0))
     flops = {}
     for m in methods:
         loss, space, _, error = ALL_METHODS[m]
         encoder = encoders[(method_blocks(m, arch), error)]
         step = lambda: compute_objective(models.unet, encoder, schedule, x0, cond, rnd,  # noqa: E731
                                          ObjectiveConfig(loss=loss, space=space, beta=1.0))[0].backward()
-        flops[m] = count_flops(step)
+        flops[m] = pairs * count_flops(step)
     return flops
 
 
@@ -301,6 +302,11 @@ def checkpoint_steps(cfg: dict) -> list[int]:
     return list(range(cfg["eval_every"], cfg["steps"] + 1, cfg["eval_every"]))
 
 
+def trained(run_dir: Path) -> bool:
+    """The run folder holds its final LoRA: the run is not trained again."""
+    return (run_dir / "pytorch_lora_weights.safetensors").is_file()
+
+
 def train_and_score(job: dict) -> dict:
     """One run: train it through the real script (unless its final LoRA exists), then score its checkpoints
     at job["score_steps"] on job["prompts"] x job["img_seeds"]. Runs in a worker process."""
@@ -315,7 +321,7 @@ def train_and_score(job: dict) -> dict:
     run_dir = Path(job["run_dir"])
     cache = run_dir / "scores.json"  # its checkpoints' scores, kept for a rerun (below)
     t_train = time.perf_counter()
-    if not (run_dir / "pytorch_lora_weights.safetensors").is_file():
+    if not trained(run_dir):
         cache.unlink(missing_ok=True)  # scores of a run trained again are scores of new weights
         AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps a singleton per process
         argv = ["--config", str(ROOT / f"configs/tiny_{job.get('arch', 'sd15')}_ncp_{loss}.yaml"),
@@ -900,13 +906,11 @@ def main(argv: list[str] | None = None) -> dict:
     # the longest first, so that no worker is left with a long run at the end: the jobs that train (not the grid's
     # seed-0 runs), by their method's training time in the grid (the rows never in it, as the precision rows, first)
     train_s = {r["method"]: r["work"]["train"] for r in grid}
-    trains = lambda j: not (Path(j["run_dir"]) / "pytorch_lora_weights.safetensors").is_file()  # noqa: E731
-    test_jobs.sort(key=lambda j: -train_s.get(j["method"], math.inf) if trains(j) else 0.0)
+    test_jobs.sort(key=lambda j: 0.0 if trained(Path(j["run_dir"])) else -train_s.get(j["method"], math.inf))
     test = run_jobs(test_jobs, a.workers)
     test_minutes = (time.perf_counter() - t_test) / 60
 
-    one = step_flops(out / "base", list(chosen), a.arch, 1, cfg["rank"], size)  # on the CPU, one pair: FLOPs grow
-    flops = {m: f * cfg["pairs"] for m, f in one.items()}                     # linearly with the batch
+    flops = step_flops(out / "base", list(chosen), a.arch, cfg["pairs"], cfg["rank"], size)
     print("counted GFLOP per step (objective, forward + backward): "
           + ", ".join(f"{m} {f / 1e9:.4g}" for m, f in flops.items()))
     summary = summarise(test, base_test, chosen, flops)

@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = [toy.make_job(common, st["beta_scale"], out / "runs", a.method, a.lr, mult, seed, r["split"]["test"],
                          list(range(st["img_seeds"])), toy.checkpoint_steps(st)) for seed in range(st["seeds"])]
     for j in jobs:
-        trained = run / "runs" / Path(j["run_dir"]).name
-        if not Path(j["run_dir"]).exists() and (trained / "pytorch_lora_weights.safetensors").is_file():
-            shutil.copytree(trained, j["run_dir"])  # trained already (its kept scores say of which captions)
+        kept = run / "runs" / Path(j["run_dir"]).name
+        if not Path(j["run_dir"]).exists() and toy.trained(kept):
+            shutil.copytree(kept, j["run_dir"])  # trained already (its kept scores say of which captions)
     mult = jobs[0]["beta_mult"]  # None for SFT
     new = toy.run_jobs(jobs, a.workers)
     runs = [x for x in r["runs"] if x["method"] != a.method] + new

@@ -434,18 +434,14 @@ def test_flux_latent_cache_matches_pixels(tiny_flux, tmp_path, run_script):
                                       f"data.cache_dir={default}"))
 
 
-def test_toy_alignment_smoke_on_a_flux_base(tmp_path):
+def test_toy_alignment_smoke_on_a_flux_base(tmp_path, load_script):
     """benchmarks/toy_alignment.py --arch flux: its own pretrained tiny FLUX.1 dev base, NCP-DPO at the config's K
     (2) and at K = 1, latent DPO; every run trains flux with the K it names."""
-    import importlib.util
     from pathlib import Path
 
     from ncp.config import load_config
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("bench_toy_flux", root / "benchmarks" / "toy_alignment.py")
-    toy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(toy)
+    toy = load_script("benchmarks/toy_alignment.py")
     out = tmp_path / "toy"
     result = toy.main(["--smoke", "--arch", "flux", "--workers", "1", "--out", str(out),
                        "--methods", "NCP-DPO", "latent DPO", "NCP-DPO K=1"])

@@ -374,16 +374,12 @@ def test_sd3_latent_cache_matches_pixels(tiny_sd3, tmp_path, run_script):
     assert a[0]["err_w"] == pytest.approx(b[0]["err_w"], rel=1e-4)
 
 
-def test_toy_alignment_sd3_smoke(tmp_path):
+def test_toy_alignment_sd3_smoke(tmp_path, load_script):
     """The SD3 variant of the toy benchmark runs end to end: its own base (the tiny SD3 pipeline with a trained
     VAE shift and scale), flow-form objectives, and a K row at NCP-DPO's setting with its own beta scale."""
-    import importlib.util
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("bench_toy_sd3", root / "benchmarks" / "toy_alignment.py")
-    toy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(toy)
+    toy = load_script("benchmarks/toy_alignment.py")
     out = tmp_path / "toy"
     result = toy.main(["--smoke", "--arch", "sd3", "--workers", "1", "--out", str(out),
                        "--methods", "NCP-DPO", "latent DPO", "NCP-DPO K=2"])
