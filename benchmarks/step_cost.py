@@ -49,6 +49,7 @@ import copy
 import ctypes
 import json
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -447,8 +448,17 @@ def child_mode(mode: str, model: str, latent_size: int, pairs: int, warmup: int,
         cfg = ObjectiveConfig(loss="dpo", space="latent" if mode == "latent" else "perceptual", beta=1.0)
         amp = torch.autocast(torch.device(device).type, dtype=torch_dtype, enabled=torch_dtype != torch.float32)
 
+        phases = {}  # seconds of the timed steps' forward and backward (the rest: clip, optimizer, the loss's copy)
+
+        def mark(phase: str, t0: float) -> float:
+            sync(device)
+            now = time.perf_counter()
+            phases[phase] = phases.get(phase, 0.0) + now - t0
+            return now
+
         def step(i: int) -> float:
             rnd = randomness_for(cfg, schedule, pairs, x0.shape[1:], torch.Generator().manual_seed(i)).to(device)
+            t0 = time.perf_counter()
             if part == "errors":  # f's part alone: stand-in predictions near the truth, the policy's a leaf
                 t, eps, z, tt = (x.repeat(2, *([1] * (x.dim() - 1))) for x in (rnd.t, rnd.eps, rnd.z, rnd.t_target))
                 x_t = schedule.q_sample(x0, t, eps)
@@ -459,30 +469,40 @@ def child_mode(mode: str, model: str, latent_size: int, pairs: int, warmup: int,
                 with amp:
                     errs = perceptual_errors(encoder, schedule, cfg, x_t, t, eps, z, tt, cond, x0, [pol, ref])
                     loss = dpo_loss(*errs[0].chunk(2), *errs[1].chunk(2), cfg.beta)[0].mean()
+                t0 = mark("forward", t0)
                 loss.backward()
+                mark("backward", t0)
                 return loss.item()
             optimizer.zero_grad(set_to_none=True)
             with amp:
                 loss, _ = compute_objective(unet, encoder, schedule, x0, cond, rnd, cfg)
+            t0 = mark("forward", t0)
             loss.backward()
+            mark("backward", t0)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             return loss.item()
 
         for i in range(warmup):
             step(i)
+        phases.clear()
         reset_peak(device)
         resident = current_gb(device)
         times = []
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         for r in range(repeats):
             sync(device)
             t0 = time.perf_counter()
             loss = step(1000 + r)
             sync(device)
             times.append(time.perf_counter() - t0)
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
         peak = peak_gb(device)
+        per_step = {k: v / repeats for k, v in phases.items()}
         return dict(mode=mode, s_per_step=statistics.median(times), spread=[min(times), max(times)], peak_gb=peak,
-                    step_gb=peak - resident, loss=loss, rank=rank, device=device,
+                    step_gb=peak - resident, loss=loss, mean_s=statistics.fmean(times), phases_s=per_step,  # means
+                    user_s=(cpu.ru_utime - cpu0.ru_utime) / repeats, sys_s=(cpu.ru_stime - cpu0.ru_stime) / repeats,
+                    rank=rank, device=device,
                     dtype=str(torch_dtype).removeprefix("torch."), threads=torch.get_num_threads(), torch=torch.__version__)
 
 
@@ -503,6 +523,12 @@ def format_modes(result: dict) -> str:
         lines.append(f"| {r['mode']} | {r['s_per_step']:.2f} | {fmt(r, 'time_vs_difference')} | {fmt(r, 'time_vs_latent')} | "
                      f"{r['peak_gb']:.2f} | {r['step_gb']:.2f} | {fmt(r, 'peak_vs_difference')} | "
                      f"{fmt(r, 'step_gb_vs_difference')} |")
+    lines += ["", "Where a step's time goes (means over the timed steps; CPU seconds are all threads'):", "",
+              "| mode | forward s | backward s | rest s | user CPU s | system CPU s |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        f, b = r["phases_s"]["forward"], r["phases_s"]["backward"]
+        lines.append(f"| {r['mode']} | {f:.2f} | {b:.2f} | {r['mean_s'] - f - b:.2f} | {r['user_s']:.2f} | "
+                     f"{r['sys_s']:.2f} |")
     return "\n".join(lines)
 
 

@@ -84,6 +84,8 @@ def test_step_cost_modes_run_each_mode_in_its_own_process(tmp_path, capsys, part
     assert by["difference"]["time_vs_difference"] == 1.0 and by["difference"]["peak_vs_difference"] == 1.0
     for r in by.values():
         assert r["s_per_step"] > 0 and r["peak_gb"] > 0 and math.isfinite(r["loss"])
+        phases = r["phases_s"]["forward"] + r["phases_s"]["backward"]  # the step's phases, timed inside its time
+        assert 0 < phases <= r["mean_s"] and r["user_s"] > 0 and r["sys_s"] >= 0
     if part == "step":
         assert by["latent"]["time_vs_latent"] == 1.0 and by["linearized"]["time_vs_latent"] > 0
 
