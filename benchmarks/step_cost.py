@@ -502,6 +502,7 @@ def child_mode(mode: str, model: str, latent_size: int, pairs: int, warmup: int,
         return dict(mode=mode, s_per_step=statistics.median(times), spread=[min(times), max(times)], peak_gb=peak,
                     step_gb=peak - resident, loss=loss, mean_s=statistics.fmean(times), phases_s=per_step,  # means
                     user_s=(cpu.ru_utime - cpu0.ru_utime) / repeats, sys_s=(cpu.ru_stime - cpu0.ru_stime) / repeats,
+                    page_faults=(cpu.ru_minflt - cpu0.ru_minflt) / repeats,
                     rank=rank, device=device,
                     dtype=str(torch_dtype).removeprefix("torch."), threads=torch.get_num_threads(), torch=torch.__version__)
 
