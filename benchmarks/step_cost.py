@@ -29,7 +29,9 @@ difference (three f calls), difference-batched (one call of 3x the batch: encode
 (PyTorch's jvp through SDPA's math kernel, one per tangent), linearized-blockwise (ncp.attention's blockwise rule, one
 jvp per tangent) and linearized (blockwise, one primal for both tangents: what encoder.error=linearized runs).
 --part errors times only the perceptual part (f's calls and the backward through them into a stand-in policy
-prediction), the U-Net left out; --blocks K builds an SD3 transformer of K joint blocks (f = all K):
+prediction), the U-Net left out; --blocks K builds an SD3 transformer of K joint blocks (f = all K). Each mode's
+steps are also split into forward, backward and the rest, with the process's user and system CPU time and its minor
+page faults per step:
 
     python benchmarks/step_cost.py --model sd15 --latent-size 64 --modes latent difference linearized --warmup 1 --repeats 1
     python benchmarks/step_cost.py --model sd3 --blocks 2 --part errors --latent-size 64 --modes difference linearized
@@ -525,11 +527,12 @@ def format_modes(result: dict) -> str:
                      f"{r['peak_gb']:.2f} | {r['step_gb']:.2f} | {fmt(r, 'peak_vs_difference')} | "
                      f"{fmt(r, 'step_gb_vs_difference')} |")
     lines += ["", "Where a step's time goes (means over the timed steps; CPU seconds are all threads'):", "",
-              "| mode | forward s | backward s | rest s | user CPU s | system CPU s |", "|---|---|---|---|---|---|"]
+              "| mode | forward s | backward s | rest s | user CPU s | system CPU s | page faults |",
+              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         f, b = r["phases_s"]["forward"], r["phases_s"]["backward"]
         lines.append(f"| {r['mode']} | {f:.2f} | {b:.2f} | {r['mean_s'] - f - b:.2f} | {r['user_s']:.2f} | "
-                     f"{r['sys_s']:.2f} |")
+                     f"{r['sys_s']:.2f} | {r['page_faults']:.0f} |")
     return "\n".join(lines)
 
 
