@@ -407,7 +407,7 @@ MODES = {"latent": None, "difference": ("difference", "vmap", False), "differenc
 def run_modes(model: str = "tiny-sd15", latent_size: int = 16, pairs: int = 1, warmup: int = 1, repeats: int = 1,
               modes=("latent", "difference", "linearized"), part: str = "step", blocks: int | None = None,
               rank: int | None = None, device: str | None = None, threads: int | None = None,
-              dtype: str | None = None) -> dict:
+              dtype: str | None = None, checkpointing: bool = False) -> dict:
     """Each mode in a child process of its own, one after another (module docstring); rows in `modes` order."""
     rows = []
     for mode in modes:
@@ -417,6 +417,7 @@ def run_modes(model: str = "tiny-sd15", latent_size: int = 16, pairs: int = 1, w
                             ("--dtype", dtype)):
             if value is not None:
                 argv += [flag, str(value)]
+        argv += ["--checkpointing"] if checkpointing else []
         out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"  {mode}: {rows[-1]['s_per_step']:.2f} s/step, peak {rows[-1]['peak_gb']:.2f} GB", file=sys.stderr)
@@ -428,12 +429,13 @@ def run_modes(model: str = "tiny-sd15", latent_size: int = 16, pairs: int = 1, w
                 r[f"peak_vs_{base}"] = r["peak_gb"] / first[base]["peak_gb"]
                 r[f"step_gb_vs_{base}"] = r["step_gb"] / first[base]["step_gb"]
     setup = dict(model=model, latent_size=latent_size, pairs=pairs, warmup=warmup, repeats=repeats, part=part,
-                 blocks=blocks, **{k: rows[0][k] for k in ("rank", "device", "dtype", "threads", "torch")})
+                 blocks=blocks, checkpointing=checkpointing, **{k: rows[0][k] for k in ("rank", "device", "dtype", "threads", "torch")})
     return dict(setup=setup, rows=rows)
 
 
 def child_mode(mode: str, model: str, latent_size: int, pairs: int, warmup: int, repeats: int, part: str,
-               blocks: int | None, rank: int | None, device: str | None, threads: int | None, dtype: str | None) -> dict:
+               blocks: int | None, rank: int | None, device: str | None, threads: int | None, dtype: str | None,
+               checkpointing: bool = False) -> dict:
     """One mode of `run_modes`, in this process: median step time, the process's peak and that peak above what was
     resident before the steps (the step's own memory)."""
     from ncp.losses import dpo_loss
@@ -443,7 +445,7 @@ def child_mode(mode: str, model: str, latent_size: int, pairs: int, warmup: int,
         device, torch_dtype, rank, _ = resolve(model, device, dtype, rank, ())
         error, path, batched = MODES[mode] or ("difference", "vmap", False)
         unet, params, encoders, schedule, x0, cond = build(model, latent_size, pairs, rank, device, torch_dtype,
-                                                           (error,), blocks)
+                                                           (error,), blocks, checkpointing=checkpointing)
         encoder = encoders[error]
         encoder.linearize, encoder.batch_calls = path, batched
         optimizer, _ = make_optimizer(params)
@@ -515,6 +517,7 @@ def format_modes(result: dict) -> str:
         "transformer" if s["model"].endswith("sd3") else "U-Net")
     what = "NCP-DPO step (objective, backward, clip, AdamW8bit)" if s["part"] == "step" else \
         "perceptual part only (f's calls + backward into the policy's prediction)"
+    what += ", the policy's gradient checkpointing on" if s.get("checkpointing") else ""
     lines = [f"modes: {s['model']} {arch}, {s['latent_size']}x{s['latent_size']} latents, {s['pairs']} pair(s), {what}, "
              f"LoRA rank {s['rank']}, {s['device']} {s['dtype']} ({s['threads']} threads), {s['warmup']} warmup + "
              f"median of {s['repeats']}, one child process per mode",
@@ -739,11 +742,11 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if a.child_mode:
         print(json.dumps(child_mode(a.child_mode, a.model, a.latent_size, a.pairs, a.warmup, a.repeats, a.part,
-                                    a.blocks, a.rank, a.device, a.threads, a.dtype)))
+                                    a.blocks, a.rank, a.device, a.threads, a.dtype, a.checkpointing)))
         return {}
     if a.modes:
         result = run_modes(a.model, a.latent_size, a.pairs, a.warmup, a.repeats, a.modes, a.part, a.blocks, a.rank,
-                           a.device, a.threads, a.dtype)
+                           a.device, a.threads, a.dtype, a.checkpointing)
         print(format_modes(result))
         if a.json:
             write_json(a.json, result)

@@ -77,8 +77,9 @@ def test_step_cost_modes_run_each_mode_in_its_own_process(tmp_path, capsys, part
     out = tmp_path / "modes.json"
     modes = ["latent", "difference", "linearized-math", "linearized"] if part == "step" else ["difference", "linearized"]
     step_cost.main(["--model", "tiny-sd15", "--latent-size", "8", "--modes", *modes, "--part", part, "--warmup", "0",
-                    "--repeats", "1", "--threads", "1", "--json", str(out)])
-    rows = table_rows(capsys.readouterr().out)
+                    "--repeats", "1", "--threads", "1", "--json", str(out), *(["--checkpointing"] if part == "step" else [])])
+    text = capsys.readouterr().out
+    rows = table_rows(text)
     by = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
     assert list(by) == modes and set(modes) <= set(rows)
     assert by["difference"]["time_vs_difference"] == 1.0 and by["difference"]["peak_vs_difference"] == 1.0
@@ -86,8 +87,9 @@ def test_step_cost_modes_run_each_mode_in_its_own_process(tmp_path, capsys, part
         assert r["s_per_step"] > 0 and r["peak_gb"] > 0 and math.isfinite(r["loss"])
         phases = r["phases_s"]["forward"] + r["phases_s"]["backward"]  # the step's phases, timed inside its time
         assert 0 < phases <= r["mean_s"] and r["user_s"] > 0 and r["sys_s"] >= 0
-    if part == "step":
+    if part == "step":  # the paper configs' gradient checkpointing, in each child
         assert by["latent"]["time_vs_latent"] == 1.0 and by["linearized"]["time_vs_latent"] > 0
+        assert json.loads(out.read_text())["setup"]["checkpointing"] and "checkpointing on" in text
 
 
 def test_step_cost_fast_times_the_plain_and_the_fast_path(capsys):
