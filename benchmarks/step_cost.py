@@ -401,7 +401,7 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
 # --modes: (encoder.error, how f's jvp runs (ncp.encoder.LINEARIZE), encoder.batch_calls); "latent" is latent DPO
 MODES = {"latent": None, "difference": ("difference", "vmap", False), "difference-batched": ("difference", "vmap", True),
          "linearized-math": ("linearized", "math", False), "linearized-blockwise": ("linearized", "blockwise", False),
-         "linearized": ("linearized", "vmap", False)}
+         "linearized-vmap": ("linearized", "vmap", False), "linearized": ("linearized", "vjp", False)}
 
 
 def run_modes(model: str = "tiny-sd15", latent_size: int = 16, pairs: int = 1, warmup: int = 1, repeats: int = 1,

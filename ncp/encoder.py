@@ -26,8 +26,8 @@ from .models import adapters_disabled
 
 FEATURES = ("last", "mid", "multiscale")
 ERRORS = ("difference", "linearized", "fp32")
-# how `linearize` runs f's jvp; vmap unless a benchmark says otherwise (math last: the others are tested against it)
-LINEARIZE = ("vmap", "blockwise", "math")
+# how `linearize` runs f's jvp; the first unless a benchmark says otherwise (math last: the others are tested against it)
+LINEARIZE = ("vjp", "vmap", "blockwise", "math")
 
 
 @contextlib.contextmanager
@@ -50,8 +50,12 @@ def _f_precision(error: str, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
-def linearize(fn, x: torch.Tensor, tangents: list[torch.Tensor], path: str = "vmap") -> list[torch.Tensor]:
-    """[J_fn(x) t for t in tangents] by torch.func.jvp. path (LINEARIZE):
+def linearize(fn, x: torch.Tensor, tangents: list[torch.Tensor], path: str = "vjp", base=None) -> list[torch.Tensor]:
+    """[J_fn(x) t for t in tangents] by torch.func.jvp, differentiable in the tangents. path (LINEARIZE):
+      vjp        vmap's values, computed without keeping anything for the backward; the gradient of J t, J^T g, is
+                 the ordinary backward of fn at x, which the backward recomputes (`_Linearized`): f's memory is
+                 one call's, as the difference's policy call, and only while its backward runs. `base`: the
+                 denoiser whose shared modules fn runs (its LoRA off again for the recomputation, `as_base`);
       vmap       one primal fn(x) for all tangents (vmap over the tangent only), attention by `ncp.attention`'s
                  blockwise rule (no whole score matrix with its tangent), frozen convolutions and linear layers by
                  `ncp.linear_jvp`'s (no copy of their weights);
@@ -62,6 +66,8 @@ def linearize(fn, x: torch.Tensor, tangents: list[torch.Tensor], path: str = "vm
     bitsandbytes layers (model.quantize) have none either: they run as their dequantized weight's linear map."""
     x = x.detach().contiguous()
     tangents = [tan.to(x.dtype).contiguous() for tan in tangents]
+    if path == "vjp":
+        return list(_Linearized.apply(fn, base, x, *tangents))
     jvp = lambda tan: torch.func.jvp(fn, (x,), (tan,))[1]  # noqa: E731
     if path == "math":
         with sdpa_kernel([SDPBackend.MATH]), dequantized_linears():
@@ -70,6 +76,35 @@ def linearize(fn, x: torch.Tensor, tangents: list[torch.Tensor], path: str = "vm
         if path == "blockwise" or len(tangents) == 1:
             return [jvp(tan) for tan in tangents]
         return list(torch.func.vmap(jvp)(torch.stack(tangents)).unbind(0))
+
+
+class _Linearized(torch.autograd.Function):
+    """J t for each tangent t (vmap's jvp, nothing kept); backward: J^T g = the backward of fn at x, recomputed
+    under the autocast of the forward and with `base`'s LoRA off, for each tangent that needs a gradient."""
+
+    @staticmethod
+    def forward(ctx, fn, base, x, *tangents):
+        ctx.fn, ctx.base, ctx.autocast = fn, base, _autocast_state(x.device.type)
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return tuple(linearize(fn, x, list(tangents), "vmap"))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (x,) = ctx.saved_tensors
+        want = [i for i, needs in enumerate(ctx.needs_input_grad[3:]) if needs]
+        out = [None] * len(grads)
+        if want:
+            with torch.enable_grad(), torch.autocast(x.device.type, **ctx.autocast), as_base(ctx.base):
+                x_ = x.detach().requires_grad_()
+                y = ctx.fn(x_)
+                for n, i in enumerate(want):
+                    out[i] = torch.autograd.grad(y, x_, grads[i], retain_graph=n + 1 < len(want))[0]
+        return None, None, None, *out
+
+
+def _autocast_state(device: str) -> dict:
+    return dict(enabled=torch.is_autocast_enabled(device), dtype=torch.get_autocast_dtype(device))
 
 
 @contextlib.contextmanager
@@ -163,7 +198,7 @@ class PerceptualEncoder(FeatureEncoder):
         self.features, self.pool = features, pool
         self.config = unet.config
         self.error, self.batch_calls = error, batch_calls
-        self.linearize = "vmap"  # LINEARIZE: how jvp runs (a benchmark's switch, not a setting)
+        self.linearize = LINEARIZE[0]  # how jvp runs (a benchmark's switch, not a setting)
         keep = ["time_proj", "time_embedding", "time_embed_act", "conv_in", "down_blocks"]
         if unet.config.addition_embed_type == "text_time":
             keep += ["add_time_proj", "add_embedding"]
@@ -214,7 +249,7 @@ class PerceptualEncoder(FeatureEncoder):
         hooks = [m.register_forward_pre_hook(_contiguous_input) for m in norms]
         try:  # the LoRA switch sets requires_grad, which a functorch transform forbids: switch outside it
             with self._as_base():
-                return linearize(lambda x_: self._run(x_, t, cond), x, tangents, self.linearize)
+                return linearize(lambda x_: self._run(x_, t, cond), x, tangents, self.linearize, self._base)
         finally:
             for h in hooks:
                 h.remove()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .encoder import ERRORS, FeatureEncoder, _f_precision, as_base, hold, linearize
+from .encoder import ERRORS, LINEARIZE, FeatureEncoder, _f_precision, as_base, hold, linearize
 from .errors import NcpError
 
 # Default K, measured (docs/sd3.md, benchmarks/RESULTS.md section 4): the first quarter of the joint blocks
@@ -50,7 +50,7 @@ class DiTPerceptualEncoder(FeatureEncoder):
             raise NcpError(f"encoder.blocks must be between 1 and the transformer's {num_layers} {self.block_kind} "
                            f"blocks, got {blocks}")
         self.blocks, self.pool, self.error, self.batch_calls = blocks, pool, error, batch_calls
-        self.linearize = "vmap"  # ncp.encoder.LINEARIZE: how jvp runs (a benchmark's switch, not a setting)
+        self.linearize = LINEARIZE[0]  # how jvp runs (a benchmark's switch, not a setting)
         self.config = transformer.config
         modules = {name: getattr(transformer, name) for name in self.embedders}
         modules["transformer_blocks"] = nn.ModuleList(transformer.transformer_blocks[:blocks])
@@ -86,7 +86,7 @@ class DiTPerceptualEncoder(FeatureEncoder):
     def jvp(self, x: torch.Tensor, timestep: torch.Tensor, cond, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
         """[J_f(x) tangent for each tangent] by forward-mode AD, as PerceptualEncoder.jvp (`ncp.encoder.linearize`)."""
         with as_base(self._base):  # the LoRA switch sets requires_grad, which a functorch transform forbids
-            return linearize(lambda x_: self._run(x_, timestep, cond), x, tangents, self.linearize)
+            return linearize(lambda x_: self._run(x_, timestep, cond), x, tangents, self.linearize, self._base)
 
     def _forward(self, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
         # as SD3Transformer2DModel.forward (diffusers 0.42), stopped after block K

@@ -380,8 +380,9 @@ def test_bf16_linearized_error_stays_close_where_the_difference_drowns(tiny_sd15
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_linearize_paths_give_the_math_kernels_errors_and_gradient(tiny_paths, arch, monkeypatch):
-    """f's jvp with one primal for both tangents (vmap) and with blockwise attention, in blocks that split the
-    queries unevenly, gives the errors and the LoRA gradient of PyTorch's math-kernel jvp (float64)."""
+    """f's jvp with one primal for both tangents (vmap; vjp: the same values, the gradient by f's own backward,
+    recomputed) and with blockwise attention, in blocks that split the queries unevenly, gives the errors and the
+    LoRA gradient of PyTorch's math-kernel jvp (float64)."""
     from ncp import attention
 
     monkeypatch.setattr(attention, "BLOCK_ELEMENTS", 30000)  # blocks of a few queries, the last one short
