@@ -17,8 +17,9 @@ Assumptions (each a line of `table`):
              (resolution / 16)^2 image + 512 T5 tokens, for the 2 images of a pair through all 57 blocks (the
              policy; the reference and f's primal keep nothing). Checkpointing per block keeps each block's inputs
              (2 bytes x D per token, both streams) plus one block's activations during the recompute.
-  f          not checkpointed (ncp.encoder.as_base): its K blocks' activations again; the linearized error keeps
-             the primal and both tangents (vmapped together): 3x; the difference error the policy's call: 1x.
+  f          not checkpointed (ncp.encoder.as_base): its K blocks' activations again, once: the difference error
+             keeps the policy's call; the linearized error keeps nothing of its jvp and its backward recomputes
+             one call of f (ncp.encoder.linearize), whose activations it holds while that backward runs.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def activations(transformer, resolution: int, images: int = 2) -> dict:
     per_block = ACT_PER_TOKEN_D * d * tokens * images
     k = default_blocks(transformer)
     return {"policy": blocks * per_block, "policy_checkpointed": blocks * 2 * d * tokens * images + per_block,
-            "f_linearized": 3 * k * per_block, "f_difference": k * per_block,
+            "f_linearized": k * per_block, "f_difference": k * per_block,
             "per_block": per_block, "blocks": blocks, "k": k, "tokens": tokens}
 
 
@@ -111,7 +112,7 @@ def table(resolution: int = 1024, rank: int = 64) -> str:
     rows["lora"] = (f"LoRA rank {rank} ({lora / 1e6:.0f}M params): fp32 + grad + 8-bit AdamW", [10.0 * lora] * 3)
     for key, label in (("policy", f"policy activations, 1 pair = 2 images x {act['tokens']} tokens, no checkpointing"),
                        ("policy_checkpointed", "policy activations, gradient checkpointing per block"),
-                       ("f_linearized", f"f's jvp, encoder.error=linearized ({act['k']} blocks: primal + 2 tangents)"),
+                       ("f_linearized", f"f's jvp, encoder.error=linearized ({act['k']} blocks: its backward's recomputed call)"),
                        ("f_difference", f"f, encoder.error=difference ({act['k']} blocks, the policy's call)")):
         rows[key] = (label, [act[key]] * 3)
     lines = [f"FLUX.1 NCP-DPO at {resolution} px, batch 1 pair, LoRA rank {rank}, f = the first {act['k']} double "

@@ -27,7 +27,9 @@ It also times the toy data loader, to show that feeding a step costs a small fra
 peak is that process's, nothing left over from another mode), one after another: latent (latent DPO, the base),
 difference (three f calls), difference-batched (one call of 3x the batch: encoder.batch_calls), linearized-math
 (PyTorch's jvp through SDPA's math kernel, one per tangent), linearized-blockwise (ncp.attention's blockwise rule, one
-jvp per tangent) and linearized (blockwise, one primal for both tangents: what encoder.error=linearized runs).
+jvp per tangent), linearized-vmap (blockwise, one primal for both tangents, the backward through the tangents) and
+linearized (vmap's values keeping nothing, the gradient by f's own backward, recomputed: what
+encoder.error=linearized runs).
 --part errors times only the perceptual part (f's calls and the backward through them into a stand-in policy
 prediction), the U-Net left out; --blocks K builds an SD3 transformer of K joint blocks (f = all K). Each mode's
 steps are also split into forward, backward and the rest, with the process's user and system CPU time and its minor
