@@ -95,7 +95,8 @@ class _Linearized(torch.autograd.Function):
         want = [i for i, needs in enumerate(ctx.needs_input_grad[3:]) if needs]
         out = [None] * len(grads)
         if want:
-            with torch.enable_grad(), torch.autocast(x.device.type, **ctx.autocast), as_base(ctx.base):
+            amp = torch.autocast(x.device.type, **ctx.autocast) if ctx.autocast else contextlib.nullcontext()
+            with torch.enable_grad(), amp, as_base(ctx.base):
                 x_ = x.detach().requires_grad_()
                 y = ctx.fn(x_)
                 for n, i in enumerate(want):
@@ -103,7 +104,10 @@ class _Linearized(torch.autograd.Function):
         return None, None, None, *out
 
 
-def _autocast_state(device: str) -> dict:
+def _autocast_state(device: str) -> dict | None:
+    """The autocast a call on `device` runs under, to run its recomputation the same way (None: the device has none)."""
+    if not torch.amp.is_autocast_available(device):
+        return None
     return dict(enabled=torch.is_autocast_enabled(device), dtype=torch.get_autocast_dtype(device))
 
 
