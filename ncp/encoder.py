@@ -245,7 +245,7 @@ class PerceptualEncoder(FeatureEncoder):
 
     def jvp(self, x: torch.Tensor, t: torch.Tensor, cond, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
         """[J_f(x) tangent for each tangent], by forward-mode AD (`linearize`), in this copy's precision;
-        differentiable in the tangents (reverse over forward). The primal x gets no gradient. GroupNorm inputs
+        differentiable in the tangents (by f's own backward at x). The primal x gets no gradient. GroupNorm inputs
         are made contiguous: group_norm's forward-AD formula fails on a strided primal (a VAE mean, which is a
         channel slice of the posterior's parameters, or a channels-last activation)."""
         norms = [m for name in self._keep if getattr(self, name) is not None
