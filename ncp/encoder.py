@@ -99,8 +99,10 @@ class _Linearized(torch.autograd.Function):
             with torch.enable_grad(), amp, as_base(ctx.base):
                 x_ = x.detach().requires_grad_()
                 y = ctx.fn(x_)
-                for n, i in enumerate(want):
-                    out[i] = torch.autograd.grad(y, x_, grads[i], retain_graph=n + 1 < len(want))[0]
+                for n, i in enumerate(want):  # backward, not autograd.grad: module hooks (FlopCounterMode's) refuse
+                    x_.grad = None            # a leaf inside a nested autograd.grad
+                    torch.autograd.backward(y, grads[i], retain_graph=n + 1 < len(want), inputs=[x_])
+                    out[i] = x_.grad
         return None, None, None, *out
 
 
