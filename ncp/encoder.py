@@ -54,8 +54,7 @@ def linearize(fn, x: torch.Tensor, tangents: list[torch.Tensor], path: str = "vj
     """[J_fn(x) t for t in tangents] by torch.func.jvp, differentiable in the tangents. path (LINEARIZE):
       vjp        vmap's values, computed without keeping anything for the backward; the gradient of J t, J^T g, is
                  the ordinary backward of fn at x, which the backward recomputes (`_Linearized`): f's memory is
-                 one call's, as the difference's policy call, and only while its backward runs. `base`: the
-                 denoiser whose shared modules fn runs (its LoRA off again for the recomputation, `as_base`);
+                 one call's, as the difference's policy call, and only while its backward runs;
       vmap       one primal fn(x) for all tangents (vmap over the tangent only), attention by `ncp.attention`'s
                  blockwise rule (no whole score matrix with its tangent), frozen convolutions and linear layers by
                  `ncp.linear_jvp`'s (no copy of their weights);
@@ -63,11 +62,20 @@ def linearize(fn, x: torch.Tensor, tangents: list[torch.Tensor], path: str = "vj
       math       one jvp per tangent through SDPA's math kernel and PyTorch's own rules for every layer (every score
                  matrix and its tangent at once, the weights copied; kept to measure against).
     The fused SDPA kernels have no forward-AD formula (PyTorch 2.13), hence the math kernel or the custom rule.
-    bitsandbytes layers (model.quantize) have none either: they run as their dequantized weight's linear map."""
+    bitsandbytes layers (model.quantize) have none either: they run as their dequantized weight's linear map.
+    base: the denoiser whose shared modules fn runs (None: f holds a copy), its LoRA off for every call of fn here
+    and in the recomputation (`as_base`), switched outside any functorch transform (the switch sets requires_grad,
+    which a transform forbids)."""
     x = x.detach().contiguous()
     tangents = [tan.to(x.dtype).contiguous() for tan in tangents]
-    if path == "vjp":
-        return list(_Linearized.apply(fn, base, x, *tangents))
+    with as_base(base):
+        if path == "vjp":
+            return list(_Linearized.apply(fn, base, x, *tangents))
+        return _jvp(fn, x, tangents, path)
+
+
+def _jvp(fn, x: torch.Tensor, tangents: list[torch.Tensor], path: str) -> list[torch.Tensor]:
+    """`linearize`'s forward-mode paths (not vjp), on a prepared x and tangents."""
     jvp = lambda tan: torch.func.jvp(fn, (x,), (tan,))[1]  # noqa: E731
     if path == "math":
         with sdpa_kernel([SDPBackend.MATH]), dequantized_linears():
@@ -87,7 +95,7 @@ class _Linearized(torch.autograd.Function):
         ctx.fn, ctx.base, ctx.autocast = fn, base, _autocast_state(x.device.type)
         ctx.save_for_backward(x)
         with torch.no_grad():
-            return tuple(linearize(fn, x, list(tangents), "vmap"))
+            return tuple(_jvp(fn, x, list(tangents), "vmap"))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -226,12 +234,9 @@ class PerceptualEncoder(FeatureEncoder):
             emb = emb + self.add_embedding(add)
         return emb if self.time_embed_act is None else self.time_embed_act(emb)
 
-    def _as_base(self):
-        return as_base(self._base)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         """x: (N, C, h, w) latents at timestep t (N,); cond: ncp.conditioning.Cond with N rows."""
-        with self._as_base():
+        with as_base(self._base):
             return self._run(x, t, cond)
 
     def _run(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
@@ -253,9 +258,8 @@ class PerceptualEncoder(FeatureEncoder):
         norms = [m for name in self._keep if getattr(self, name) is not None
                  for m in getattr(self, name).modules() if isinstance(m, nn.GroupNorm)]
         hooks = [m.register_forward_pre_hook(_contiguous_input) for m in norms]
-        try:  # the LoRA switch sets requires_grad, which a functorch transform forbids: switch outside it
-            with self._as_base():
-                return linearize(lambda x_: self._run(x_, t, cond), x, tangents, self.linearize, self._base)
+        try:
+            return linearize(lambda x_: self._run(x_, t, cond), x, tangents, self.linearize, self._base)
         finally:
             for h in hooks:
                 h.remove()

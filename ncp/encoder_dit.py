@@ -85,8 +85,7 @@ class DiTPerceptualEncoder(FeatureEncoder):
 
     def jvp(self, x: torch.Tensor, timestep: torch.Tensor, cond, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
         """[J_f(x) tangent for each tangent] by forward-mode AD, as PerceptualEncoder.jvp (`ncp.encoder.linearize`)."""
-        with as_base(self._base):  # the LoRA switch sets requires_grad, which a functorch transform forbids
-            return linearize(lambda x_: self._run(x_, timestep, cond), x, tangents, self.linearize, self._base)
+        return linearize(lambda x_: self._run(x_, timestep, cond), x, tangents, self.linearize, self._base)
 
     def _forward(self, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
         # as SD3Transformer2DModel.forward (diffusers 0.42), stopped after block K
