@@ -17,9 +17,12 @@ Assumptions (each a line of `table`):
              (resolution / 16)^2 image + 512 T5 tokens, for the 2 images of a pair through all 57 blocks (the
              policy; the reference and f's primal keep nothing). Checkpointing per block keeps each block's inputs
              (2 bytes x D per token, both streams) plus one block's activations during the recompute.
-  f          not checkpointed (ncp.encoder.as_base): its K blocks' activations again, once: the difference error
-             keeps the policy's call; the linearized error keeps nothing of its jvp and its backward recomputes
-             one call of f (ncp.encoder.linearize), whose activations it holds while that backward runs.
+  f          its K blocks' activations again, once: the difference error keeps the policy's call, never
+             checkpointed (its backward runs when the LoRA is on again: ncp.encoder.as_base); the linearized error
+             keeps nothing of its jvp and its backward recomputes one call of f (ncp.encoder.linearize), with the
+             base's gradient checkpointing when it has it (the LoRA stays off there): K blocks' inputs plus one
+             block's activations, as the policy's, else all K blocks' activations. The jvp's own working memory
+             (one block's primal and two tangents at a time, freed as it goes) is not counted.
 """
 
 from __future__ import annotations
@@ -86,15 +89,17 @@ def lora_params(transformer: torch.nn.Module, rank: int) -> int:
 
 def activations(transformer, resolution: int, images: int = 2) -> dict:
     """Counted activation bytes kept for backward (see the module doc): the policy's forward without and with
-    checkpointing, and f's K blocks per encoder.error."""
+    checkpointing, and f's K blocks per encoder.error (linearized: without and with checkpointing)."""
     c = transformer.config
     d = c.num_attention_heads * c.attention_head_dim
     tokens = (resolution // 16) ** 2 + T5_TOKENS
     blocks = c.num_layers + c.num_single_layers
     per_block = ACT_PER_TOKEN_D * d * tokens * images
     k = default_blocks(transformer)
-    return {"policy": blocks * per_block, "policy_checkpointed": blocks * 2 * d * tokens * images + per_block,
-            "f_linearized": k * per_block, "f_difference": k * per_block,
+    inputs = 2 * d * tokens * images  # a checkpointed block keeps its inputs: both streams, bf16
+    return {"policy": blocks * per_block, "policy_checkpointed": blocks * inputs + per_block,
+            "f_linearized": k * per_block, "f_linearized_checkpointed": k * inputs + per_block,
+            "f_difference": k * per_block,
             "per_block": per_block, "blocks": blocks, "k": k, "tokens": tokens}
 
 
@@ -113,6 +118,7 @@ def table(resolution: int = 1024, rank: int = 64) -> str:
     for key, label in (("policy", f"policy activations, 1 pair = 2 images x {act['tokens']} tokens, no checkpointing"),
                        ("policy_checkpointed", "policy activations, gradient checkpointing per block"),
                        ("f_linearized", f"f's jvp, encoder.error=linearized ({act['k']} blocks: its backward's recomputed call)"),
+                       ("f_linearized_checkpointed", "f's jvp, encoder.error=linearized, its recomputation checkpointed per block"),
                        ("f_difference", f"f, encoder.error=difference ({act['k']} blocks, the policy's call)")):
         rows[key] = (label, [act[key]] * 3)
     lines = [f"FLUX.1 NCP-DPO at {resolution} px, batch 1 pair, LoRA rank {rank}, f = the first {act['k']} double "
@@ -121,15 +127,17 @@ def table(resolution: int = 1024, rank: int = 64) -> str:
     lines += [f"| {label} | " + " | ".join(f"{b / GB:.1f}" for b in cells) + " |" for label, cells in rows.values()]
     weights = ["transformer", "T5-XXL", "CLIP-L", "VAE", "lora"]
     for name, keep in (("all parts, no checkpointing, linearized", [*weights, "policy", "f_linearized"]),
-                       ("all parts, checkpointing, linearized", [*weights, "policy_checkpointed", "f_linearized"]),
+                       ("all parts, checkpointing, linearized", [*weights, "policy_checkpointed", "f_linearized_checkpointed"]),
                        ("all parts, checkpointing, difference", [*weights, "policy_checkpointed", "f_difference"]),
                        ("latent cache (no T5 / CLIP / VAE), checkpointing, difference",
-                        ["transformer", "lora", "policy_checkpointed", "f_difference"])):
+                        ["transformer", "lora", "policy_checkpointed", "f_difference"]),
+                       ("latent cache (no T5 / CLIP / VAE), checkpointing, linearized",
+                        ["transformer", "lora", "policy_checkpointed", "f_linearized_checkpointed"])):
         lines.append(f"| **total: {name}** | " + " | ".join(
             f"**{sum(rows[k][1][i] for k in keep) / GB:.1f}**" for i in range(len(BYTES))) + " |")
     lines += ["", f"Activations: {ACT_PER_TOKEN_D} x D x tokens x images bytes per block = "
-                  f"{act['per_block'] / GB:.2f} GB per block for the pair, {act['blocks']} blocks. f runs without "
-                  "checkpointing. Add the CUDA context and allocator slack (1-3 GB)."]
+                  f"{act['per_block'] / GB:.2f} GB per block for the pair, {act['blocks']} blocks. f's calls run "
+                  "without checkpointing, except linearized's recomputation. Add the CUDA context and allocator slack (1-3 GB)."]
     return "\n".join(lines)
 
 

@@ -88,7 +88,8 @@ def _jvp(fn, x: torch.Tensor, tangents: list[torch.Tensor], path: str) -> list[t
 
 class _Linearized(torch.autograd.Function):
     """J t for each tangent t (vmap's jvp, nothing kept); backward: J^T g = the backward of fn at x, recomputed
-    under the autocast of the forward and with `base`'s LoRA off, for each tangent that needs a gradient."""
+    under the autocast of the forward and with `base`'s LoRA off, for each tangent that needs a gradient; with the
+    base's gradient checkpointing, if it trains with it (f's blocks hold their inputs, not their activations)."""
 
     @staticmethod
     def forward(ctx, fn, base, x, *tangents):
@@ -104,7 +105,7 @@ class _Linearized(torch.autograd.Function):
         out = [None] * len(grads)
         if want:
             amp = torch.autocast(x.device.type, **ctx.autocast) if ctx.autocast else contextlib.nullcontext()
-            with torch.enable_grad(), amp, as_base(ctx.base):
+            with torch.enable_grad(), amp, as_base(ctx.base, checkpointing=True):
                 x_ = x.detach().requires_grad_()
                 y = ctx.fn(x_)
                 for n, i in enumerate(want):  # backward, not autograd.grad: module hooks (FlopCounterMode's) refuse
@@ -122,13 +123,15 @@ def _autocast_state(device: str) -> dict | None:
 
 
 @contextlib.contextmanager
-def as_base(base):
+def as_base(base, checkpointing: bool = False):
     """A denoiser's shared modules as the frozen base: its LoRA off, and no gradient checkpointing in them (a
-    checkpointed block recomputes during backward, when the LoRA is on again). None (f holds a copy): nothing."""
+    checkpointed block recomputes during backward, when the LoRA is on again). None (f holds a copy): nothing.
+    checkpointing=True leaves the base's checkpointing as it is, for a call whose backward runs inside this context
+    (`_Linearized.backward`'s recomputation): its blocks recompute with the LoRA still off."""
     if base is None:
         yield
         return
-    blocks = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False)]
+    blocks = [] if checkpointing else [m for m in base.modules() if getattr(m, "gradient_checkpointing", False)]
     for m in blocks:
         m.gradient_checkpointing = False
     try:
@@ -173,6 +176,13 @@ class FeatureEncoder(nn.Module):
     @property
     def fp32(self) -> bool:
         return self.error == "fp32"
+
+    def _block(self, block: nn.Module, *args):
+        """A transformer's block, checkpointed where the base's own loop would checkpoint it: gradient checkpointing
+        on and left on by `as_base` (only in the linearized error's recomputation)."""
+        if torch.is_grad_enabled() and getattr(self._base, "gradient_checkpointing", False):
+            return self._base._gradient_checkpointing_func(block, *args)
+        return block(*args)
 
 
 def _contiguous_input(module, args):

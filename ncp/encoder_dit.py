@@ -93,5 +93,5 @@ class DiTPerceptualEncoder(FeatureEncoder):
         temb = self.time_text_embed(timestep, cond.pooled_projections.to(self.dtype))
         context = self.context_embedder(cond.encoder_hidden_states.to(self.dtype))
         for block in self.transformer_blocks:
-            context, h = block(hidden_states=h, encoder_hidden_states=context, temb=temb)
+            context, h = self._block(block, h, context, temb)
         return h.mean(dim=1) if self.pool else h

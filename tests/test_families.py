@@ -126,6 +126,50 @@ def test_family_parts_have_the_shapes_the_denoiser_takes(folders):
             assert f(x, timestep, cond).shape[0] == 2
 
 
+def test_linearized_recomputation_checkpoints_f_with_the_lora_off(folders):
+    """Under the base's gradient checkpointing, the linearized error's backward (f's own, recomputed in
+    `ncp.encoder._Linearized`) runs f's blocks inside checkpoints, whose recomputation keeps the LoRA off: the
+    tangent's gradient equals the one without checkpointing (float64, a LoRA far from zero). An f call whose
+    backward runs after it (the difference's policy call) checkpoints none of f's blocks."""
+    from torch.utils.checkpoint import checkpoint
+
+    from ncp.models import add_lora
+
+    for name, folder in folders.items():
+        models = load_models(str(folder))
+        family, denoiser = models.family, models.denoiser
+        f = family.encoder(denoiser, EncoderConfig(error="linearized"))
+        params = add_lora(denoiser, rank=4)
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.normal_(generator=torch.Generator().manual_seed(i))
+        denoiser.double().train()
+        lora = next(m for m in denoiser.modules() if hasattr(m, "lora_A"))
+        lora_off = []
+
+        def counted(fn, *args, **kwargs):
+            def run(*a, **k):
+                lora_off.append(lora.disable_adapters)
+                return fn(*a, **k)
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+        x = torch.randn(2, family.latent_channels(denoiser), 16, 16, dtype=torch.float64)
+        cond = family.example_cond(denoiser, 2, 32).to(dtype=torch.float64)
+        timestep = family.noise_process(models.scheduler, ObjectiveConfig()).model_timestep(torch.tensor([10, 500]))
+        tangent = torch.randn_like(x)
+        grads = []
+        for checkpointing in (False, True):
+            if checkpointing:
+                denoiser.enable_gradient_checkpointing(counted)
+            tan = tangent.clone().requires_grad_()
+            grads.append(torch.autograd.grad(f.jvp(x, timestep, cond, [tan])[0].square().sum(), tan)[0])
+        assert lora_off and all(lora_off), name
+        assert grads[0].abs().max() > 0 and torch.allclose(grads[1], grads[0], rtol=1e-10, atol=0), name
+        lora_off.clear()
+        f(x.clone().requires_grad_(), timestep, cond).square().sum().backward()
+        assert not lora_off, name
+
+
 # what branches on a family or a process type: a comparison with a family's name, or an isinstance of a schedule
 NAMES = "|".join(families.names())
 BRANCH = re.compile(rf"""(==|!=)\s*["']({NAMES})["']|["']({NAMES})["']\s*(==|!=)|\b(in|not in)\s*[(\[{{][^)\]}}]*["']({NAMES})["']"""

@@ -249,7 +249,7 @@ class FluxPerceptualEncoder(DiTPerceptualEncoder):
         context = self.context_embedder(inputs["encoder_hidden_states"])
         rope = self.pos_embed(torch.cat([inputs["txt_ids"], inputs["img_ids"]], dim=0))
         for block in self.transformer_blocks:
-            context, h = block(hidden_states=h, encoder_hidden_states=context, temb=temb, image_rotary_emb=rope)
+            context, h = self._block(block, h, context, temb, rope)
         return h.mean(dim=1) if self.pool else h
 
 
