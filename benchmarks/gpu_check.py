@@ -1,5 +1,6 @@
-"""The GPU check: what the CPU tests cannot cover, in one run of at most 8 minutes on one H200, into ONE markdown
-and ONE JSON file (benchmarks/gpu/gpu_check.md / .json). Every stage asserts what would make it pass vacuously.
+"""The GPU check: what the CPU tests cannot cover, in one run of at most 8 minutes on one H100 or H200, into ONE
+markdown and ONE JSON file (benchmarks/gpu/gpu_check.md / .json, or --out). Every stage asserts what would make it
+pass vacuously.
 
   resume      fp16 training stopped halfway and resumed equals a straight run (losses, loss scale, LoRA), on a
               model whose fp16 features are normal numbers; the losses vary and the LoRA moved
@@ -13,18 +14,24 @@ and ONE JSON file (benchmarks/gpu/gpu_check.md / .json). Every stage asserts wha
               (torch.cuda.set_sync_debug_mode("warn")), per micro-step
   precision   benchmarks/precision.py --device cuda on the SD1.5 architecture
   fast        step_cost.py --fast at 512 px: compile x channels-last, MFU
-  cost-flux   FLUX.1 (12B, random weights) at 1024 px, 1 pair, bf16, NCP-DPO with the linearized error: s/step and
-              peak memory with the frozen transformer in bf16 and in nf4 (model.quantize); and the tiny FLUX loaded
+  cost-flux   FLUX.1 (12B, random weights) at 1024 px, 1 pair, bf16, NCP-DPO with the linearized error and gradient
+              checkpointing: s/step and peak memory with the frozen transformer in bf16 and in nf4 (model.quantize),
+              each measured on its own (an out-of-memory in one is reported, the other still runs); the tiny FLUX loaded
               through diffusers' / transformers' bitsandbytes configs (load_models(quantize=nf4)) on the GPU
   toy         benchmarks/toy_alignment.py --device cuda: the larger toy (64 px, a 4x wider U-Net; base, grid and
               test on the GPU), sized for 10 minutes: passes when it finishes within them and the best method
               gains over the base. Not in the default stages (it does not fit the 8 minutes):
-              bash scripts/gpu_check.sh --stages toy --budget-s 570   (a device call of its own: at most 600 s)
+              bash scripts/gpu_check.sh --stages toy --budget-s 520   (a run of its own: the toy's json and table
+              and its log are copied into --out)
 
-Stages run in that order, each in its own process group (a crash or an out-of-memory stays in its stage; a stage
-past its time limit is killed with every process it started), all under one deadline (--budget-s): a stage the
-deadline cuts off is reported as not run. The report is written again after every stage, so a run stopped from
-outside keeps what its finished stages measured.
+Before any stage, the report is written with the device and the versions of the packages ncp imports; a package
+that does not import stops the check there (exit code 2), before any stage spends GPU time. Stages run in that
+order, each in its own process group (a crash or an out-of-memory stays in its stage; a stage past its time limit is
+killed with every process it started, and the end of its output is kept in the report), all under one deadline
+(--budget-s): a stage the deadline cuts off is reported as not run. The report is written again after every stage,
+so a run stopped from outside keeps what its finished stages measured; SIGTERM or SIGINT kills the running stage,
+writes the report and exits. Stage processes stay in the caller's session: a caller that ends the session (a
+job scheduler, a remote shell closing) ends them too.
 --dry-run runs every stage on CPU with tiny models and sizes (bf16 for the half precision; compile left out).
 
     bash scripts/gpu_check.sh                       # on the GPU machine
@@ -55,8 +62,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # stage: (seconds it may take on the GPU, in the dry run)
 STAGES = {"resume": (100, 200), "cost-sd15": (60, 60), "cost-sdxl": (75, 60), "cost-sd3": (75, 60),
-          "fidelity": (40, 60), "syncs": (40, 90), "precision": (60, 60), "fast": (150, 90),
-          "cost-flux": (240, 90), "toy": (560, 150)}  # toy: one device call is at most 600 s
+          "fidelity": (60, 60), "syncs": (60, 90), "precision": (60, 60), "fast": (150, 90),
+          "cost-flux": (240, 90), "toy": (520, 150)}  # toy: with the kit's install, within a 600 s command
 DEFAULT_STAGES = [name for name in STAGES if name != "toy"]  # the toy's 10 minutes are a run of their own
 BUDGET_S = 480
 # paper configs (configs/*_ncp_dpo.yaml): per-GPU pairs, latent side, beta, grad_accum, mixed precision; all of
@@ -162,15 +169,20 @@ def stage_cost(model: str, dry: bool) -> dict:
     for row in r["rows"]:
         row["mfu"] = row["step_gflop"] * 1e9 / row["s_per_step"] / peak if peak else None
     lines = [f"{kw['model']}, {kw['latent_size'] * 8} px, {kw['pairs']} pair(s) per GPU, {r['setup']['dtype']}, "
-             f"{r['setup']['device']}", "", "| method | s/step | GFLOP/step | MFU | peak GB |", "|---|---|---|---|---|"]
+             f"{r['setup']['device']}", "", "| method | s/step | GFLOP/step | MFU | peak GB allocated | reserved |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {row['method']} | {row['s_per_step']:.3f} | {row['step_gflop']:.1f} | {percent(row['mfu'])} | "
-              f"{row['peak_gb']:.2f} |" for row in r["rows"]]
+              f"{row['peak_gb']:.2f} | {gb(row['reserved_gb'])} |" for row in r["rows"]]
     ok = all(math.isfinite(row["loss"]) for row in r["rows"])
     return dict(ok=ok, result=r, summary="\n".join(lines))
 
 
 def percent(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def gb(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def gradient_fidelity(model: str, latent_size: int, pairs: int, accum: int, beta: float, halves, device: str,
@@ -380,13 +392,19 @@ def stage_cost_flux(dry: bool) -> dict:
 
     kw = dict(model="tiny-flux", latent_size=8, device="cpu", dtype="fp32", threads=1) if dry else \
         dict(model="flux", latent_size=128, device="cuda", dtype="bf16")
-    rows, lines = {}, []
+    rows, lines, failed = {}, [], {}
     for quantize in ("none", "nf4"):
-        r = step_cost.run(pairs=1, steps=1, warmup=1, repeats=1, errors=("linearized",), losses=("dpo",),
-                          quantize=quantize, **kw)
-        rows[quantize] = r["rows"]
-        lines += [f"| {quantize} | {row['method']} | {row['s_per_step']:.3f} | {row['peak_gb']:.2f} |"
-                  for row in r["rows"]]
+        try:
+            r = step_cost.run(pairs=1, steps=1, warmup=1, repeats=1, errors=("linearized",), losses=("dpo",),
+                              quantize=quantize, checkpointing=True, **kw)
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            failed[quantize] = f"{type(e).__name__}: {str(e)[:300]}"
+            lines.append(f"| {quantize} | NCP-DPO | failed: {failed[quantize]} | |")
+        else:
+            rows[quantize] = r["rows"]
+            lines += [f"| {quantize} | {row['method']} | {row['s_per_step']:.3f} | {row['peak_gb']:.2f} |"
+                      for row in r["rows"]]
+        r = None
         gc.collect()
         if not dry:
             torch.cuda.empty_cache()
@@ -398,39 +416,75 @@ def stage_cost_flux(dry: bool) -> dict:
         load = f"tiny FLUX loaded with model.quantize=nf4: {'Linear4bit layers' if loaded else 'NO Linear4bit'}"
     except NcpError as e:  # CPU: refused before loading
         loaded, load = dry and "needs a CUDA device" in str(e), f"model.quantize=nf4 on {kw['device']}: {e}"
-    ok = loaded and all(math.isfinite(row["loss"]) for r in rows.values() for row in r)
-    summary = "\n".join([f"{kw['model']}, {kw['latent_size'] * 8} px, 1 pair, {kw['dtype']}, {kw['device']}", "",
+    ok = loaded and not failed and all(math.isfinite(row["loss"]) for r in rows.values() for row in r)
+    summary = "\n".join([f"{kw['model']}, {kw['latent_size'] * 8} px, 1 pair, {kw['dtype']}, {kw['device']}, "
+                         "gradient checkpointing", "",
                          "| model.quantize | method | s/step | peak GB |", "|---|---|---|---|", *lines, "", load])
-    return dict(ok=ok, rows=rows, summary=summary)
+    return dict(ok=ok, rows=rows, failed=failed, summary=summary)
 
 
-def stage_toy(dry: bool, out: Path | None = None) -> dict:
+def stage_toy(dry: bool, out: Path | None = None, report_dir: Path | None = None) -> dict:
     """The toy benchmark's larger toy on the GPU (dry run: the same path on the CPU at the smoke size, 48 px, twice
-    the width, NCP-DPO alone). Its JSON and table stay in `out`."""
+    the width, NCP-DPO alone). Its JSON and table stay in `out`; its log, JSON and table are copied into
+    `report_dir` (the report's folder) as toy.log, toy_alignment.json and toy_table.md, the log as it is written."""
     out = out or Path(tempfile.mkdtemp(prefix="gpu-check-toy-"))
     args = (["--smoke", "--resolution", "48", "--width", "2", "--methods", "NCP-DPO", "--workers", "1"] if dry
             else ["--device", "cuda"])
+    log = (report_dir or out) / "toy.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "benchmarks/toy_alignment.py"), *args, "--out", str(out)], check=True,
-                   stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, "-u", str(ROOT / "benchmarks/toy_alignment.py"), *args, "--out", str(out)],
+                       check=True, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     minutes = (time.perf_counter() - t0) / 60
+    if report_dir:
+        for name, copy in (("toy_alignment.json", "toy_alignment.json"), ("table.md", "toy_table.md")):
+            (report_dir / copy).write_bytes((out / name).read_bytes())
     saved = json.loads((out / "toy_alignment.json").read_text())
     gains = {m: r["final"]["gain"] for m, r in saved["summary"]["methods"].items()}
     best = max(gains, key=gains.get)
     ok = None if dry else minutes <= 10 and gains[best] > 0  # the dry run's 2 smoke steps need not gain
     head = (f"{saved['setup']['resolution']} px, denoiser x{saved['setup']['width']}, {minutes:.1f} min (budget 10 on "
-            f"one H200); best {best} {gains[best]:+.4f} over the base's {saved['base_test_reward']:.4f}")
+            f"one GPU); best {best} {gains[best]:+.4f} over the base's {saved['base_test_reward']:.4f}")
     return dict(ok=ok, minutes=minutes, gains=gains, out=str(out),
                 summary=head + "\n\n" + (out / "table.md").read_text().strip())
 
 
-def run_stage(name: str, dry: bool) -> dict:
+def run_stage(name: str, dry: bool, report_dir: Path | None = None) -> dict:
     if name == "cost-flux":
         return stage_cost_flux(dry)
     if name.startswith("cost-"):
         return stage_cost(name.removeprefix("cost-"), dry)
+    if name == "toy":
+        return stage_toy(dry, report_dir=report_dir)
     return {"resume": stage_resume, "fidelity": stage_fidelity, "syncs": stage_syncs, "precision": stage_precision,
-            "fast": stage_fast, "toy": stage_toy}[name](dry)
+            "fast": stage_fast}[name](dry)
+
+
+# what a stage imports beyond torch; on the GPU machine they come from the kit (scripts/gpu_kit.py)
+PACKAGES = ("diffusers", "transformers", "peft", "accelerate", "huggingface_hub", "safetensors", "bitsandbytes")
+
+
+_IMPORTS = """import importlib, json, traceback
+out = {}
+for name in %r:
+    try:
+        out[name] = getattr(importlib.import_module(name), "__version__", "?")
+    except BaseException:
+        out[name] = "does not import: " + traceback.format_exc(limit=2)[-1500:]
+print(json.dumps(out))"""
+
+
+def preflight() -> tuple[dict, str | None]:
+    """The versions of PACKAGES as a stage's process imports them, and what the first that fails to import said
+    (None: all import)."""
+    proc = subprocess.run([sys.executable, "-c", _IMPORTS % (PACKAGES,)], env=child_env(), capture_output=True,
+                          text=True)
+    if proc.returncode:
+        return {}, f"importing {', '.join(PACKAGES)} crashed:\n```\n{proc.stderr[-2000:]}\n```"
+    versions = json.loads(proc.stdout.strip().splitlines()[-1])
+    bad = [f"{name}: {v}" for name, v in versions.items() if v.startswith("does not import")]
+    return {k: v.splitlines()[0] for k, v in versions.items()}, ("\n```\n" + bad[0] + "\n```") if bad else None
 
 
 # ---------------------------------------------------------------- the driver
@@ -458,10 +512,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="folder of gpu_check.md / .json (default benchmarks/gpu; dry run outputs/gpu-check-dry)")
     p.add_argument("--budget-s", type=int, default=BUDGET_S, help="deadline for all stages")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one stage in this process, JSON to --out
+    p.add_argument("--report-dir", help=argparse.SUPPRESS)  # internal: the report's folder, for a stage's own files
     a = p.parse_args(argv)
     if a.one:
         t0 = time.perf_counter()
-        result = run_stage(a.one, a.dry_run)
+        result = run_stage(a.one, a.dry_run, Path(a.report_dir) if a.report_dir else None)
         result["seconds"] = time.perf_counter() - t0
         Path(a.out).write_text(json.dumps(result, default=str))
         return 0
@@ -470,19 +525,38 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out or ("outputs/gpu-check-dry" if a.dry_run else ROOT / "benchmarks/gpu"))
     t_start, results = time.perf_counter(), {}
     setup = dict(dry_run=a.dry_run, stages=a.stages, budget_s=a.budget_s, torch=torch.__version__,
+                 python=sys.version.split()[0], cuda=torch.version.cuda,
                  device=torch.cuda.get_device_name() if torch.cuda.is_available() and not a.dry_run else "CPU")
 
     def report():
         return write_report(out, "gpu_check", dict(setup, seconds=time.perf_counter() - t_start,
                                                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())), results)
 
+    setup["packages"], error = preflight()
+    print(f"{setup['device']}, torch {setup['torch']} (CUDA {setup['cuda']}), python {setup['python']}; "
+          + ", ".join(f"{k} {v}" for k, v in setup["packages"].items()), flush=True)
+    if error:
+        results["preflight"] = dict(ok=False, status="a package does not import", error=error)
+        md, js = report()
+        print(f"{error}\nwrote {md} and {js}", flush=True)
+        return 2
+    report()
+
+    def stop(signum, frame):  # a caller's SIGTERM / Ctrl-C: no stage left running, what was measured kept
+        kill_running()
+        results[f"stopped by signal {signum}"] = dict(ok=False, status="the check was stopped here")
+        print(f"stopped by signal {signum}; wrote {' and '.join(map(str, report()))}", flush=True)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     for name in a.stages:
         left = a.budget_s - (time.perf_counter() - t_start)
         limit = min(STAGES[name][1 if a.dry_run else 0] * (3 if a.dry_run else 1), left)
         if limit < 10:
             results[name] = dict(ok=False, status="not run: the deadline was reached")
         else:
-            results[name] = run_child(name, limit, a.dry_run)
+            results[name] = run_child(name, limit, a.dry_run, out)
             print(f"{name}: {results[name].get('status') or results[name].get('ok')} "
                   f"({results[name]['seconds']:.0f} s)", flush=True)
         md, js = report()
@@ -497,18 +571,21 @@ def child_env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
 
 
-def run_child(name: str, limit: float, dry: bool) -> dict:
-    """One stage in its own process, within `limit` seconds: its result, or why there is none."""
+def run_child(name: str, limit: float, dry: bool, report_dir: Path) -> dict:
+    """One stage in its own process, within `limit` seconds: its result, or why there is none (with the end of
+    what it printed)."""
     fd, part = tempfile.mkstemp(suffix=f"-{name}.json")
     os.close(fd)
-    cmd = [sys.executable, __file__, "--one", name, "--out", part] + (["--dry-run"] if dry else [])
+    cmd = [sys.executable, __file__, "--one", name, "--out", part, "--report-dir", str(report_dir)] + (
+        ["--dry-run"] if dry else [])
     env = child_env()
     if dry:
         env["OMP_NUM_THREADS"] = "1"
     t0 = time.perf_counter()
     done = run_group(cmd, env, limit)
-    if done is None:
-        result = dict(ok=False, status=f"not finished in {limit:.0f} s")
+    if done.returncode is None:
+        tail = ((done.stdout or "") + (done.stderr or ""))[-3000:]
+        result = dict(ok=False, status=f"not finished in {limit:.0f} s", error="```\n" + tail + "\n```")
     elif done.returncode:
         result = dict(ok=False, status="crashed", error="```\n" + (done.stderr or done.stdout)[-3000:] + "\n```")
     else:
@@ -518,18 +595,32 @@ def run_child(name: str, limit: float, dry: bool) -> dict:
     return result
 
 
-def run_group(cmd: list[str], env: dict, limit: float) -> subprocess.CompletedProcess | None:
-    """cmd in a process group of its own; None if it ran past `limit` seconds, and then the whole group is killed:
+_RUNNING: list[subprocess.Popen] = []  # the stage process running now (run_group), for a signal to kill
+
+
+def kill_running() -> None:
+    for proc in _RUNNING:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_group(cmd: list[str], env: dict, limit: float) -> subprocess.CompletedProcess:
+    """cmd in a process group of its own, in the caller's session (so whatever ends that session ends it too);
+    past `limit` seconds the whole group is killed, and the result's returncode is None, with what it had printed:
     a stage's own subprocesses (training runs, the toy's workers) must not hold the GPU into the next stage."""
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            process_group=0)
+    _RUNNING.append(proc)
     try:
         stdout, stderr = proc.communicate(timeout=limit)
+        returncode = proc.returncode
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return None
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+        stdout, stderr = proc.communicate()
+        returncode = None
+    finally:
+        _RUNNING.remove(proc)
+    return subprocess.CompletedProcess(cmd, returncode, stdout, stderr)
 
 
 if __name__ == "__main__":

@@ -323,6 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--smoke", action="store_true", help="random tiny models, 1 pair per bucket: the code runs")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if torch.device(a.device).type == "cuda":  # the fp32 rows in fp32 (cuDNN's convolutions default to TF32 there)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     defaults = {"toy": 1 if a.smoke else 32, "sd15": 1 if a.smoke else 3}

@@ -227,6 +227,11 @@ def status_gb(field: str) -> float:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())[1]) / 2**20
 
 
+def reserved_gb(device: str) -> float | None:
+    """CUDA: the most the caching allocator held (what a card must have free, beside the CUDA context); else None."""
+    return torch.cuda.max_memory_reserved() / 2**30 if device.startswith("cuda") else None
+
+
 def peak_gb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
@@ -364,6 +369,7 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
             step(name, randomness(i + 1))
     times = {name: [] for name, *_ in spec}
     peaks = {name: 0.0 for name, *_ in spec}
+    reserved = {name: 0.0 for name, *_ in spec}
     losses = {name: float("nan") for name, *_ in spec}
     for r in range(repeats):
         rnds = [randomness(1000 * r + s) for s in range(steps)]  # same t, eps, z for every method
@@ -377,6 +383,7 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
             sync(device)
             times[name].append((time.perf_counter() - t0) / steps)
             peaks[name] = max(peaks[name], peak_gb(device))
+            reserved[name] = max(reserved[name], reserved_gb(device) or 0.0)
 
     step_s = {name: statistics.median(ts) for name, ts in times.items()}
     base = "latent DPO"
@@ -386,7 +393,7 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
         rows.append(dict(method=name, s_per_step=step_s[name], spread=[min(times[name]), max(times[name])],
                          ratio=step_s[name] / step_s[base], flop_floor=floor,
                          flop_counted=counted[name] / counted[base], step_gflop=counted[name] / 1e9,
-                         peak_gb=peaks[name], loss=losses[name]))
+                         peak_gb=peaks[name], reserved_gb=reserved[name] or None, loss=losses[name]))
     loader = loader_pairs_per_s(latent_size, pairs)
     setup = dict(model=model, quantize=quantize, checkpointing=checkpointing, latent_size=latent_size, pairs=pairs,
                  steps=steps, warmup=warmup,
@@ -506,6 +513,7 @@ def child_mode(mode: str, model: str, latent_size: int, pairs: int, warmup: int,
         peak = peak_gb(device)
         per_step = {k: v / repeats for k, v in phases.items()}
         return dict(mode=mode, s_per_step=statistics.median(times), spread=[min(times), max(times)], peak_gb=peak,
+                    reserved_gb=reserved_gb(device),
                     step_gb=peak - resident, loss=loss, mean_s=statistics.fmean(times), phases_s=per_step,  # means
                     user_s=(cpu.ru_utime - cpu0.ru_utime) / repeats, sys_s=(cpu.ru_stime - cpu0.ru_stime) / repeats,
                     page_faults=(cpu.ru_minflt - cpu0.ru_minflt) / repeats,

@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["diffusers", "transformers", "peft", "bitsandbytes", "datasets", "dill", "multiprocess"]
+PACKAGES = ["diffusers", "transformers", "peft", "bitsandbytes", "datasets", "dill", "multiprocess", "regex"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64"]
 KEEP_CUDA = re.compile(r"libbitsandbytes_(cpu|cuda13\d)\.so$")  # the image's CUDA 13 (and the CPU fallback)
@@ -29,8 +29,8 @@ LIMIT_MIB = 64
 
 
 def pinned(requirements: Path, names: list[str]) -> list[str]:
-    """name==version for each of `names`: requirements.txt's pin, or (dill, multiprocess: datasets' own needs,
-    not pinned there) the version installed here."""
+    """name==version for each of `names`: requirements.txt's pin, or (dill, multiprocess: datasets' own needs;
+    regex: transformers' own, checked at import, and the image's may be older) the version installed here."""
     from importlib.metadata import version
 
     pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", requirements.read_text(), re.M))

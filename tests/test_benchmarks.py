@@ -306,8 +306,12 @@ def test_toy_alignment_larger_toy_trains_and_scores_at_its_size(tmp_path):
     from ncp.models import load_models
 
     out = tmp_path / "toy"
-    stage = load("gpu_check").stage_toy(dry=True, out=out)
+    stage = load("gpu_check").stage_toy(dry=True, out=out, report_dir=tmp_path / "report")
     result = json.loads((out / "toy_alignment.json").read_text())
+    # beside the GPU check's report: the log as written, the JSON and the table (a few files, not the run folders)
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["toy.log", "toy_alignment.json", "toy_table.md"]
+    assert json.loads((tmp_path / "report" / "toy_alignment.json").read_text()) == result
+    assert "base" in (tmp_path / "report" / "toy.log").read_text()
     unet = load_models(str(out / "base")).unet
     assert unet.config.block_out_channels == [64, 128] and unet.config.sample_size == 24  # 2x the tiny U-Net's
     assert "shipped" not in result["base"]

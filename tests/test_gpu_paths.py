@@ -106,6 +106,7 @@ def test_gpu_check_dry_run(tmp_path):
 
 
 def test_a_stage_past_its_limit_is_killed_with_every_process_it_started(tmp_path, load_script):
+    """...and what it printed is kept; it runs in the caller's session (a caller whose session ends takes it along)."""
     import os
     import sys
     import time
@@ -113,16 +114,73 @@ def test_a_stage_past_its_limit_is_killed_with_every_process_it_started(tmp_path
 
     check = load_script("benchmarks/gpu_check.py")
     pid_file = tmp_path / "grandchild"
-    spawn = (f"import subprocess, time; p = subprocess.Popen(['sleep', '60']); "
-             f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    spawn = (f"import os, subprocess, time; p = subprocess.Popen(['sleep', '60']); "
+             f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('session', os.getsid(0), flush=True); "
+             "time.sleep(60)")
     t0 = time.perf_counter()
-    assert check.run_group([sys.executable, "-c", spawn], dict(os.environ), limit=3) is None
+    done = check.run_group([sys.executable, "-c", spawn], dict(os.environ), limit=3)
+    assert done.returncode is None and f"session {os.getsid(0)}" in done.stdout
     assert time.perf_counter() - t0 < 30
     stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
     time.sleep(0.5)  # gone (or a zombie waiting for init), not left holding the device into the next stage
     assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     done = check.run_group([sys.executable, "-c", "print('ok')"], dict(os.environ), limit=30)
     assert done.returncode == 0 and done.stdout.strip() == "ok"
+
+
+def test_gpu_check_stops_before_any_stage_when_a_package_does_not_import(tmp_path):
+    """The report names the package and its error and records the versions, exit code 2, no stage run."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "site" / "peft").mkdir(parents=True)
+    (tmp_path / "site" / "peft" / "__init__.py").write_text("raise ImportError('this peft is broken')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    proc = subprocess.run([sys.executable, str(root / "benchmarks/gpu_check.py"), "--dry-run", "--stages", "resume",
+                           "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert proc.returncode == 2 and list(report["stages"]) == ["preflight"]
+    assert "this peft is broken" in report["stages"]["preflight"]["error"]
+    assert report["setup"]["packages"]["peft"].startswith("does not import")
+    assert report["setup"]["packages"]["diffusers"][0].isdigit()
+
+
+def test_gpu_check_on_sigterm_kills_the_running_stage_and_keeps_the_report(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(root / "benchmarks/gpu_check.py"), "--dry-run", "--stages",
+                             "resume", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "gpu_check.json").exists() and time.time() < deadline:  # written once the imports are checked
+        time.sleep(0.2)
+    time.sleep(2)  # into the stage
+    stages = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).count(f"--report-dir\0{out}")]
+    assert stages, "the resume stage is not running"
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped by signal" in stdout
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert "stopped by signal 15" in report["stages"]
+    time.sleep(0.5)
+    assert not [p for p in stages if p.exists() and (p / "stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"]
+
+
+def _cmdline(proc_dir) -> str:
+    try:
+        return (proc_dir / "cmdline").read_text()
+    except OSError:
+        return ""
 
 
 def test_fidelity_judges_the_rows_training_would_compute(load_script):
