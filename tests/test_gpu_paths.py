@@ -161,25 +161,26 @@ def test_gpu_check_on_sigterm_kills_the_running_stage_and_keeps_the_report(tmp_p
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(root / "benchmarks/gpu_check.py"), "--dry-run", "--stages",
                              "resume", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "gpu_check.json").exists() and time.time() < deadline:  # written once the imports are checked
+    deadline, stages = time.time() + 120, []
+    while not stages and time.time() < deadline and proc.poll() is None:  # the stage starts after the import check
         time.sleep(0.2)
-    time.sleep(2)  # into the stage
-    stages = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).count(f"--report-dir\0{out}")]
-    assert stages, "the resume stage is not running"
+        stages = [p for p in Path("/proc").glob("[0-9]*") if f"--report-dir\0{out}" in _read(p / "cmdline")]
+    assert stages, "the resume stage did not start"
+    time.sleep(1)  # into the stage
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and "stopped by signal" in stdout
     report = json.loads((out / "gpu_check.json").read_text())
     assert "stopped by signal 15" in report["stages"]
     time.sleep(0.5)
-    assert not [p for p in stages if p.exists() and (p / "stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"]
+    alive = [p for p in stages if _read(p / "stat").rsplit(")", 1)[-1].split()[:1] not in ([], ["Z"], ["X"])]
+    assert not alive  # gone, or a zombie for init to reap
 
 
-def _cmdline(proc_dir) -> str:
+def _read(path) -> str:
     try:
-        return (proc_dir / "cmdline").read_text()
-    except OSError:
+        return path.read_text()
+    except OSError:  # the process is gone
         return ""
 
 
