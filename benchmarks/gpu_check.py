@@ -29,9 +29,9 @@ that does not import stops the check there (exit code 2), before any stage spend
 order, each in its own process group (a crash or an out-of-memory stays in its stage; a stage past its time limit is
 killed with every process it started, and the end of its output is kept in the report), all under one deadline
 (--budget-s): a stage the deadline cuts off is reported as not run. The report is written again after every stage,
-so a run stopped from outside keeps what its finished stages measured; SIGTERM or SIGINT kills the running stage,
-writes the report and exits. Stage processes stay in the caller's session: a caller that ends the session (a
-job scheduler, a remote shell closing) ends them too.
+so a run stopped from outside keeps what its finished stages measured; SIGTERM, SIGINT or SIGHUP kills the running
+stage, writes the report and exits. A stage ends with the check however the check ends (a watchdog in the stage
+kills its process group when the check is gone), so a killed check leaves nothing holding the GPU.
 --dry-run runs every stage on CPU with tiny models and sizes (bf16 for the half precision; compile left out).
 
     bash scripts/gpu_check.sh                       # on the GPU machine
@@ -50,6 +50,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -396,8 +397,8 @@ def stage_cost_flux(dry: bool) -> dict:
     for quantize in ("none", "nf4"):
         try:
             r = step_cost.run(pairs=1, steps=1, warmup=1, repeats=1, errors=("linearized",), losses=("dpo",),
-                              quantize=quantize, checkpointing=True, **kw)
-        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+                              quantize=quantize, checkpointing=True, count=False, **kw)
+        except Exception as e:  # an out-of-memory, or nf4's bitsandbytes: reported, the other row kept
             failed[quantize] = f"{type(e).__name__}: {str(e)[:300]}"
             lines.append(f"| {quantize} | NCP-DPO | failed: {failed[quantize]} | |")
         else:
@@ -475,15 +476,22 @@ for name in %r:
 print(json.dumps(out))"""
 
 
-def preflight() -> tuple[dict, str | None]:
+OPTIONAL = ("bitsandbytes",)  # only cost-flux's nf4 row needs it (training falls back to torch's AdamW)
+
+
+def preflight(timeout: float = 180) -> tuple[dict, str | None]:
     """The versions of PACKAGES as a stage's process imports them, and what the first that fails to import said
-    (None: all import)."""
-    proc = subprocess.run([sys.executable, "-c", _IMPORTS % (PACKAGES,)], env=child_env(), capture_output=True,
-                          text=True)
-    if proc.returncode:
-        return {}, f"importing {', '.join(PACKAGES)} crashed:\n```\n{proc.stderr[-2000:]}\n```"
-    versions = json.loads(proc.stdout.strip().splitlines()[-1])
-    bad = [f"{name}: {v}" for name, v in versions.items() if v.startswith("does not import")]
+    (None: all but OPTIONAL import)."""
+    done = run_group([sys.executable, "-c", _IMPORTS % (PACKAGES,)], child_env(), timeout)
+    lines = (done.stdout or "").strip().splitlines()
+    try:
+        versions = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+    except json.JSONDecodeError:
+        versions = None
+    if versions is None:
+        why = f"not done in {timeout:.0f} s" if done.returncode is None else f"exit code {done.returncode}"
+        return {}, f"importing {', '.join(PACKAGES)} failed ({why}):\n```\n{(done.stdout + done.stderr)[-2000:]}\n```"
+    bad = [f"{name}: {v}" for name, v in versions.items() if v.startswith("does not import") and name not in OPTIONAL]
     return {k: v.splitlines()[0] for k, v in versions.items()}, ("\n```\n" + bad[0] + "\n```") if bad else None
 
 
@@ -499,8 +507,11 @@ def write_report(out: Path, stem: str, setup: dict, results: dict) -> tuple[Path
         lines += ["", f"## {name}", "", r.get("summary") or r.get("error") or r.get("status", "")]
     out.mkdir(parents=True, exist_ok=True)
     md, js = out / f"{stem}.md", out / f"{stem}.json"
-    md.write_text("\n".join(lines) + "\n")
-    js.write_text(json.dumps(dict(setup=setup, stages=results), indent=1, default=str))
+    for path, text in ((md, "\n".join(lines) + "\n"), (js, json.dumps(dict(setup=setup, stages=results), indent=1,
+                                                                          default=str))):
+        part = path.with_suffix(path.suffix + ".part")  # whole or not at all, whenever the check is stopped
+        part.write_text(text)
+        os.replace(part, path)
     return md, js
 
 
@@ -515,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-dir", help=argparse.SUPPRESS)  # internal: the report's folder, for a stage's own files
     a = p.parse_args(argv)
     if a.one:
+        threading.Thread(target=die_with_parent, args=(os.getppid(),), daemon=True).start()
         t0 = time.perf_counter()
         result = run_stage(a.one, a.dry_run, Path(a.report_dir) if a.report_dir else None)
         result["seconds"] = time.perf_counter() - t0
@@ -522,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not a.dry_run and not torch.cuda.is_available():
         p.error("no CUDA device: run it on the GPU machine, or --dry-run here")
-    out = Path(a.out or ("outputs/gpu-check-dry" if a.dry_run else ROOT / "benchmarks/gpu"))
+    out = Path(a.out or ("outputs/gpu-check-dry" if a.dry_run else ROOT / "benchmarks/gpu")).resolve()
     t_start, results = time.perf_counter(), {}
     setup = dict(dry_run=a.dry_run, stages=a.stages, budget_s=a.budget_s, torch=torch.__version__,
                  python=sys.version.split()[0], cuda=torch.version.cuda,
@@ -542,14 +554,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report()
 
-    def stop(signum, frame):  # a caller's SIGTERM / Ctrl-C: no stage left running, what was measured kept
+    def stop(signum, frame):  # a caller's SIGTERM / Ctrl-C / hangup: no stage left running, what was measured kept
+        for sig in STOP_SIGNALS:  # once: a second signal must not interrupt the report
+            signal.signal(sig, signal.SIG_IGN)
         kill_running()
         results[f"stopped by signal {signum}"] = dict(ok=False, status="the check was stopped here")
         print(f"stopped by signal {signum}; wrote {' and '.join(map(str, report()))}", flush=True)
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
     for name in a.stages:
         left = a.budget_s - (time.perf_counter() - t_start)
         limit = min(STAGES[name][1 if a.dry_run else 0] * (3 if a.dry_run else 1), left)
@@ -596,6 +610,15 @@ def run_child(name: str, limit: float, dry: bool, report_dir: Path) -> dict:
 
 
 _RUNNING: list[subprocess.Popen] = []  # the stage process running now (run_group), for a signal to kill
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def die_with_parent(parent: int) -> None:
+    """A stage's watchdog: once the check that started it is gone (killed, even by SIGKILL), end the stage's
+    process group, its training runs and workers with it."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os.killpg(0, signal.SIGKILL)
 
 
 def kill_running() -> None:
@@ -608,8 +631,8 @@ def run_group(cmd: list[str], env: dict, limit: float) -> subprocess.CompletedPr
     """cmd in a process group of its own, in the caller's session (so whatever ends that session ends it too);
     past `limit` seconds the whole group is killed, and the result's returncode is None, with what it had printed:
     a stage's own subprocesses (training runs, the toy's workers) must not hold the GPU into the next stage."""
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            process_group=0)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, process_group=0)
     _RUNNING.append(proc)
     try:
         stdout, stderr = proc.communicate(timeout=limit)

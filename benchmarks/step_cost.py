@@ -210,6 +210,7 @@ def sync(device: str) -> None:
 def reset_peak(device: str) -> None:
     """Start a fresh peak: CUDA allocator stats, or the kernel's RSS high-water mark (VmHWM, Linux >= 4.0)."""
     if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # else the reserved peak carries what earlier methods left cached
         torch.cuda.reset_peak_memory_stats()
         return
     try:
@@ -283,7 +284,8 @@ def loader_pairs_per_s(latent_size: int, pairs: int, batches: int = 8) -> float:
 def run(model: str = "tiny-sd15", latent_size: int = 32, pairs: int = 1, steps: int = 2, warmup: int = 1,
         repeats: int = 5, rank: int | None = None, device: str | None = None, profile: bool = False,
         threads: int | None = None, errors=("difference",), dtype: str | None = None,
-        losses=("dpo", "cpo", "sft"), quantize: str = "none", checkpointing: bool = False) -> dict:
+        losses=("dpo", "cpo", "sft"), quantize: str = "none", checkpointing: bool = False,
+        count: bool = True) -> dict:
     """Measure every method of `losses` (dpo first: ratios are to latent DPO); returns {"rows": [...],
     "setup": {...}} (rows in `methods(errors, losses)` order).
 
@@ -293,7 +295,7 @@ def run(model: str = "tiny-sd15", latent_size: int = 32, pairs: int = 1, steps: 
     """
     with torch_threads(threads):
         return _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors, dtype, losses,
-                    quantize, checkpointing)
+                    quantize, checkpointing, count)
 
 
 @contextlib.contextmanager
@@ -326,7 +328,7 @@ def flop_floor(loss: str, space: str, error: str, u_flops: int, e_flops: int) ->
 
 
 def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profile, errors, dtype, losses,
-         quantize="none", checkpointing=False) -> dict:
+         quantize="none", checkpointing=False, count=True) -> dict:
     device, dtype, rank, errors = resolve(model, device, dtype, rank, errors)
     unet, params, encoders, schedule, x0, cond = build(model, latent_size, pairs, rank, device, dtype, errors,
                                                        quantize=quantize, checkpointing=checkpointing)
@@ -355,7 +357,9 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
     rnd0 = randomness(0)
     with amp():
         u_flops, e_flops = unit_flops(unet, encoders["difference"], schedule, x0, cond, rnd0)
-    if checkpointing:  # the model's FLOPs, not the recomputation's (MFU's numerator): on one pair, x pairs
+    if not count:  # count=False: no whole-step count (its one-pair step runs without checkpointing: on FLUX.1 at
+        counted = None  # 1024 px that alone exceeds an 80 GB card)
+    elif checkpointing:  # the model's FLOPs, not the recomputation's (MFU's numerator): on one pair, x pairs
         one = torch.tensor([0, pairs], device=device)  # its winner and loser
         unet.disable_gradient_checkpointing()
         counted = {name: pairs * count_flops(lambda: step(name, randomness(0, 1), x0[one], cond.index(one)), device)
@@ -364,7 +368,7 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
     else:
         counted = {name: count_flops(lambda: step(name, rnd0), device) for name, *_ in spec}  # also the first warmup
 
-    for i in range(warmup - (0 if checkpointing else 1)):  # a one-pair count warms nothing up
+    for i in range(warmup - (0 if checkpointing or not count else 1)):  # a one-pair count warms nothing up
         for name, *_ in spec:
             step(name, randomness(i + 1))
     times = {name: [] for name, *_ in spec}
@@ -392,7 +396,8 @@ def _run(model, latent_size, pairs, steps, warmup, repeats, rank, device, profil
         floor = flop_floor(loss, space, error, u_flops, e_flops)
         rows.append(dict(method=name, s_per_step=step_s[name], spread=[min(times[name]), max(times[name])],
                          ratio=step_s[name] / step_s[base], flop_floor=floor,
-                         flop_counted=counted[name] / counted[base], step_gflop=counted[name] / 1e9,
+                         flop_counted=counted[name] / counted[base] if counted else None,
+                         step_gflop=counted[name] / 1e9 if counted else None,
                          peak_gb=peaks[name], reserved_gb=reserved[name] or None, loss=losses[name]))
     loader = loader_pairs_per_s(latent_size, pairs)
     setup = dict(model=model, quantize=quantize, checkpointing=checkpointing, latent_size=latent_size, pairs=pairs,

@@ -67,12 +67,14 @@ beta scale, FLOP count and scoring alike (`ncp.toy_base.configured`).
 
     python benchmarks/toy_alignment.py --arch flux --quick --out outputs/toy-flux-quick
 
-A larger toy for one GPU (--device cuda): 64 px images, the denoiser 4x as wide, 16 pairs per step, 160 steps; the
-base is pretrained for it (not the shipped 32 px one) and everything runs on the GPU. Sized by counted FLOPs (the
-dry run's 1.5 TFLOP per NCP-DPO step, about 9.5 GFLOP per denoiser forward of one image): base at most 1500 steps
-of 64 images, 0.3e16; about 40 training runs of 160 steps, 0.9e16; about 28,000 test images of 8 guided sampling
-steps, 0.4e16; 1.6e16 FLOP in all, 9 minutes at 30 TFLOP/s sustained, what fp32 work on layers this small may reach
-on an H100 or H200. Never run on a GPU yet; `bash scripts/gpu_check.sh --stages toy --budget-s 520` runs it.
+A larger toy for one GPU (--device cuda): 64 px images, the denoiser 4x as wide, 16 pairs per step, 120 steps
+(a checkpoint every 20); the base is pretrained for it (not the shipped 32 px one) and everything runs on the GPU.
+Sized by counted FLOPs (the dry run's 1.5 TFLOP per NCP-DPO step of 16 pairs; 12.2 GFLOP per denoiser forward of one
+image): base at most 1200 steps of 64 images, 0.28e16; about 40 training runs of 120 steps, 0.67e16; about 21,000
+test images of 8 guided sampling steps, 0.41e16; validation and base checks, 0.05e16: 1.4e16 FLOP in all, 8 minutes
+at 30 TFLOP/s sustained, a guess at what fp32 work on layers this small reaches on an H100 or H200. Never run on a
+GPU yet; `bash scripts/gpu_check.sh --stages toy --budget-s 520` runs it (a slower rate runs past the stage's limit,
+and its log says how far it got).
 --resolution and --width set those sizes on any device; --dry-run builds the pipeline and counts a step.
 
     python benchmarks/toy_alignment.py --device cuda --out outputs/toy-v3-cuda
@@ -136,7 +138,8 @@ SMOKE = dict(vae_steps=3, base_max=4, base_check=2, base_batch=4, base_lr=2e-3, 
 # (ncp.tiny.widen), 4x the pairs per step; base, training and scoring on the GPU. Sized by counted FLOPs for about
 # 10 minutes on one GPU (the module docstring); never run on a GPU yet (the GPU check's `toy` stage runs it).
 # --resolution / --width set the larger sizes on any device (the tests run them on the CPU at the smoke size).
-CUDA = dict(FULL, base_max=1500, base_batch=64, pairs=16, num_pairs=2048, img_seeds=8, resolution=64, width=4)
+CUDA = dict(FULL, base_max=1200, base_batch=64, steps=120, pairs=16, num_pairs=2048, img_seeds=8, resolution=64,
+            width=4)
 SPEED_FRACTIONS = (0.5, 0.8)  # learning speed: steps to reach these shares of the best method's final gain
 
 

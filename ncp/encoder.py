@@ -127,7 +127,8 @@ def as_base(base, checkpointing: bool = False):
     """A denoiser's shared modules as the frozen base: its LoRA off, and no gradient checkpointing in them (a
     checkpointed block recomputes during backward, when the LoRA is on again). None (f holds a copy): nothing.
     checkpointing=True leaves the base's checkpointing as it is, for a call whose backward runs inside this context
-    (`_Linearized.backward`'s recomputation): its blocks recompute with the LoRA still off."""
+    (`_Linearized.backward`'s recomputation): its blocks recompute with the LoRA still off. That needs a non-reentrant
+    checkpoint function (diffusers' default; a reentrant one refuses the backward's `inputs`)."""
     if base is None:
         yield
         return

@@ -149,7 +149,10 @@ def test_gpu_check_stops_before_any_stage_when_a_package_does_not_import(tmp_pat
     assert report["setup"]["packages"]["diffusers"][0].isdigit()
 
 
-def test_gpu_check_on_sigterm_kills_the_running_stage_and_keeps_the_report(tmp_path):
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_gpu_check_on_sigterm_kills_the_running_stage_and_keeps_the_report(tmp_path, how):
+    """SIGTERM: the check kills its stage and writes the report. SIGKILL (no handler runs): the stage's watchdog
+    sees its parent gone and ends the stage's process group within seconds."""
     import json
     import signal
     import subprocess
@@ -167,14 +170,58 @@ def test_gpu_check_on_sigterm_kills_the_running_stage_and_keeps_the_report(tmp_p
         stages = [p for p in Path("/proc").glob("[0-9]*") if f"--report-dir\0{out}" in _read(p / "cmdline")]
     assert stages, "the resume stage did not start"
     time.sleep(1)  # into the stage
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, how))
     stdout, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM and "stopped by signal" in stdout
-    report = json.loads((out / "gpu_check.json").read_text())
-    assert "stopped by signal 15" in report["stages"]
-    time.sleep(0.5)
-    alive = [p for p in stages if _read(p / "stat").rsplit(")", 1)[-1].split()[:1] not in ([], ["Z"], ["X"])]
-    assert not alive  # gone, or a zombie for init to reap
+    if how == "SIGTERM":
+        assert proc.returncode == 128 + signal.SIGTERM and "stopped by signal" in stdout
+        report = json.loads((out / "gpu_check.json").read_text())
+        assert "stopped by signal 15" in report["stages"]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    alive = stages
+    for _ in range(40):  # gone, or a zombie for init to reap
+        time.sleep(0.25)
+        alive = [p for p in alive if _read(p / "stat").rsplit(")", 1)[-1].split()[:1] not in ([], ["Z"], ["X"])]
+        if not alive:
+            break
+    assert not alive
+
+
+def test_a_stage_whose_check_is_killed_ends_with_its_children(tmp_path):
+    """The stage's watchdog (gpu_check.die_with_parent): a silent stage, its own child beside it, and the check
+    SIGKILLed (no handler, no broken pipe to end them): both are gone within seconds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pids = tmp_path / "pids"
+    stage = (f"import os, subprocess, sys, threading, time; sys.path.insert(0, {str(root / 'benchmarks')!r}); "
+             "import gpu_check; threading.Thread(target=gpu_check.die_with_parent, args=(os.getppid(),), "
+             "daemon=True).start(); c = subprocess.Popen(['sleep', '120']); "
+             f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{c.pid}}'); time.sleep(120)")
+    check = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {stage!r}], process_group=0, "
+             "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", check])
+    for _ in range(200):
+        if pids.exists() and len(pids.read_text().split()) == 2:
+            break
+        time.sleep(0.1)
+    procs = [Path(f"/proc/{pid}") for pid in pids.read_text().split()]
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    alive = procs
+    for _ in range(40):
+        time.sleep(0.25)
+        alive = [p for p in alive if _read(p / "stat").rsplit(")", 1)[-1].split()[:1] not in ([], ["Z"], ["X"])]
+        if not alive:
+            break
+    for p in alive:
+        os.kill(int(p.name), signal.SIGKILL)
+    assert not alive
 
 
 def _read(path) -> str:
