@@ -628,7 +628,8 @@ def kill_running() -> None:
 
 
 def run_group(cmd: list[str], env: dict, limit: float) -> subprocess.CompletedProcess:
-    """cmd in a process group of its own, in the caller's session (so whatever ends that session ends it too);
+    """cmd in a process group of its own, in the caller's session (a session of its own would outlive a caller whose
+    session is ended: a machine's job runner, for one; the stage's watchdog covers a caller killed alone);
     past `limit` seconds the whole group is killed, and the result's returncode is None, with what it had printed:
     a stage's own subprocesses (training runs, the toy's workers) must not hold the GPU into the next stage."""
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -3,7 +3,7 @@
 # exactness, peak memory / MFU per encoder.error at the paper configs' per-GPU batch (SD1.5 512 px, SDXL and
 # SD3.5 Medium 1024 px), fp16 gradient fidelity, host syncs per micro-step, precision.py on CUDA, the fast path.
 # Writes benchmarks/gpu/gpu_check.md and .json, or into --out DIR (first after checking that ncp's packages import,
-# then again after every stage); exit code 0 = no stage failed, 2 = a package does not import (no stage run).
+# then again after every stage); exit code 0 = no stage failed, 2 = a package that every stage needs does not import (no stage run).
 #   bash scripts/gpu_check.sh                          # on the GPU machine
 #   bash scripts/gpu_check.sh --out /some/dir --budget-s 450  # the report where the caller collects it
 #   bash scripts/gpu_check.sh --dry-run                # on CPU, tiny models: every default stage runs (minutes)
