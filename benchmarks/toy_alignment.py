@@ -136,7 +136,7 @@ SMOKE = dict(vae_steps=3, base_max=4, base_check=2, base_batch=4, base_lr=2e-3, 
              sample_steps=2, max_ext=1, resolution=RESOLUTION, width=1)  # one-value axes: no extension (tests cover search_grid by hand)
 # --device cuda: a larger toy for one GPU: 64 px images (32x32 latents), the tiny denoiser `width` times as wide
 # (ncp.tiny.widen), 4x the pairs per step; base, training and scoring on the GPU. Sized by counted FLOPs for about
-# 10 minutes on one GPU (the module docstring); never run on a GPU yet (the GPU check's `toy` stage runs it).
+# 8 minutes on one GPU (the module docstring); never run on a GPU yet (the GPU check's `toy` stage runs it).
 # --resolution / --width set the larger sizes on any device (the tests run them on the CPU at the smoke size).
 CUDA = dict(FULL, base_max=1200, base_batch=64, steps=120, pairs=16, num_pairs=2048, img_seeds=8, resolution=64,
             width=4)

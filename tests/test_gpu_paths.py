@@ -121,9 +121,8 @@ def test_a_stage_past_its_limit_is_killed_with_every_process_it_started(tmp_path
     done = check.run_group([sys.executable, "-c", spawn], dict(os.environ), limit=3)
     assert done.returncode is None and f"session {os.getsid(0)}" in done.stdout
     assert time.perf_counter() - t0 < 30
-    stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
-    time.sleep(0.5)  # gone (or a zombie waiting for init), not left holding the device into the next stage
-    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    # gone (or a zombie waiting for init), not left holding the device into the next stage
+    assert not _running_after([Path(f"/proc/{int(pid_file.read_text())}")], 0.5)
     done = check.run_group([sys.executable, "-c", "print('ok')"], dict(os.environ), limit=30)
     assert done.returncode == 0 and done.stdout.strip() == "ok"
 
@@ -178,13 +177,7 @@ def test_gpu_check_on_sigterm_kills_the_running_stage_and_keeps_the_report(tmp_p
         assert "stopped by signal 15" in report["stages"]
     else:
         assert proc.returncode == -signal.SIGKILL
-    alive = stages
-    for _ in range(40):  # gone, or a zombie for init to reap
-        time.sleep(0.25)
-        alive = [p for p in alive if _read(p / "stat").rsplit(")", 1)[-1].split()[:1] not in ([], ["Z"], ["X"])]
-        if not alive:
-            break
-    assert not alive
+    assert not _running_after(stages, 10)
 
 
 def test_a_stage_whose_check_is_killed_ends_with_its_children(tmp_path):
@@ -213,15 +206,23 @@ def test_a_stage_whose_check_is_killed_ends_with_its_children(tmp_path):
     procs = [Path(f"/proc/{pid}") for pid in pids.read_text().split()]
     parent.send_signal(signal.SIGKILL)
     parent.wait()
-    alive = procs
-    for _ in range(40):
-        time.sleep(0.25)
-        alive = [p for p in alive if _read(p / "stat").rsplit(")", 1)[-1].split()[:1] not in ([], ["Z"], ["X"])]
-        if not alive:
-            break
+    alive = _running_after(procs, 10)
     for p in alive:
         os.kill(int(p.name), signal.SIGKILL)
     assert not alive
+
+
+def _running_after(procs, seconds: float) -> list:
+    """Of the /proc/<pid> folders `procs`, those whose process still runs `seconds` from now (polled: an earlier
+    end returns at once); a zombie waiting for init to reap it counts as ended."""
+    import time
+
+    deadline = time.time() + seconds
+    while True:
+        alive = [p for p in procs if _read(p / "stat").rsplit(")", 1)[-1].split()[:1] not in ([], ["Z"], ["X"])]
+        if not alive or time.time() >= deadline:
+            return alive
+        time.sleep(0.1)
 
 
 def _read(path) -> str:
