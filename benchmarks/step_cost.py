@@ -79,6 +79,7 @@ from ncp.families.sd3 import SCHEDULER_CONFIG as SD3_SCHEDULER_CONFIG  # noqa: E
 from ncp.models import add_lora  # noqa: E402
 from ncp.objective import ObjectiveConfig, compute_objective, randomness_for  # noqa: E402
 from ncp.tiny import SCHEDULER_CONFIG  # noqa: E402
+from ncp.train import adamw8bit  # noqa: E402
 
 # (name, loss, space); latent DPO first: every ratio is to it
 METHODS = [("latent DPO", "dpo", "latent"), ("NCP-DPO", "dpo", "perceptual"),
@@ -184,21 +185,16 @@ def build(model: str, latent_size: int, pairs: int, rank: int, device: str, dtyp
         unet.enable_gradient_checkpointing()
     unet.train()
     x0 = torch.randn(n, family.latent_channels(unet), latent_size, latent_size, device=device)
-    schedule = family.noise_process(scheduler, ObjectiveConfig())  # DDPM maths, or flow matching (the ODE step)
+    # DDPM maths, or flow matching (the ODE step); its tables on the device, as training puts them (no copy per step)
+    schedule = family.noise_process(scheduler, ObjectiveConfig()).to(device)
     return unet, params, encoders, schedule, x0, cond
 
 
 def make_optimizer(params):
     """8-bit AdamW with the training defaults (ncp.config.OptimConfig), as ncp.train.build_optimizer builds it."""
     o = OptimConfig()
-    kw = dict(lr=1e-6, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
-    try:
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, **kw), "AdamW8bit"
-    except Exception as e:  # noqa: BLE001 - as ncp.train: no bitsandbytes build for this platform
-        warnings.warn(f"bitsandbytes AdamW8bit unavailable ({e}); timing torch.optim.AdamW")
-        return torch.optim.AdamW(params, **kw), "AdamW"
+    optimizer = adamw8bit(params, lr=1e-6, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+    return optimizer, type(optimizer).__name__
 
 
 # ---------------------------------------------------------------- measuring
@@ -482,7 +478,7 @@ def child_mode(mode: str, model: str, latent_size: int, pairs: int, warmup: int,
                 x_t = schedule.q_sample(x0, t, eps)
                 eps = schedule.target(x0, eps)
                 g = torch.Generator().manual_seed(i + 1)
-                pol, ref = (eps + 0.1 * torch.randn(eps.shape, generator=g) for _ in range(2))
+                pol, ref = (eps + 0.1 * torch.randn(eps.shape, generator=g).to(eps.device) for _ in range(2))
                 pol.requires_grad_()
                 with amp:
                     errs = perceptual_errors(encoder, schedule, cfg, x_t, t, eps, z, tt, cond, x0, [pol, ref])

@@ -212,10 +212,11 @@ def method_blocks(method: str, arch: str) -> int | None:
 
 
 def beta_scale(base: Path, pairs_path: Path, blocks: list[int] = (), arch: str = "sd15",
-               resolution: int = RESOLUTION) -> dict:
+               resolution: int = RESOLUTION, device: str = "cpu") -> dict:
     """1 / median |err_w - err_l| of the base on (up to) 64 training pairs, per space: beta x (error gap) is O(1) in
     both spaces (perceptual errors of the tiny U-Net are ~1e-5, latent ~1e-1). Transformers: "perceptual" at the
-    tiny config's K, and "perceptual K=k" for each k in `blocks`."""
+    tiny config's K, and "perceptual K=k" for each k in `blocks`. On `device` (the larger toy's forwards are
+    minutes of one CPU thread)."""
     from ncp.conditioning import build_cond
     from ncp.config import EncoderConfig
     from ncp.data.config import DataConfig
@@ -223,9 +224,9 @@ def beta_scale(base: Path, pairs_path: Path, blocks: list[int] = (), arch: str =
     from ncp.models import load_models
     from ncp.objective import ObjectiveConfig, compute_objective, randomness_for
 
-    models = configured(load_models(str(base)), arch)
+    models = configured(load_models(str(base), device=device), arch)
     family = models.family
-    schedule = family.noise_process(models.scheduler, ObjectiveConfig())
+    schedule = family.noise_process(models.scheduler, ObjectiveConfig()).to(device)
     k = config_blocks(arch)
     encoders = {"perceptual": family.encoder(models.unet, EncoderConfig(blocks=k, error="difference"))}
     encoders.update({f"perceptual K={k}": family.encoder(models.unet, EncoderConfig(blocks=k, error="difference"))
@@ -237,9 +238,9 @@ def beta_scale(base: Path, pairs_path: Path, blocks: list[int] = (), arch: str =
         for i, batch in enumerate(loader):
             if i == 8:
                 break
-            x0 = family.to_latents(models.vae, models.vae.encode(batch["pixel_values"]).latent_dist.mean)
+            x0 = family.to_latents(models.vae, models.vae.encode(batch["pixel_values"].to(device)).latent_dist.mean)
             cond = build_cond(models, batch["prompts"])
-            rnd = randomness_for(ObjectiveConfig(), schedule, len(batch["prompts"]), x0.shape[1:], g)
+            rnd = randomness_for(ObjectiveConfig(), schedule, len(batch["prompts"]), x0.shape[1:], g).to(device)
             for space in gaps:
                 _, m = compute_objective(models.unet, encoders.get(space), schedule, x0, cond, rnd,
                                          ObjectiveConfig(loss="cpo", space=space.split(" ")[0], beta=1.0))
@@ -856,7 +857,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"step {base['unet_steps']})")
         saved.write_text(json.dumps(dict(settings=base_key, base=base), indent=2))
     base_dir = str(out / "base")
-    betas = beta_scale(out / "base", pairs_path, [SD3_BLOCKS[m] for m in a.methods if m in SD3_BLOCKS], a.arch, size)
+    betas = beta_scale(out / "base", pairs_path, [SD3_BLOCKS[m] for m in a.methods if m in SD3_BLOCKS], a.arch, size,
+                       device)
     print("beta scale per space (1 / median |err_w - err_l| of the base): "
           + ", ".join(f"{k} {v:.4g}" for k, v in betas.items()))
     common = job_common(a.arch, base_dir, pairs_path, cfg, device)

@@ -71,9 +71,11 @@ def recompile_reasons() -> list[str]:
 
 @contextlib.contextmanager
 def attention_backend(name: str, device: torch.device, dtype: torch.dtype):
-    """Restrict scaled_dot_product_attention to one backend ("auto": PyTorch picks per call) and log, once,
-    which one the run's attention uses. f's forward-mode derivative always runs the math backend (the fused
-    kernels have no forward-AD formula)."""
+    """Put one scaled_dot_product_attention backend first ("auto": PyTorch picks per call; "math": math only) and
+    log, once, which one the run's attention uses. A call the chosen fused kernel cannot take falls back to
+    PyTorch's order (flash, efficient, math): on CUDA flash and cuDNN take only fp16 / bf16, and some attention
+    runs in fp32 whatever the run's precision (SDXL's upcast VAE; f under encoder.error=fp32). f's forward-mode
+    derivative always runs the math backend (the fused kernels have no forward-AD formula)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if name in ("efficient", "cudnn") and device.type != "cuda":
@@ -86,7 +88,8 @@ def attention_backend(name: str, device: torch.device, dtype: torch.dtype):
         return
     backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
-    with sdpa_kernel([backend]):
+    fallbacks = [] if name == "math" else [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel([backend] + [b for b in fallbacks if b != backend], set_priority=True):
         yield
 
 

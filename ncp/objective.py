@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .conditioning import Cond
+from .conditioning import Cond, to_device
 from .diffusion import Schedule, mean_flat, prev_t
 from .errors import NcpError
 from . import families
@@ -69,10 +69,8 @@ class Randomness:
     t_target: torch.Tensor  # (B,) long: timestep f is evaluated at (t-1, or uniform for target="uniform"; flow: t+1)
 
     def to(self, device) -> "Randomness":
-        """Copies that do not wait for the device (from pinned memory to a GPU): a micro-step's draws cost no sync."""
-        pin = torch.device(device).type == "cuda"
-        return Randomness(*((x.pin_memory() if pin and x.device.type == "cpu" else x).to(device, non_blocking=True)
-                            for x in (self.t, self.eps, self.z, self.t_target)))
+        """Copies that do not wait for the device (`to_device`): a micro-step's draws cost no sync."""
+        return Randomness(*(to_device(x, device) for x in (self.t, self.eps, self.z, self.t_target)))
 
 
 def sample_randomness(num_pairs: int, latent_shape, num_timesteps: int, generator: torch.Generator,

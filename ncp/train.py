@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .conditioning import build_cond
+from .conditioning import build_cond, to_device
 from .config import Config, check_paths, describe_keys, load_config
 from .errors import NcpError
 from . import hostmem
@@ -168,15 +168,7 @@ def build_optimizer(cfg: Config, parts: Parts, acc, max_steps: int):
     effective_batch = tc.batch_size * tc.grad_accum * acc.num_processes
     lr = o.lr * effective_batch if o.scale_lr else o.lr
     kw = dict(lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
-    optimizer = None
-    if o.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-
-            optimizer = bnb.optim.AdamW8bit(parts.params, **kw)
-        except Exception as e:  # no bitsandbytes build for this platform / device
-            warnings.warn(f"bitsandbytes AdamW8bit unavailable ({e}); falling back to torch.optim.AdamW")
-    optimizer = optimizer or torch.optim.AdamW(parts.params, **kw)
+    optimizer = adamw8bit(parts.params, **kw) if o.optimizer == "adamw8bit" else torch.optim.AdamW(parts.params, **kw)
     lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=max_steps)
     log.info("%s %s-space %s on %s: lr %.3g (effective batch %d), %d trainable LoRA parameters%s", parts.arch,
              cfg.objective.space, cfg.objective.loss, cfg.model.pretrained, lr, effective_batch,
@@ -185,15 +177,31 @@ def build_optimizer(cfg: Config, parts: Parts, acc, max_steps: int):
     return optimizer, lr_scheduler
 
 
+def adamw8bit(params: list, **kw) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit AdamW, or torch's AdamW with a warning where bitsandbytes does not work on the params'
+    device. It takes one 8-bit step on a probe tensor there first: a build without a library for this CUDA builds
+    the optimizer and fails only at its first step, after the models and the data have loaded."""
+    try:
+        import bitsandbytes as bnb
+
+        probe = torch.zeros(4096, device=params[0].device, requires_grad=True)  # 8-bit state from 4096 elements on
+        probe.grad = torch.ones_like(probe)
+        bnb.optim.AdamW8bit([probe], **kw).step()
+        return bnb.optim.AdamW8bit(params, **kw)
+    except Exception as e:  # no bitsandbytes build for this platform / device
+        warnings.warn(f"bitsandbytes AdamW8bit unavailable ({type(e).__name__}: {e}); falling back to torch.optim.AdamW")
+        return torch.optim.AdamW(params, **kw)
+
+
 # -- one micro-step ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def encode(parts: Parts, batch: dict, resolution: int):
     """Latents x0 (2B, C, h, w) = [winners; losers] and conditioning (2B rows)."""
     vae = parts.models.vae
     if "latents" in batch:
-        x0 = batch["latents"].to(parts.models.denoiser.device, torch.float32)
+        x0 = to_device(batch["latents"], parts.models.denoiser.device).float()
     else:
-        pixels = batch["pixel_values"].to(vae.device, vae.dtype)
+        pixels = to_device(batch["pixel_values"], vae.device).to(vae.dtype)
         # the posterior mean (deterministic, no RNG draw), as the latent cache stores it
         x0 = parts.models.family.to_latents(vae, vae.encode(pixels).latent_dist.mean.float())
     cond = build_cond(parts.models, batch["prompts"], batch.get("original_size"), batch.get("crop_top_left"),

@@ -171,6 +171,16 @@ def test_attention_backend_is_pinned_logged_and_checked(caplog):
             math_out = F.scaled_dot_product_attention(q, q, q)
     assert "uses flash (train.attention=auto" in caplog.text and "uses math" in caplog.text
     assert torch.allclose(auto, math_out, atol=1e-6)
+    # a pinned fused kernel runs every call it can take; one it cannot (here 3-d inputs, on CUDA fp32 ones) falls back
+    with attention_backend("flash", torch.device("cpu"), torch.float32), torch.profiler.profile() as prof:
+        pinned = F.scaled_dot_product_attention(q, q, q)
+        fallback = F.scaled_dot_product_attention(q[0], q[0], q[0])
+    kernels = {e.name for e in prof.events() if "_scaled_dot_product" in e.name}
+    assert kernels == {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"}
+    assert torch.allclose(pinned, math_out, atol=1e-6) and torch.allclose(fallback, math_out[0], atol=1e-6)
+    with attention_backend("math", torch.device("cpu"), torch.float32), torch.profiler.profile() as prof:
+        F.scaled_dot_product_attention(q, q, q)
+    assert {e.name for e in prof.events() if "_scaled_dot_product" in e.name} == {"aten::_scaled_dot_product_attention_math"}
     with pytest.raises(NcpError, match="train.attention=cudnn is a CUDA kernel"):
         with attention_backend("cudnn", torch.device("cpu"), torch.float32):
             pass

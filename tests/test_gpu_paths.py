@@ -84,6 +84,43 @@ def test_a_step_on_another_device_makes_no_host_tensor(tmp_path, one_torch_threa
         assert all(p.grad is not None and p.grad.device == meta for p in parts.params), (loss, space, error)
 
 
+def test_a_micro_steps_inputs_reach_a_gpu_without_a_sync(monkeypatch):
+    """Batch, conditioning and draws go to a GPU from pinned memory with non_blocking copies (a blocking copy
+    waits for the previous micro-step's backward); recorded here by standing in for the two calls, as this
+    machine has no CUDA. Other devices: a plain copy, no pinning."""
+    from ncp.conditioning import to_device
+    from ncp.objective import Randomness
+
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *a: getattr(self, "pinned", False))
+
+    def pin_memory(self, *a):
+        calls.append("pin")
+        out = self.clone()
+        out.pinned = True
+        return out
+
+    def to(self, *args, **kw):
+        calls.append(("to", str(args[0]), kw.get("non_blocking", False), getattr(self, "pinned", False)))
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    x = torch.zeros(2)
+    to_device(x, "cuda:0")
+    assert calls == ["pin", ("to", "cuda:0", True, True)]
+    calls.clear()
+    x.pinned = True  # the loader's batches are pinned already: no second host copy
+    to_device(x, torch.device("cuda"))
+    assert calls == [("to", "cuda", True, True)]
+    calls.clear()
+    to_device(torch.zeros(2), "meta")
+    assert calls == [("to", "meta", False, False)]
+    calls.clear()
+    Randomness(*(torch.zeros(1) for _ in range(4))).to("cuda")
+    assert calls == ["pin", ("to", "cuda", True, True)] * 4
+
+
 def test_gpu_check_dry_run(tmp_path):
     """scripts/gpu_check.sh --dry-run, the stages that exercise the training loop: the bf16 resume comparison
     (bit for bit on CPU, losses varying, LoRA moved) and the host reads per micro-step (none: metrics are read

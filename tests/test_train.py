@@ -268,3 +268,26 @@ def test_bf16_mixed_precision_starts_at_log2(tiny_sdxl, tmp_path, error):
     assert run.parts.models.unet.conv_in.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in run.parts.params)
     assert run.parts.encoder.dtype == (torch.float32 if error == "fp32" else torch.bfloat16)
+
+
+def test_adamw8bit_falls_back_when_bitsandbytes_fails_at_its_first_step(monkeypatch):
+    """A bitsandbytes build without a library for the device builds AdamW8bit and fails at its first step: the
+    probe step finds that before training starts, and the run falls back to torch's AdamW with a warning."""
+    import warnings
+
+    bnb = pytest.importorskip("bitsandbytes")
+    from ncp.train import adamw8bit
+
+    params = [torch.nn.Parameter(torch.zeros(8))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(adamw8bit(params, lr=1e-3), bnb.optim.AdamW8bit)
+
+    def no_library(self, *a, **k):
+        raise RuntimeError("libbitsandbytes_cuda999.so: cannot open shared object file")
+
+    monkeypatch.setattr(bnb.optim.AdamW8bit, "step", no_library)
+    with pytest.warns(UserWarning, match="AdamW8bit unavailable .*cuda999.*falling back to torch.optim.AdamW"):
+        optimizer = adamw8bit(params, lr=1e-3)
+    assert type(optimizer) is torch.optim.AdamW and optimizer.param_groups[0]["lr"] == 1e-3
+
