@@ -119,7 +119,8 @@ RESUMABLE_CHANGES = ("model.arch", "train.output_dir", "train.max_steps", "train
                      "train.validate_every", "train.validation_prompts", "train.validation_steps",
                      "train.validation_guidance", "train.validation_reward", "train.max_bad_steps", "train.report_to",
                      "train.gradient_checkpointing", "train.compile", "train.compile_mode", "train.channels_last",
-                     "train.attention", "train.process_timeout_s", "encoder.batch_calls", "data.num_workers", "data.prepared_dir", "hub.")
+                     "train.attention", "train.process_timeout_s", "encoder.batch_calls", "data.num_workers", "data.prepared_dir",
+                     "data.on_bad_image", "hub.")  # a skipped pair's stand-in is a pure function of its index
 
 
 @dataclass
@@ -223,8 +224,10 @@ class Config:
 
 def changed_keys(saved: dict, now: dict) -> list[str]:
     """`key: saved -> now` for every fingerprint entry that differs. A key the saved run predates (added to the
-    config since, e.g. data.filter) counts as unchanged while it is at its default."""
+    config since, e.g. data.filter) counts as unchanged while it is at its default; one that a resume may change
+    now (it joined RESUMABLE_CHANGES since the run was saved, e.g. data.on_bad_image) is not compared."""
     default = Config().flat()
+    saved = {k: v for k, v in saved.items() if not k.startswith(RESUMABLE_CHANGES)}
     saved = {**{k: default[k] for k in now if k not in saved and k in default}, **saved}
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
 

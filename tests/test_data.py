@@ -414,3 +414,48 @@ def test_cache_command_line_parses_data_options(tmp_path, tiny_models):
     assert manifest["images"] == 4 and manifest["key"]["resolution"] == 16 and manifest["complete"]
     with pytest.raises(SystemExit, match="data.crop must be one of"):
         main(["--model", tiny_models["sd15"], "--out", str(tmp_path / "d"), "--crop", "middle"])
+
+
+def test_cache_command_line_refuses_a_word_that_is_not_a_boolean(tmp_path, capsys):
+    from ncp.data.cache import main
+
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), "--out", str(tmp_path / "c"), "--random-flip", "yes"])
+    assert "argument --random-flip: 'yes' is not a boolean: true or false" in capsys.readouterr().err
+
+
+def test_labels_schemas_home_paths_and_split_folders_are_checked(tmp_path, monkeypatch):
+    """A label that is not a number names its file and row; shards whose columns differ name the shard; `~` in
+    data paths is the home folder for every reader (a pairs file's relative images included); split names are
+    looked for below data.path only."""
+    df = pickapic_frame()
+    df["label_0"] = df["label_0"].astype(str)  # labels written as text: numbers but one
+    df.loc[2, "label_0"] = "abc"
+    df.to_parquet(tmp_path / "labels.parquet")
+    with pytest.raises(NcpError, match=r"labels.parquet row 2: label_0 'abc' is not a number \(1 such rows\)"):
+        load_pairs(DataConfig(source="parquet", path=str(tmp_path / "labels.parquet")))
+    csv = tmp_path / "authors.csv"
+    df[["image_0_uid", "image_1_uid", "label_0", "caption"]].to_csv(csv, index=False)
+    with pytest.raises(NcpError, match=r"authors.csv row 2: label_0 'abc' is not a number"):
+        load_pairs(DataConfig(source="authors_csv", path=str(csv), image_dir=image_dir(tmp_path)))
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    pickapic_frame().to_parquet(mixed / "a.parquet")
+    pickapic_frame().drop(columns=["image_0_uid", "image_1_uid"]).to_parquet(mixed / "b.parquet")
+    with pytest.raises(NcpError, match=r"b.parquet: its columns differ from .*a.parquet's .*image_0_uid"):
+        load_pairs(DataConfig(source="parquet", path=str(mixed)))
+
+    home = tmp_path / "home"
+    (home / "pp" / "img").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    for uid in "ab":
+        solid(COLOURS[uid]).save(home / "pp" / "img" / f"{uid}.png")
+    (home / "pp" / "pairs.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "img/a.png", "rejected": "img/b.png"}))
+    pairs = load_pairs(DataConfig(source="pairs", path="~/pp/pairs.jsonl"))
+    assert pairs.stats["missing_files"] == 0 and pairs.images.win == [str(home / "pp" / "img" / "a.png")]
+
+    nested = tmp_path / "test-runs" / "pick"  # a folder above data.path named like a split
+    nested.mkdir(parents=True)
+    pickapic_frame().to_parquet(nested / "shard0.parquet")
+    assert len(load_pairs(DataConfig(source="parquet", path=str(nested)))) == 3

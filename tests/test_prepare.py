@@ -284,3 +284,47 @@ def test_runs_saved_before_data_filter_existed_still_resume():
     later = Config()
     later.data.filter = "absolute_winners"
     assert changed_keys(saved, later.fingerprint(1)) == ["data.filter: 'none' -> 'absolute_winners'"]
+
+
+def test_a_run_stopped_by_a_bad_image_resumes_with_skip():
+    """data.on_bad_image=error stops a run at a bad image and says to set skip: the resume accepts that change, also
+    from a checkpoint whose fingerprint still holds the key (saved before a resume could change it)."""
+    from ncp.config import Config, changed_keys
+
+    strict = Config()
+    strict.data.on_bad_image = "error"
+    saved = {**strict.fingerprint(1), "data.on_bad_image": "error"}
+    assert changed_keys(strict.fingerprint(1), Config().fingerprint(1)) == []
+    assert changed_keys(saved, Config().fingerprint(1)) == []
+    other = Config()
+    other.data.resolution = 64
+    assert changed_keys(saved, other.fingerprint(1)) == ["data.resolution: 32 -> 64"]
+
+
+def test_prepare_stopped_by_a_bad_image_resumes_with_skip_and_drops_an_empty_cell(tmp_path):
+    """The error's advice (--on-bad-image skip) resumes the same folder, keeping the shards already written; an
+    image cell with no bytes is a bad image like a corrupt one (dropped under skip), not a stop on every rerun."""
+    from ncp.data.prepare import prepare
+
+    df = ranked_with_images()
+    df.loc[1, "jpg_0"] = None  # row 1 is C<A: the loser of pair A>C has no bytes
+    mirror = hub_folder(tmp_path, df)
+    with pytest.raises(NcpError, match=r"pair A>C: bad image .*row 1 column jpg_0: no image bytes"):
+        prepare("hub", mirror, tmp_path / "out", shard_size=1, on_bad_image="error")
+    written = sorted(p.name for p in (tmp_path / "out" / "pairs").glob("*.parquet"))
+    assert written  # shards before the bad pair's were written
+    stamps = {p: (tmp_path / "out" / "pairs" / p).stat().st_mtime_ns for p in written}
+    prepare("hub", mirror, tmp_path / "out", shard_size=1, on_bad_image="skip")
+    assert {p: (tmp_path / "out" / "pairs" / p).stat().st_mtime_ns for p in written} == stamps  # kept, not redone
+    out = pd.read_parquet(tmp_path / "out" / "pairs")
+    assert triples(out) == [("P", "A", "B"), ("Q", "F", "H"), ("Q", "F", "G")]
+    assert (tmp_path / "out" / "bad_images.txt").read_text().startswith("A>C\t")
+    prepare("hub", mirror, tmp_path / "fresh", shard_size=1)  # the same output as a skip run from the start
+    assert triples(pd.read_parquet(tmp_path / "fresh" / "pairs")) == triples(out)
+
+
+def test_prepared_folder_name_does_not_depend_on_on_bad_image():
+    from ncp.data.prepare import default_dir
+
+    cfg = DataConfig(source="hub", path="someone/pick-a-pic-v2")
+    assert default_dir(cfg) == default_dir(replace(cfg, on_bad_image="error"))

@@ -238,8 +238,12 @@ class CachedPairDataset(PairDataset):
 def _arg_type(type_name: str):
     """argparse converter for a DataConfig field type; bools parse 'true'/'false' (not `type=bool`)."""
     base = type_name.replace(" | None", "")
-    conv = {"int": int, "float": float, "str": str,
-            "bool": lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()]}[base]
+    def boolean(s: str) -> bool:
+        if s.lower() not in ("true", "1", "false", "0"):
+            raise argparse.ArgumentTypeError(f"{s!r} is not a boolean: true or false")
+        return s.lower() in ("true", "1")
+
+    conv = {"int": int, "float": float, "str": str, "bool": boolean}[base]
     if "None" in type_name:
         return lambda s: None if s.lower() in ("none", "null") else conv(s)
     return conv

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ncp.errors import NcpError
@@ -34,6 +35,13 @@ class DataConfig:
     num_workers: int = 0  # decode in worker processes so loading never stalls a GPU step
     toy_num_pairs: int = 512  # enough pairs for the toy benchmark to show a preference shift
     toy_seed: int = 0  # the toy set is a pure function of this seed
+
+    def __post_init__(self) -> None:
+        # ~ in a local path, once here: every reader, and a pairs file's relative image paths, see the real folder
+        for key in ("path", "image_dir", "cache_dir", "prepared_dir"):
+            value = getattr(self, key)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, key, os.path.expanduser(value))
 
     def validate(self) -> None:
         """Raise NcpError naming the first bad `data.*` key."""

@@ -142,7 +142,8 @@ class PairDataset(Dataset):
         pid = self.pairs.pair_ids[j]
         if self.cfg.on_bad_image == "error":
             raise NcpError(f"data: pair {pid} (winner uid {self.pairs.win_uids[j]}, loser uid "
-                           f"{self.pairs.lose_uids[j]}): bad image {error}; set data.on_bad_image=skip to skip it")
+                           f"{self.pairs.lose_uids[j]}): bad image {error}; set data.on_bad_image=skip to skip it "
+                           "(train.resume_from=latest may change it)")
         if pid in self.bad_pair_ids:
             return
         self.bad_pair_ids.add(pid)

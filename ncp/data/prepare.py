@@ -85,16 +85,17 @@ def open_stream(source: str, path: str, split: str, columns: list[str] | None = 
     return ds
 
 
-def image_bytes(value, where: str) -> bytes:
-    """The encoded file of one image cell: raw bytes, or datasets' `{"bytes", "path"}`."""
+def image_bytes(value) -> bytes | None:
+    """The encoded file of one image cell: raw bytes, or datasets' `{"bytes", "path"}`; None for an empty cell
+    (a bad image: `_write_shard` drops its pair or stops, as data.on_bad_image says)."""
     if isinstance(value, dict):
         if value.get("bytes"):
             return value["bytes"]
         if value.get("path") and os.path.exists(value["path"]):
             return Path(value["path"]).read_bytes()
-    if isinstance(value, (bytes, bytearray)):
+    if isinstance(value, (bytes, bytearray)) and value:
         return bytes(value)
-    raise NcpError(f"{where}: no image bytes (got {type(value).__name__})")
+    return None
 
 
 def read_rankings(source: str, path: str, split: str) -> pd.DataFrame:
@@ -117,14 +118,21 @@ def read_rankings(source: str, path: str, split: str) -> pd.DataFrame:
 # ---------------------------------------------------------------- the folder
 def settings_key(source: str, path: str, split: str, filter: str, max_pairs: int | None, shard_size: int,
                  on_bad_image: str) -> dict:
-    """What the output depends on; a folder holding another key is refused, not mixed."""
+    """What the output depends on; a folder holding another key is refused, not mixed (`defining`: on_bad_image
+    aside, which only decides whether a bad pair is dropped or stops the run before its shard is written)."""
     return {"source": source, "path": os.path.abspath(path) if os.path.exists(path) else path, "split": split,
             "filter": filter, "max_pairs": max_pairs, "shard_size": shard_size, "on_bad_image": on_bad_image}
 
 
+def defining(key: dict) -> dict:
+    """The settings that a folder's shards depend on: a resume may switch on_bad_image (error -> skip)."""
+    return {k: v for k, v in key.items() if k != "on_bad_image"}
+
+
 def default_dir(cfg: DataConfig) -> Path:
-    """~/.cache/ncp/prepared/<name>-<split>-<filter>-<hash of the settings>, for data.source=hub."""
-    key = json.dumps(settings_key(cfg.source, cfg.path, cfg.split, cfg.filter, cfg.max_pairs, 1000, cfg.on_bad_image),
+    """~/.cache/ncp/prepared/<name>-<split>-<filter>-<hash of the settings>, for data.source=hub; named by the
+    settings with on_bad_image at its default, so switching it finds the same folder."""
+    key = json.dumps(settings_key(cfg.source, cfg.path, cfg.split, cfg.filter, cfg.max_pairs, 1000, "skip"),
                      sort_keys=True)
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", cfg.path.strip("/"))[-60:]
     root = Path(os.environ.get("NCP_CACHE", Path.home() / ".cache" / "ncp"))
@@ -176,8 +184,8 @@ def prepare(source: str, path: str, out: str | Path, split: str = "train", filte
     out = Path(out)
     key = settings_key(source, path, split, filter, max_pairs, shard_size, on_bad_image)
     manifest = read_manifest(out)
-    if manifest is not None and manifest["key"] != key:
-        diff = {k: (manifest["key"].get(k), v) for k, v in key.items() if manifest["key"].get(k) != v}
+    if manifest is not None and defining(manifest["key"]) != defining(key):
+        diff = {k: (manifest["key"].get(k), v) for k, v in defining(key).items() if manifest["key"].get(k) != v}
         raise NcpError(f"{out}: holds pairs prepared with other settings (there, here: {diff}); use another --out")
     if manifest is not None and manifest.get("complete"):
         print(f"{out}: already prepared ({manifest['stats']['pairs']} pairs); nothing to do")
@@ -204,7 +212,7 @@ def _write_pairs(source, path, split, filter, max_pairs, shard_size, on_bad_imag
         stats = read_manifest(out)["stats"]
     else:
         ranks = read_rankings(source, path, split)
-        keep, _, stats = orient(ranks["label_0"], ranks["label_1"])
+        keep, _, stats = orient(ranks["label_0"], ranks["label_1"], f"{path} (split {split})")
         plan = plan_pairs(ranks, filter)
         stats = {"rows": len(ranks), **stats, "decided": len(keep), "dropped_by_filter": len(keep) - len(plan)}
         if max_pairs is not None:
@@ -223,7 +231,7 @@ def _write_pairs(source, path, split, filter, max_pairs, shard_size, on_bad_imag
     sample = []
     stream = open_stream(source, path, split)
     for row in stream.take(SAMPLE_ROWS):
-        sample += [len(image_bytes(row[c], f"{path} column {c}")) for c in IMAGE_COLUMNS]
+        sample += [len(b) for c in IMAGE_COLUMNS if (b := image_bytes(row[c])) is not None]
     print(f"{'resuming, ' if len(todo) < n_shards else ''}will write {estimate(plan, sample, resolution)} "
           f"into {out} ({n_shards - len(todo)} of {n_shards} shards done)")
 
@@ -244,7 +252,7 @@ def _write_pairs(source, path, split, filter, max_pairs, shard_size, on_bad_imag
         for row, example in enumerate(stream.skip(start), start=start):  # skip: rows before any unfinished shard
             for i, side, col in need.get(row, ()):
                 slot = got.setdefault(i, [None, None])
-                slot[side] = (image_bytes(example[col], f"{path} (split {split}) row {row} column {col}"), row, col)
+                slot[side] = (image_bytes(example[col]), row, col)
                 if slot[0] is not None and slot[1] is not None:
                     k = i // shard_size
                     missing[k] -= 1
@@ -283,6 +291,8 @@ def _write_shard(plan, k, shard_size, got, path: Path, source_path, on_bad_image
         pid = f"{plan.at[i, 'w']}>{plan.at[i, 'l']}"
         try:
             for b, r, c in ((bw, rw, cw), (bl, rl, cl)):
+                if b is None:
+                    raise BadImage(f"{source_path} row {r} column {c}: no image bytes")
                 open_image(b, f"{source_path} row {r} column {c}")
         except BadImage as e:
             if on_bad_image == "error":

@@ -146,8 +146,10 @@ def resolve_files(path: str, split: str, exts: tuple[str, ...]) -> list[str]:
     if not files:
         raise NcpError(f"data.path: no {'/'.join(exts)} files in {path}")
 
-    def split_of(f: str) -> str | None:
-        for part in [os.path.basename(f)] + list(Path(f).parent.parts):
+    root = path if os.path.isdir(path) else os.path.dirname(re.split(r"[*?\[]", path)[0])  # a glob: above its wildcards
+
+    def split_of(f: str) -> str | None:  # the file's name, or a folder between data.path and the file
+        for part in [os.path.basename(f)] + list(Path(os.path.relpath(f, root or ".")).parent.parts):
             for s in KNOWN_SPLITS:
                 if re.match(rf"^{s}(-|\.|$)", part):
                     return s
@@ -189,14 +191,24 @@ def read_table(files: list[str], columns: list[str], optional: list[str] = ()) -
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
-def orient(label_0, label_1) -> tuple[np.ndarray, np.ndarray, dict]:
+def orient(label_0, label_1, where: str = "data") -> tuple[np.ndarray, np.ndarray, dict]:
     """Rows to keep and whether to swap them so the winner is image 0. Ties (equal labels, Pick-a-Pic's
-    0.5/0.5) and rows without labels are dropped and counted."""
-    l0, l1 = np.asarray(label_0, dtype=np.float64), np.asarray(label_1, dtype=np.float64)
+    0.5/0.5) and rows without labels are dropped and counted; a label that is not a number names its row."""
+    l0, l1 = _numbers(label_0, "label_0", where), _numbers(label_1, "label_1", where)
     unlabelled = np.isnan(l0) | np.isnan(l1)
     tie = ~unlabelled & (l0 == l1)
     keep = np.flatnonzero(~unlabelled & ~tie)
     return keep, l1[keep] > l0[keep], {"ties": int(tie.sum()), "unlabelled": int(unlabelled.sum())}
+
+
+def _numbers(values, column: str, where: str) -> np.ndarray:
+    """A label column as floats; a cell that holds something other than a number is an error naming its row."""
+    cells = pd.Series(values).reset_index(drop=True)
+    numbers = pd.to_numeric(cells, errors="coerce")
+    bad = np.flatnonzero((numbers.isna() & cells.notna()).to_numpy())
+    if len(bad):
+        raise NcpError(f"{where} row {bad[0]}: {column} {cells[bad[0]]!r} is not a number ({len(bad)} such rows)")
+    return numbers.to_numpy(dtype=np.float64)
 
 
 def _finish(prompts, ids, wu, lu, images, stats, where: str, max_pairs: int | None) -> Pairs:
@@ -215,7 +227,7 @@ def _finish(prompts, ids, wu, lu, images, stats, where: str, max_pairs: int | No
 def _labelled(df: pd.DataFrame, where: str, max_pairs, filter: str = "none"):
     """Keep/orient rows of a Pick-a-Pic-like frame (and apply `data.filter`); returns prompts, ids, uids,
     image refs ((row, column) of winner and loser in `df`) and stats."""
-    keep, swap, stats = orient(df["label_0"], df["label_1"])
+    keep, swap, stats = orient(df["label_0"], df["label_1"], where)
     stats = {"rows": len(df), **stats}
     if filter != "none":
         from ncp.data.filter import NEEDED, plan_pairs
@@ -257,8 +269,15 @@ def _load_arrow(cfg: DataConfig):
     import datasets
 
     files = resolve_files(cfg.path, cfg.split, (".parquet",))
-    for f in files:  # fail on a bad shard or column here, naming the file, not deep in datasets
-        _check_parquet(f)
+    schemas = [_check_parquet(f) for f in files]  # fail on a bad shard or column here, naming the file, not deep in datasets
+    used = lambda s: {c: str(s.field(c).type) for c in PICKAPIC_COLUMNS + IMAGE_COLUMNS + UID_COLUMNS + ["ranking_id"]  # noqa: E731
+                      if c in s.names}
+    for f, schema in zip(files[1:], schemas[1:]):
+        if used(schema) != used(schemas[0]):
+            diff = {c: (used(schemas[0]).get(c), used(schema).get(c)) for c in used(schemas[0]) | used(schema)
+                    if used(schemas[0]).get(c) != used(schema).get(c)}
+            raise NcpError(f"{f}: its columns differ from {files[0]}'s (there, here: {diff}); the shards of one "
+                           "data.path must share their columns")
     metas = [pq.read_metadata(f) for f in files]
     if all(m.row_group(g).num_rows <= SMALL_ROW_GROUP for m in metas for g in range(m.num_row_groups)):
         return ParquetRows(files), cfg.path
@@ -268,14 +287,16 @@ def _load_arrow(cfg: DataConfig):
         raise NcpError(f"{cfg.path}: cannot load parquet split {cfg.split!r} ({type(e).__name__}: {e})") from e
 
 
-def _check_parquet(f: str) -> None:
+def _check_parquet(f: str):
+    """The shard's schema; an unreadable shard or a missing column names the file."""
     try:
-        have = pq.read_schema(f).names
+        schema = pq.read_schema(f)
     except Exception as e:
         raise NcpError(f"{f}: cannot read ({type(e).__name__}: {e})") from e
     for c in PICKAPIC_COLUMNS + IMAGE_COLUMNS:
-        if c not in have:
-            raise NcpError(f"{f}: missing column {c!r} (has {have})")
+        if c not in schema.names:
+            raise NcpError(f"{f}: missing column {c!r} (has {schema.names})")
+    return schema
 
 
 def load_pairs(cfg: DataConfig) -> Pairs:
@@ -312,7 +333,7 @@ def load_pairs(cfg: DataConfig) -> Pairs:
     elif cfg.source == "authors_csv":
         files = [cfg.path]
         df = read_table(files, ["image_0_uid", "image_1_uid", "label_0", "caption"], optional=["ranking_id"])
-        df["label_1"] = 1.0 - pd.to_numeric(df["label_0"], errors="coerce")  # the CSV stores label_0 only
+        df["label_1"] = 1.0 - _numbers(df["label_0"], "label_0", cfg.path)  # the CSV stores label_0 only
     else:  # pairs
         return _load_user_pairs(cfg)
 
