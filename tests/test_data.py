@@ -459,3 +459,20 @@ def test_labels_schemas_home_paths_and_split_folders_are_checked(tmp_path, monke
     nested.mkdir(parents=True)
     pickapic_frame().to_parquet(nested / "shard0.parquet")
     assert len(load_pairs(DataConfig(source="parquet", path=str(nested)))) == 3
+
+
+def test_user_pairs_are_named_by_their_real_line(tmp_path):
+    """Blank lines and a prompt quoted over two lines do not shift the `<file>:<line>` names that reports and
+    bad_images.txt use; a line that is not JSON is named by its number."""
+    image_dir(tmp_path)
+    (tmp_path / "pairs.csv").write_text('prompt,chosen,rejected\n\n"two\nlines",images/a.jpg,images/b.jpg\n'
+                                        "p,images/c.jpg,images/d.jpg\n\np2,images/e.jpg,images/f.jpg\n")
+    assert load_pairs(DataConfig(source="pairs", path=str(tmp_path / "pairs.csv"))).pair_ids == \
+        ["pairs.csv:3", "pairs.csv:5", "pairs.csv:7"]
+    row = lambda w, l: json.dumps({"prompt": "p", "chosen": f"images/{w}.jpg", "rejected": f"images/{l}.jpg"})  # noqa: E731
+    (tmp_path / "pairs.jsonl").write_text(f"{row('a', 'b')}\n\n{row('c', 'd')}\n")
+    assert load_pairs(DataConfig(source="pairs", path=str(tmp_path / "pairs.jsonl"))).pair_ids == \
+        ["pairs.jsonl:1", "pairs.jsonl:3"]
+    (tmp_path / "bad.jsonl").write_text(f"{row('a', 'b')}\n{{\"prompt\": \"p\", \n")
+    with pytest.raises(NcpError, match=r"bad.jsonl: cannot read .*; line 2 is not JSON"):
+        load_pairs(DataConfig(source="pairs", path=str(tmp_path / "bad.jsonl")))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import csv
 import glob
 import json
 import os
@@ -183,12 +184,39 @@ def read_table(files: list[str], columns: list[str], optional: list[str] = ()) -
         except NcpError:
             raise
         except Exception as e:  # pyarrow / pandas raise many types for a bad file
-            raise NcpError(f"{f}: cannot read ({type(e).__name__}: {e})") from e
+            raise NcpError(f"{f}: cannot read ({type(e).__name__}: {e}){_bad_json_line(f)}") from e
         missing = [c for c in columns if c not in df.columns]
         if missing:
             raise NcpError(f"{f}: missing column {missing[0]!r} (has {list(df.columns)})")
         frames.append(df)
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+
+def _bad_json_line(path: str) -> str:
+    """'; line N is not JSON' for the first such line of a JSONL file (pandas names a character position)."""
+    if not path.endswith((".jsonl", ".json")):
+        return ""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for n, line in enumerate(fh, start=1):
+            try:
+                line.strip() and json.loads(line)
+            except ValueError:
+                return f"; line {n} is not JSON"
+    return ""
+
+
+def record_lines(path: str) -> list[int]:
+    """The 1-based line where each record of a CSV (after its header) or JSONL file starts, as pandas reads them:
+    blank lines skipped, a quoted CSV field may span lines."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        if path.endswith((".jsonl", ".json")):
+            return [n for n, line in enumerate(fh, start=1) if line.strip()]
+        reader, starts, end = csv.reader(fh), [], 0
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                starts.append(end + 1)
+            end = reader.line_num
+        return starts[1:]
 
 
 def orient(label_0, label_1, where: str = "data") -> tuple[np.ndarray, np.ndarray, dict]:
@@ -352,8 +380,9 @@ def _load_user_pairs(cfg: DataConfig) -> Pairs:
     stats = {"rows": len(df)}
     ok = df["chosen"].notna() & df["rejected"].notna()
     stats["empty_paths"] = int((~ok).sum())
-    first_line = 1 if cfg.path.endswith((".jsonl", ".json")) else 2  # CSV: line 1 is the header
-    lines = [first_line + i for i in range(len(df))]
+    lines = record_lines(cfg.path)
+    if len(lines) != len(df):  # a file pandas reads otherwise than above: number its records instead
+        lines = [f"record {i + 1}" for i in range(len(df))]
     df = df[ok]
     full = lambda p: os.path.normpath(os.path.join(base, str(p)))  # noqa: E731  (absolute p wins in join)
     win, lose = [full(p) for p in df["chosen"]], [full(p) for p in df["rejected"]]
