@@ -476,3 +476,23 @@ def test_user_pairs_are_named_by_their_real_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text(f"{row('a', 'b')}\n{{\"prompt\": \"p\", \n")
     with pytest.raises(NcpError, match=r"bad.jsonl: cannot read .*; line 2 is not JSON"):
         load_pairs(DataConfig(source="pairs", path=str(tmp_path / "bad.jsonl")))
+
+
+def test_parquet_without_uids_names_images_by_file_content_and_row(tmp_path):
+    """Images of uid-less parquet are the latent cache's keys: a file's rows keep their names whether it is read
+    alone or with others, and a file with other content (same row count) gets other names, so a cache built on
+    other data is refused for the images it lacks instead of serving another file's latents by row number."""
+    d = tmp_path / "shards"
+    d.mkdir()
+    flat = pickapic_frame().drop(columns=["image_0_uid", "image_1_uid"])
+    flat.to_parquet(d / "part-0.parquet")
+    flat.assign(caption=["s0", "s1", "s2", "s3"]).to_parquet(d / "part-1.parquet")
+    both = load_pairs(DataConfig(source="parquet", path=str(d)))
+    alone = load_pairs(DataConfig(source="parquet", path=str(d / "part-1.parquet")))
+    assert len(set(both.win_uids + both.lose_uids)) == 12  # 3 decided pairs per file, 2 images each
+    assert both.win_uids[3:] == alone.win_uids and both.lose_uids[3:] == alone.lose_uids
+    assert not set(both.win_uids[:3]) & set(alone.win_uids)
+    swapped = flat.copy()
+    swapped["jpg_0"], swapped["jpg_1"] = flat["jpg_1"], flat["jpg_0"]
+    swapped.to_parquet(d / "part-1.parquet")
+    assert not set(load_pairs(DataConfig(source="parquet", path=str(d / "part-1.parquet"))).win_uids) & set(alone.win_uids)

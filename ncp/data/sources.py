@@ -22,6 +22,7 @@ import bisect
 import copy
 import csv
 import glob
+import hashlib
 import json
 import os
 import re
@@ -252,9 +253,10 @@ def _finish(prompts, ids, wu, lu, images, stats, where: str, max_pairs: int | No
     return Pairs(list(prompts), list(ids), list(wu), list(lu), images, stats)
 
 
-def _labelled(df: pd.DataFrame, where: str, max_pairs, filter: str = "none"):
+def _labelled(df: pd.DataFrame, where: str, max_pairs, filter: str = "none", row_names=None):
     """Keep/orient rows of a Pick-a-Pic-like frame (and apply `data.filter`); returns prompts, ids, uids,
-    image refs ((row, column) of winner and loser in `df`) and stats."""
+    image refs ((row, column) of winner and loser in `df`) and stats. Without uid columns an image is named
+    `<row name>_<side>` (`row_names`, default `row<r>`)."""
     keep, swap, stats = orient(df["label_0"], df["label_1"], where)
     stats = {"rows": len(df), **stats}
     if filter != "none":
@@ -279,8 +281,9 @@ def _labelled(df: pd.DataFrame, where: str, max_pairs, filter: str = "none"):
         u0 = df["image_0_uid"].astype(str).to_numpy()[keep]
         u1 = df["image_1_uid"].astype(str).to_numpy()[keep]
     else:  # no uids: name images by row, so reports and the cache still have a key
-        u0 = np.array([f"row{r}_0" for r in keep])
-        u1 = np.array([f"row{r}_1" for r in keep])
+        name = (lambda r: f"row{r}") if row_names is None else row_names.__getitem__  # noqa: E731
+        u0 = np.array([f"{name(r)}_0" for r in keep])
+        u1 = np.array([f"{name(r)}_1" for r in keep])
     wu, lu = np.where(swap, u1, u0).tolist(), np.where(swap, u0, u1).tolist()
     ids = [f"{w}>{l}" for w, l in zip(wu, lu)]
     refs = [((r, "jpg_1"), (r, "jpg_0")) if s else ((r, "jpg_0"), (r, "jpg_1")) for r, s in zip(keep.tolist(), swap.tolist())]
@@ -308,11 +311,21 @@ def _load_arrow(cfg: DataConfig):
                            "data.path must share their columns")
     metas = [pq.read_metadata(f) for f in files]
     if all(m.row_group(g).num_rows <= SMALL_ROW_GROUP for m in metas for g in range(m.num_row_groups)):
-        return ParquetRows(files), cfg.path
+        return ParquetRows(files), cfg.path, metas
     try:
-        return datasets.load_dataset("parquet", data_files=files, split="train"), cfg.path
+        return datasets.load_dataset("parquet", data_files=files, split="train"), cfg.path, metas
     except Exception as e:
         raise NcpError(f"{cfg.path}: cannot load parquet split {cfg.split!r} ({type(e).__name__}: {e})") from e
+
+
+def content_rows(metas: list) -> list[str]:
+    """Names for the rows of parquet files without uids, `<file tag>:<row in file>`, the tag a hash of the file's
+    footer (row groups, their sizes and statistics): other data does not match a latent cache's images by row."""
+    names = []
+    for m in metas:
+        tag = hashlib.sha1(json.dumps(m.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+        names += [f"{tag}:{r}" for r in range(m.num_rows)]
+    return names
 
 
 def _check_parquet(f: str):
@@ -346,13 +359,14 @@ def load_pairs(cfg: DataConfig) -> Pairs:
         return pairs
 
     if cfg.source == "parquet":
-        ds, where = _load_arrow(cfg)
+        ds, where, metas = _load_arrow(cfg)
         missing = [c for c in PICKAPIC_COLUMNS + IMAGE_COLUMNS if c not in ds.column_names]
         if missing:
             raise NcpError(f"{where} (split {cfg.split}): missing column {missing[0]!r} (has {ds.column_names})")
         meta = ds.select_columns(PICKAPIC_COLUMNS + [c for c in UID_COLUMNS + ["ranking_id"]
                                                      if c in ds.column_names]).to_pandas()
-        caps, ids, wu, lu, refs, stats = _labelled(meta, where, cfg.max_pairs, cfg.filter)
+        rows = None if all(c in meta.columns for c in UID_COLUMNS) else content_rows(metas)
+        caps, ids, wu, lu, refs, stats = _labelled(meta, where, cfg.max_pairs, cfg.filter, rows)
         return _finish(caps, ids, wu, lu, ArrowImages(ds, refs, where), stats, where, None)
 
     if cfg.source == "pickapic_meta":
