@@ -195,7 +195,7 @@ def read_table(files: list[str], columns: list[str], optional: list[str] = ()) -
 
 def _bad_json_line(path: str) -> str:
     """'; line N is not JSON' for the first such line of a JSONL file (pandas names a character position)."""
-    if not path.endswith((".jsonl", ".json")):
+    if not path.endswith((".jsonl", ".json")) or not os.path.isfile(path):
         return ""
     with open(path, encoding="utf-8", errors="replace") as fh:
         for n, line in enumerate(fh, start=1):
