@@ -28,7 +28,7 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def score_lora(pipe, prompts: list[str], seeds: list[int], scorer, batch_size: int = 8, steps: int = 25,
-               guidance: float = 7.5, resolution: int | None = None, negative_prompt: str | None = None) -> float:
+               guidance: float | None = None, resolution: int | None = None, negative_prompt: str | None = None) -> float:
     """Mean reward of `pipe` as it stands (LoRA on or off) over every prompt x seed.
 
     Cheap enough to call from a training loop every N steps with a small fixed prompt subset; the

@@ -137,14 +137,20 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
 
 
 def win_rate(a: dict, b: dict) -> dict:
-    """Win rate of scores `a` over `b`, both {(prompt_idx, seed): score}, on their shared keys."""
+    """Win rate of scores `a` over `b`, both {(prompt_idx, seed): score}, on their shared keys: the share of images
+    (prompt, seed) where a scores higher, ties half, averaged per prompt first. The 95% Wilson interval counts
+    prompts, not images: the seeds of one prompt are not independent trials (an image-level interval covered a
+    true rate 88% of the time at 2 seeds), and a prompt's share in [0, 1] varies no more than a coin's."""
     keys = sorted(set(a) & set(b))
     wins = sum(a[k] > b[k] for k in keys)
     ties = sum(a[k] == b[k] for k in keys)
-    n = len(keys)
-    share = (wins + 0.5 * ties) / n if n else float("nan")
-    low, high = wilson_interval(wins + 0.5 * ties, n)
-    return dict(win_rate=share, low=low, high=high, n=n, wins=wins, ties=ties)
+    per_prompt: dict = {}
+    for k in keys:
+        per_prompt.setdefault(k[0] if isinstance(k, tuple) else k, []).append(1.0 if a[k] > b[k] else 0.5 if a[k] == b[k] else 0.0)
+    prompts = len(per_prompt)
+    share = sum(sum(v) / len(v) for v in per_prompt.values()) / prompts if prompts else float("nan")
+    low, high = wilson_interval(share * prompts, prompts) if prompts else (float("nan"), float("nan"))
+    return dict(win_rate=share, low=low, high=high, n=len(keys), prompts=prompts, wins=wins, ties=ties)
 
 
 # ---------------------------------------------------------------- index and scoring
@@ -187,6 +193,12 @@ def summarise(rows: list[dict], scores: dict[str, list[float]], baseline: str = 
     models = list(dict.fromkeys(r["model"] for r in rows))
     if baseline not in models:
         raise NcpError(f"--baseline {baseline!r} is not a model in the index (models: {models})")
+    images = {m: {(r["prompt_idx"], r["seed"]): r["prompt"] for r in rows if r["model"] == m} for m in models}
+    for m in models:  # a win rate compares the same prompt and seed; a merged index may not hold them
+        if images[m] != images[baseline]:
+            odd = sorted(set(images[m].items()) ^ set(images[baseline].items()))[0]
+            raise NcpError(f"model {m!r} and the baseline {baseline!r} do not have the same images: (prompt_idx, seed) "
+                           f"{odd[0]} with prompt {odd[1]!r} is in one only; render both from one prompt list and seeds")
     out = {}
     for reward, values in scores.items():
         by_model = {m: {} for m in models}
@@ -211,7 +223,8 @@ def to_markdown(results: dict) -> str:
         for r in rewards.values():
             cells.append(f"{r['mean'][m]:.4f}" if m in r["mean"] else "")
             w = r["win_rate"].get(m)
-            cells.append(f"{w['win_rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] (n={w['n']})" if w else "-")
+            cells.append(f"{w['win_rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] (n={w['n']}, {w['prompts']} prompts)"
+                         if w else "-")
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     text += f"\nWin rate: share of (prompt, seed) pairs scored higher than `{base}`, ties as half; {results['interval']}.\n"

@@ -5,6 +5,11 @@ difference between a LoRA's image and the base image is the LoRA. Output:
 
     DIR/<model>/<prompt_idx>_<seed>.png
     DIR/index.jsonl   one row per image: prompt, prompt_idx, seed, model, lora, path (relative to DIR)
+    DIR/generate.json the settings every image was rendered with
+
+A stopped run continues where it stopped (the same command: rows are kept in index.partial.jsonl as batches
+finish), and another LoRA rendered into the same DIR with the same settings joins the index beside the models
+already there. DIR holding images of other settings is refused.
 
     python -m ncp.generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 --lora outputs/run1 \\
         --prompts parti --max-prompts 100 --out outputs/gen --seeds 0 1
@@ -85,7 +90,7 @@ def resolve_lora(spec: str) -> tuple[str, Path]:
     The default name is the run folder's name, or `<run>-checkpoint-<step>` for a checkpoint.
     """
     # an existing path wins, so folders named like sweep points (`key=value`) need no NAME= prefix
-    name, _, path = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+    name, _, path = spec.partition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
     p = Path(path)
     if p.is_file():
         p = p.parent
@@ -141,9 +146,10 @@ def sampling_kwargs(pipe) -> dict:
     return family.sampling_kwargs(denoiser) if family else {}
 
 
-def render(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.5,
+def render(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float | None = None,
            resolution: int | None = None, negative_prompt: str | None = None):
-    """PIL images for prompts[i] with seeds[i], one CPU `torch.Generator` per image.
+    """PIL images for prompts[i] with seeds[i], one CPU `torch.Generator` per image. `guidance` None: the
+    pipeline's own default (SD1.5 7.5, SDXL 5, SD3 7; FLUX.1 dev embeds the guidance it was trained at, 3.5).
 
     CPU generators make an image depend only on its seed, not on the device or on which other
     images share its batch (diffusers draws each latent from its own generator).
@@ -151,8 +157,8 @@ def render(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     out = pipe(
         prompt=list(prompts), negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
-        generator=generators, num_inference_steps=steps, guidance_scale=guidance,
-        height=resolution, width=resolution, output_type="pil", **sampling_kwargs(pipe),
+        generator=generators, num_inference_steps=steps, height=resolution, width=resolution, output_type="pil",
+        **sampling_kwargs(pipe), **({} if guidance is None else {"guidance_scale": guidance}),
     )
     return out.images
 
@@ -163,12 +169,14 @@ def _batches(items: list, size: int):
 
 
 def generate(model: str, loras: list[str], prompts: list[str], out_dir: str | Path, seeds: list[int] = (0,),
-             batch_size: int = 4, guidance: float = 7.5, steps: int = 25, resolution: int | None = None,
+             batch_size: int = 4, guidance: float | None = None, steps: int = 25, resolution: int | None = None,
              negative_prompt: str | None = None, include_base: bool = True, device: str | None = None,
              dtype: torch.dtype = torch.float32, pipe=None) -> list[dict]:
     """Render every prompt x seed with the base model ("base") and each LoRA; write images and index.jsonl.
 
-    Returns the index rows. `pipe` lets a caller reuse an already loaded pipeline (it must have no LoRA loaded).
+    Returns the index rows of this call's models. `pipe` lets a caller reuse an already loaded pipeline (it must
+    have no LoRA loaded). Images already in `out_dir` with these settings (same model, LoRA file, prompt and seed)
+    are kept, not rendered again.
     """
     out_dir = Path(out_dir)
     models = [("base", None)] if include_base else []
@@ -176,25 +184,67 @@ def generate(model: str, loras: list[str], prompts: list[str], out_dir: str | Pa
     names = [n for n, _ in models]
     if len(set(names)) != len(names):
         raise NcpError(f"--lora: two models share a name ({names}); name them with NAME=PATH")
-    if pipe is None:
-        pipe = load_pipeline(model, device or default_device(), dtype)
-    jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
-    rows = []
-    for name, lora in models:
-        with lora_loaded(pipe, lora):
-            (out_dir / name).mkdir(parents=True, exist_ok=True)
-            for batch in _batches(jobs, batch_size):
-                images = render(pipe, [p for _, p, _ in batch], [s for _, _, s in batch], steps, guidance,
-                                resolution, negative_prompt)
-                for (idx, prompt, seed), image in zip(batch, images):
-                    rel = f"{name}/{idx}_{seed}.png"
-                    image.save(out_dir / rel)
-                    rows.append(dict(prompt=prompt, prompt_idx=idx, seed=int(seed), model=name,
-                                     lora=str(lora) if lora else None, path=rel))
-    with open(out_dir / "index.jsonl", "w", encoding="utf-8") as f:
-        for row in rows:
+    settings = dict(model=model, guidance=guidance, steps=steps, resolution=resolution, negative_prompt=negative_prompt,
+                    dtype=str(dtype).removeprefix("torch."))  # what an image depends on besides model, prompt, seed
+    done = _rendered(out_dir, settings)
+    jobs = [(i, p, int(s)) for i, p in enumerate(prompts) for s in seeds]
+    rows, partial = [], out_dir / "index.partial.jsonl"
+    with open(partial, "a", encoding="utf-8") as log:
+        for name, lora in models:
+            lora = str(lora) if lora else None
+            kept = {job: done.get((name, job[0], job[2])) for job in jobs}
+            kept = {job: row for job, row in kept.items() if row and row["prompt"] == job[1] and row["lora"] == lora}
+            todo = [job for job in jobs if job not in kept]
+            rows += list(kept.values())
+            if not todo:
+                continue
+            if pipe is None:
+                pipe = load_pipeline(model, device or default_device(), dtype)
+            with lora_loaded(pipe, lora):
+                (out_dir / name).mkdir(parents=True, exist_ok=True)
+                for batch in _batches(todo, batch_size):
+                    images = render(pipe, [p for _, p, _ in batch], [s for _, _, s in batch], steps, guidance,
+                                    resolution, negative_prompt)
+                    for (idx, prompt, seed), image in zip(batch, images):
+                        rel = f"{name}/{idx}_{seed}.png"
+                        image.save(out_dir / rel)
+                        rows.append(dict(prompt=prompt, prompt_idx=idx, seed=seed, model=name, lora=lora, path=rel))
+                        log.write(json.dumps(rows[-1]) + "\n")
+                    log.flush()
+    order = {(n, i, s): k for k, (n, (i, _, s)) in enumerate((n, j) for n in names for j in jobs)}
+    rows.sort(key=lambda r: order[(r["model"], r["prompt_idx"], r["seed"])])
+    others = [r for r in done.values() if r["model"] not in names]  # models rendered here before, with these settings
+    with open(out_dir / "index.jsonl.tmp", "w", encoding="utf-8") as f:
+        for row in others + rows:
             f.write(json.dumps(row) + "\n")
+    (out_dir / "index.jsonl.tmp").replace(out_dir / "index.jsonl")
+    partial.unlink()
     return rows
+
+
+def _rendered(out_dir: Path, settings: dict) -> dict:
+    """{(model, prompt_idx, seed): index row} of the images already in `out_dir` with `settings` (writing them to
+    generate.json for a new folder); a folder whose images were rendered otherwise is refused."""
+    saved = out_dir / "generate.json"
+    if saved.is_file():
+        if json.loads(saved.read_text()) != settings:
+            raise NcpError(f"--out {out_dir}: holds images rendered with other settings ({saved}); use another --out")
+    elif (out_dir / "index.jsonl").exists():
+        raise NcpError(f"--out {out_dir}: holds an index.jsonl without its settings (generate.json); use another --out")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(settings, indent=2))
+    done = {}
+    for name in ("index.jsonl", "index.partial.jsonl"):
+        if (out_dir / name).is_file():
+            for line in (out_dir / name).read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:  # empty, or the line a crash cut short
+                    continue
+                if (out_dir / row["path"]).is_file():
+                    done[(row["model"], row["prompt_idx"], row["seed"])] = row
+    return done
 
 
 def add_render_args(p: argparse.ArgumentParser) -> None:
@@ -206,7 +256,8 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompts", type=int)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's: SD1.5 7.5, SDXL 5, SD3 7; "
+                   "FLUX.1 dev's embedded guidance 3.5)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
     p.add_argument("--negative-prompt")

@@ -48,9 +48,9 @@ Validation prompts at step {{ grid_step }}{% if prompts %}: {{ prompts }}{% endi
 import torch
 from diffusers import {{ pipeline_class }}
 
-pipe = {{ pipeline_class }}.from_pretrained("{{ base_model }}", dtype=torch.float16).to("cuda")
+pipe = {{ pipeline_class }}.from_pretrained("{{ base_model }}", dtype=torch.bfloat16).to("cuda")
 pipe.load_lora_weights("{{ repo_id }}")
-image = pipe("{{ example_prompt }}", num_inference_steps=25, guidance_scale=7.5).images[0]
+image = pipe("{{ example_prompt }}"{{ call_kwargs }}).images[0]
 ```
 
 ## Training
@@ -155,6 +155,9 @@ def build_model_card(run_dir: str | Path, repo_id: str | None = None, license: s
     prompts = (config.get("train") or {}).get("validation_prompts") or []
     hyper = [kv for s in HYPERPARAMETER_SECTIONS for kv in _flatten(s, config.get(s) or {})]
     last = metrics[-1] if metrics else {}
+    # the pipeline's own guidance unless the run set one (FLUX.1 dev's embedded guidance, its T5 length)
+    call = {"num_inference_steps": 25, "guidance_scale": model.get("guidance"),
+            "max_sequence_length": model.get("max_sequence_length")}
     return ModelCard.from_template(
         card_data, template_str=TEMPLATE,
         title=f"{method} LoRA for {base}" if not repo_id else repo_id.split("/")[-1],
@@ -162,7 +165,7 @@ def build_model_card(run_dir: str | Path, repo_id: str | None = None, license: s
         method=method, space=space,
         space_text=(f"noise-conditioned perceptual space of the {family.denoiser_kind} encoder"
                     if space == "perceptual" else "latent space"),
-        pipeline_class=family.pipeline_name,
+        pipeline_class=family.pipeline_name, call_kwargs="".join(f", {k}={v}" for k, v in call.items() if v is not None),
         repo_id=repo_id or "USER/REPO", example_prompt=(prompts[0] if prompts else "a photo of a cat").replace('"', "'"),
         grid=GRID_FILE if grid else None, grid_step=grid_step, prompts="; ".join(f"“{p}”" for p in prompts),
         hyperparameters=hyper, data=[(k, _fmt(v)) for k, v in data.items() if v is not None],

@@ -127,11 +127,15 @@ def pipeline_class(arch: str):
 
 
 def save_lora(unet, out_dir: str | Path, arch: str) -> Path:
-    """Write `pytorch_lora_weights.safetensors` in the family's format, loadable with `pipe.load_lora_weights(out_dir)`."""
+    """Write `pytorch_lora_weights.safetensors` in the family's format, loadable with `pipe.load_lora_weights(out_dir)`.
+    The adapter's config goes into the file's metadata: without it diffusers loads lora.alpha as the rank, so a
+    LoRA trained at alpha / rank != 1 would be applied at another strength."""
     from . import families
 
     family = families.get(arch)
-    family.pipeline_class.save_lora_weights(str(out_dir), **{family.lora_key: family.lora_state_dict(unet)},
+    config = getattr(unet, "module", unet).peft_config["default"].to_dict()
+    family.pipeline_class.save_lora_weights(str(out_dir), **{family.lora_key: family.lora_state_dict(unet),
+                                                             f"{family.denoiser_key}_lora_adapter_metadata": config},
                                             safe_serialization=True)
     return Path(out_dir) / LORA_FILE
 

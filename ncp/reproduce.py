@@ -66,7 +66,7 @@ def run_overrides(s: dict, out: Path, name: str) -> list[str]:
     """What every run shares (model, data, user overrides) plus its own output folder."""
     data = out / "data"
     o = [f"model.pretrained={s['model']}", "data.source=parquet", f"data.path={data / 'pairs'}", "data.filter=none",
-         f"data.resolution={s['resolution']}"]
+         f"data.resolution={s['resolution']}", "train.keep_checkpoints=100000"]  # every checkpoint: the curves' points
     if s["vae"]:
         o.append(f"model.vae={s['vae']}")
     if s["prepare"].get("cache", False):
@@ -194,7 +194,7 @@ def stage_generate(s: dict, out: Path, pipe_cache: dict) -> bool:
             continue
         loras = [f"{run}={out / 'runs' / run}" for run in s["train"]["runs"]]
         generate(s["model"], loras, prompts_of(spec, name), folder, g.get("seeds", [0]), g.get("batch_size", 4),
-                 g.get("guidance", 7.5), g.get("steps", 25), g.get("resolution"), g.get("negative_prompt"),
+                 g.get("guidance"), g.get("steps", 25), g.get("resolution"), g.get("negative_prompt"),
                  pipe=pipeline(s, pipe_cache))
         ran = True
     return ran
@@ -227,7 +227,7 @@ def stage_curves(s: dict, out: Path, pipe_cache: dict) -> bool:
     with torch.no_grad():
         curves([out / "runs" / r for r in s["train"]["runs"]], pipeline(s, pipe_cache), prompts_of(c, "curves"),
                c.get("seeds", [0]), make_scorer(reward, device(s)), out / "curves", reward,
-               batch_size=g.get("batch_size", 4), steps=g.get("steps", 25), guidance=g.get("guidance", 7.5),
+               batch_size=g.get("batch_size", 4), steps=g.get("steps", 25), guidance=g.get("guidance"),
                resolution=g.get("resolution"), negative_prompt=g.get("negative_prompt"))
     return True
 
@@ -296,7 +296,7 @@ def write_report(s: dict, out: Path, cfgs: dict, times: dict, est: dict) -> Path
                "|---|" + "---|" * len(cols)]
         comps = list(next(iter(entry["rewards"].values()))) if cols else []
         for comp in comps:
-            cells = [f"{w['win_rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] (n={w['n']})"
+            cells = [f"{w['win_rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] (n={w['n']}, {w['prompts']} prompts)"
                      for w in (entry["rewards"][r][comp] for r in cols)]
             md.append(f"| {comp} | " + " | ".join(cells) + " |")
         md += [f"\nSkipped {k}: {v}" for k, v in entry["skipped"].items()] + [""]

@@ -288,12 +288,13 @@ class Run:
 
     def finish(self) -> Path:
         """Final checkpoint and LoRA (diffusers format), then the optional Hub upload; after a stop signal, the
-        command that resumes and exit 128 + signal (130 for Ctrl-C, 143 for SIGTERM)."""
+        checkpoint only (the final LoRA means a finished run to generate, sweeps, reproduce and the Hub upload),
+        the command that resumes and exit 128 + signal (130 for Ctrl-C, 143 for SIGTERM)."""
         acc = self.acc
         self.progress.close()
         if not self.saved_here:
             self.checkpoint()  # the last step's state, so resume_from=latest with a larger max_steps extends the run
-        if acc.is_main_process:
+        if acc.is_main_process and self.stop_signal is None:
             save_lora(acc.unwrap_model(self.parts.unet), self.out, self.parts.arch)
         acc.wait_for_everyone()
         acc.end_training()

@@ -168,6 +168,8 @@ def test_shipped_settings_resolve(tmp_path):
         cfgs = resolved_runs(s, tmp_path)
         assert [c.objective.space for c in cfgs.values()] == ["perceptual", "latent"]
         assert {c.train.batch_size * c.train.grad_accum * 8 for c in cfgs.values()} == {512}  # the paper's, on 8 GPUs
+        # every checkpoint stays: the curves' points (the default keeps the last 3)
+        assert all(c.train.keep_checkpoints >= c.train.max_steps // c.train.checkpoint_every for c in cfgs.values())
         est = estimate(s, cfgs, {"parti": 1632, "pickapic_test_unique": 500, "hpsv2": 3200})
         assert est["train"] > 0 and est["generate"] > 0
 

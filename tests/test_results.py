@@ -163,6 +163,28 @@ def test_wilson_interval_and_ties_by_hand():
     w = win_rate({1: 2.0, 2: 1.0, 3: 0.0, 9: 5.0}, {1: 1.0, 2: 1.0, 3: 1.0})
     assert (w["wins"], w["ties"], w["n"]) == (1, 1, 3) and w["win_rate"] == pytest.approx(0.5)
     assert (w["low"], w["high"]) == pytest.approx(wilson_interval(1.5, 3))
+    # two seeds per prompt are one trial: prompt 0 wins both, prompt 1 wins one and loses one -> 0.75 over 2 prompts
+    a, b = {(0, 0): 1.0, (0, 1): 1.0, (1, 0): 1.0, (1, 1): 0.0}, {(0, 0): 0.0, (0, 1): 0.0, (1, 0): 0.0, (1, 1): 1.0}
+    w = win_rate(a, b)
+    assert (w["win_rate"], w["n"], w["prompts"]) == (0.75, 4, 2)
+    assert (w["low"], w["high"]) == pytest.approx(wilson_interval(1.5, 2))
+
+
+def test_win_rates_compare_the_same_images_and_lora_names_take_the_first_equals_sign(tmp_path):
+    from ncp.evaluate import summarise
+    from ncp.generate import resolve_lora
+
+    rows = [dict(model=m, prompt_idx=i, seed=0, prompt=f"{p} {i}") for m, p in (("base", "cat"), ("lora", "dog"))
+            for i in range(2)]
+    with pytest.raises(NcpError, match=r"'lora' and the baseline 'base' do not have the same images: .*\(0, 0\)"):
+        summarise(rows, {"toy": [0.0] * 4})
+    same = [dict(r, prompt=f"cat {r['prompt_idx']}") for r in rows]
+    assert summarise(same, {"toy": [0.0, 0.0, 1.0, 1.0]})["toy"]["win_rate"]["lora"]["win_rate"] == 1.0
+
+    run = tmp_path / "out=1" / "run"  # a folder with '=' in its path, named NAME=PATH
+    run.mkdir(parents=True)
+    (run / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert resolve_lora(f"ncp={run}") == ("ncp", run)
 
 
 def test_pickscore_evaluation_matches_direct_computation(tiny_clip, tmp_path, monkeypatch):
@@ -194,7 +216,7 @@ def test_pickscore_evaluation_matches_direct_computation(tiny_clip, tmp_path, mo
         wins = sum(scores[(m, *k)] > scores[("base", *k)] for k in keys)
         w = res["win_rate"][m]
         assert (w["wins"], w["n"]) == (wins, 4) and w["win_rate"] == pytest.approx(wins / 4)
-        assert (w["low"], w["high"]) == pytest.approx(wilson_interval(wins, 4))
+        assert (w["low"], w["high"]) == pytest.approx(wilson_interval(wins / 4 * 2, 2))  # over the 2 prompts
     assert "base" not in res["win_rate"]
 
     # Missing optional reward: reported in the JSON and the table, not a crash.
@@ -317,6 +339,13 @@ def test_model_card_and_upload_folder(tmp_path):
                    "![validation samples](sample_grid.png)", "at step 20"):
         assert needed in text, needed
     assert "output_dir" not in text
+    assert 'pipe("a red circle on a white background", num_inference_steps=25)' in text  # the pipeline's guidance
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"].update(guidance=3.5, max_sequence_length=256)  # a FLUX.1 run's embedded guidance and T5 length
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert "num_inference_steps=25, guidance_scale=3.5, max_sequence_length=256)" in str(build_model_card(run))
 
     folder = prepare_upload_folder(run, tmp_path / "upload", "me/sd15-ncp-dpo", license="openrail++")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "pytorch_lora_weights.safetensors",
@@ -370,3 +399,44 @@ def test_push_to_hub_uploads_the_folder_and_never_writes_the_token(tmp_path, mon
             assert secret.encode() not in path.read_bytes() and env_secret.encode() not in path.read_bytes(), path
     with pytest.raises(NcpError, match="USER/NAME"):
         push_to_hub(run, "not a repo id")
+
+
+def test_generate_continues_where_it_stopped_and_adds_models_to_the_index(tiny_pipe_dir, lora_run, tmp_path,
+                                                                           monkeypatch):
+    """A crash in the third batch keeps the images of the first two; the same call renders only the rest, and the
+    index equals an uninterrupted run's. A LoRA rendered later into the folder joins the base's rows; other
+    settings are refused."""
+    import ncp.generate as gen
+
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    straight = gen.generate(str(tiny_pipe_dir), [str(lora_run)], prompts, tmp_path / "straight", seeds=[0, 1],
+                            batch_size=2, steps=STEPS)
+    real, calls, crash = gen.render, [], [3]
+
+    def crash_at_third(*a, **k):
+        calls.append(1)
+        if len(calls) in crash:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    out = tmp_path / "gen"
+    monkeypatch.setattr(gen, "render", crash_at_third)
+    with pytest.raises(RuntimeError, match="killed"):
+        gen.generate(str(tiny_pipe_dir), [str(lora_run)], prompts, out, seeds=[0, 1], batch_size=2, steps=STEPS)
+    assert not (out / "index.jsonl").exists() and len((out / "index.partial.jsonl").read_text().splitlines()) == 4
+    calls.clear()
+    crash.clear()
+    rows = gen.generate(str(tiny_pipe_dir), [str(lora_run)], prompts, out, seeds=[0, 1], batch_size=2, steps=STEPS)
+    assert len(calls) == 4  # base's last batch, the LoRA's three: 8 of 12 images
+    assert rows == straight and not (out / "index.partial.jsonl").exists()
+    for r in rows:
+        assert np.array_equal(pixels(out / r["path"]), pixels(tmp_path / "straight" / r["path"])), r["path"]
+
+    base_only = tmp_path / "base-first"
+    gen.generate(str(tiny_pipe_dir), [], prompts, base_only, seeds=[0], steps=STEPS)
+    calls.clear()
+    gen.generate(str(tiny_pipe_dir), [str(lora_run)], prompts, base_only, seeds=[0], steps=STEPS, include_base=False)
+    index = [json.loads(line) for line in (base_only / "index.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in index] == ["base"] * 3 + ["run-a"] * 3 and len(calls) == 1
+    with pytest.raises(NcpError, match="holds images rendered with other settings"):
+        gen.generate(str(tiny_pipe_dir), [], prompts, base_only, seeds=[0], steps=STEPS + 1)

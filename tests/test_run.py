@@ -112,6 +112,7 @@ def test_sigterm_saves_a_checkpoint_and_resuming_equals_a_straight_run(tiny_sd15
     assert "stopped by SIGTERM at step 2 (micro-step 1 of step 3)" in err and "python train_ncp_dpo.py --config" in err
     assert err.strip().endswith("train.resume_from=latest")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
+    assert not (out / "pytorch_lora_weights.safetensors").exists()  # the final LoRA says "finished" to the tools
 
     monkeypatch.setattr(ncp.train, "compute_objective", real)
     run_script("dpo", args(tiny_sd15, out, *COMMON, "train.resume_from=latest"))

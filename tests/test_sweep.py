@@ -26,6 +26,13 @@ def test_two_point_sweep_with_toy_evaluation(tiny_sd15, tmp_path):
         assert r["steps"] == "2" and r["done"] == "True"
         assert 0.0 <= float(r["toy mean"]) <= 1.0 and 0.0 <= float(r["toy win rate vs base"]) <= 1.0
     assert "objective.space=latent" in (out / "summary.md").read_text()
-    # running it again skips finished points
+    # running it again trains and evaluates nothing; an evaluation that did not finish runs again, alone
+    results = {p: out / p / "eval" / "results.json" for p in ("objective.space=latent", "objective.space=perceptual")}
+    stamps = {p: f.stat().st_mtime_ns for p, f in results.items()}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.stdout.count("done, skipped") == 2
+    assert proc.stdout.count("trained") == 2 and {p: f.stat().st_mtime_ns for p, f in results.items()} == stamps
+    results["objective.space=latent"].unlink()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.count("trained") == 2
+    assert results["objective.space=latent"].exists()
+    assert results["objective.space=perceptual"].stat().st_mtime_ns == stamps["objective.space=perceptual"]

@@ -291,3 +291,27 @@ def test_adamw8bit_falls_back_when_bitsandbytes_fails_at_its_first_step(monkeypa
         optimizer = adamw8bit(params, lr=1e-3)
     assert type(optimizer) is torch.optim.AdamW and optimizer.param_groups[0]["lr"] == 1e-3
 
+
+
+@pytest.mark.parametrize("arch", ["sd15", "flux"])
+def test_a_lora_with_alpha_other_than_its_rank_loads_at_its_trained_strength(tmp_path, arch):
+    """lora.alpha = 4 x rank scales the update by 4 in training; the saved file carries the adapter's config, so
+    diffusers' load_lora_weights applies it at 4 too (it assumes alpha = rank when the file does not say)."""
+    from diffusers import DiffusionPipeline
+
+    from ncp.models import add_lora, load_models, save_lora
+    from ncp.tiny import build_tiny_pipeline
+
+    path = build_tiny_pipeline(tmp_path / arch, arch)
+    denoiser = load_models(str(path)).denoiser
+    add_lora(denoiser, rank=2, alpha=8, init=False)
+    with torch.no_grad():
+        for name, p in denoiser.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    save_lora(denoiser, tmp_path / "lora", arch)
+    pipe = DiffusionPipeline.from_pretrained(str(path))
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    loaded = getattr(pipe, "unet", None) or pipe.transformer
+    scales = {m.scaling[k] for m in loaded.modules() if hasattr(m, "scaling") for k in m.scaling}
+    assert scales == {4.0}
