@@ -4,10 +4,12 @@ Reads the index written by `ncp.generate`, scores every image with each reward, 
 `results.json`, `results.md` (Markdown table) and `scores.jsonl` (one row per image) to --out.
 
 Win rate of A over the baseline = share of (prompt, seed) pairs where A's image scores higher,
-ties counted as half (docs/method.md, "Rewards used for evaluation"). Its 95% interval is the
-Wilson score interval over those n pairs (Wilson 1927), computed with the tie-adjusted share; the
-pairs of one prompt under different seeds are treated as independent, so with several seeds per
-prompt the interval is somewhat narrower than a prompt-level one.
+ties counted as half, averaged per prompt (docs/method.md, "Rewards used for evaluation"). Its 95%
+interval is the Wilson score interval (Wilson 1927) over the prompts, not the images: the seeds of one
+prompt are not independent trials.
+
+A stopped evaluation continues where it stopped (the same command): each reward's scores are kept in
+scores-<reward>.partial.jsonl as batches finish, until the results are written.
 
     python -m ncp.evaluate --index outputs/gen/index.jsonl --reward pickscore hpsv2 --out outputs/eval
 """
@@ -15,6 +17,7 @@ prompt the interval is somewhat narrower than a prompt-level one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -146,7 +149,8 @@ def win_rate(a: dict, b: dict) -> dict:
     ties = sum(a[k] == b[k] for k in keys)
     per_prompt: dict = {}
     for k in keys:
-        per_prompt.setdefault(k[0] if isinstance(k, tuple) else k, []).append(1.0 if a[k] > b[k] else 0.5 if a[k] == b[k] else 0.0)
+        outcome = 1.0 if a[k] > b[k] else 0.5 if a[k] == b[k] else 0.0
+        per_prompt.setdefault(k[0] if isinstance(k, tuple) else k, []).append(outcome)
     prompts = len(per_prompt)
     share = sum(sum(v) / len(v) for v in per_prompt.values()) / prompts if prompts else float("nan")
     low, high = wilson_interval(share * prompts, prompts) if prompts else (float("nan"), float("nan"))
@@ -172,20 +176,37 @@ def read_index(path: str | Path) -> list[dict]:
             raise NcpError(f"{path}, line {n}: missing key(s) {missing}")
         image = Path(row["path"])
         row["file"] = str(image if image.is_absolute() else path.parent / image)
+        if not Path(row["file"]).is_file():
+            raise NcpError(f"{path}, line {n}: no image {row['file']}")
         rows.append(row)
     if not rows:
         raise NcpError(f"{path}: no rows")
     return rows
 
 
-def score_rows(rows: list[dict], scorer, batch_size: int = 16) -> list[float]:
-    """The scorer's score for each row's image, in row order."""
-    scores = []
-    for i in range(0, len(rows), batch_size):
-        batch = rows[i:i + batch_size]
-        images = [Image.open(r["file"]).convert("RGB") for r in batch]
-        scores += scorer(images, [r["prompt"] for r in batch])
-    return scores
+def score_rows(rows: list[dict], scorer, batch_size: int = 16, partial: Path | None = None) -> list[float]:
+    """The scorer's score for each row's image, in row order. With `partial`, scores are appended there as batches
+    finish, and the rows it already holds are not scored again."""
+    key = lambda r: f"{r['model']}|{r['prompt_idx']}|{r['seed']}|{r['file']}"  # noqa: E731
+    done = {}
+    if partial is not None and partial.is_file():
+        for line in partial.read_text(encoding="utf-8").splitlines():
+            try:
+                done.update([json.loads(line)])
+            except ValueError:  # the line a crash cut short
+                continue
+    todo = [r for r in rows if key(r) not in done]
+    with open(partial, "a", encoding="utf-8") if partial is not None else contextlib.nullcontext() as log:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i:i + batch_size]
+            images = [Image.open(r["file"]).convert("RGB") for r in batch]
+            for r, s in zip(batch, scorer(images, [r["prompt"] for r in batch])):
+                done[key(r)] = s
+                if log is not None:
+                    log.write(json.dumps([key(r), s]) + "\n")
+            if log is not None:
+                log.flush()
+    return [done[key(r)] for r in rows]
 
 
 def summarise(rows: list[dict], scores: dict[str, list[float]], baseline: str = "base") -> dict:
@@ -227,7 +248,8 @@ def to_markdown(results: dict) -> str:
                          if w else "-")
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    text += f"\nWin rate: share of (prompt, seed) pairs scored higher than `{base}`, ties as half; {results['interval']}.\n"
+    text += (f"\nWin rate: share of (prompt, seed) pairs scored higher than `{base}`, ties as half, averaged per "
+             f"prompt; {results['interval']}.\n")
     for name, why in results["skipped"].items():
         text += f"\nSkipped {name}: {why}\n"
     return text
@@ -251,8 +273,8 @@ def evaluate(index: str | Path, rewards: list[str], out_dir: str | Path, baselin
             skipped[name] = str(e)
             print(f"skipping reward {name}: {e}")
             continue
-        scores[name] = score_rows(rows, scorer, batch_size)
-    results = {"index": str(index), "baseline": baseline, "interval": "95% Wilson score interval",
+        scores[name] = score_rows(rows, scorer, batch_size, out_dir / f"scores-{name}.partial.jsonl")
+    results = {"index": str(index), "baseline": baseline, "interval": "95% Wilson score interval over prompts",
                "rewards": summarise(rows, scores, baseline), "skipped": skipped}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     (out_dir / "results.md").write_text(to_markdown(results))
@@ -260,6 +282,8 @@ def evaluate(index: str | Path, rewards: list[str], out_dir: str | Path, baselin
         for i, r in enumerate(rows):
             f.write(json.dumps({**{k: r[k] for k in ("model", "prompt_idx", "seed", "path")},
                                 **{name: s[i] for name, s in scores.items()}}) + "\n")
+    for name in scores:
+        (out_dir / f"scores-{name}.partial.jsonl").unlink()
     return results
 
 

@@ -440,3 +440,36 @@ def test_generate_continues_where_it_stopped_and_adds_models_to_the_index(tiny_p
     assert [r["model"] for r in index] == ["base"] * 3 + ["run-a"] * 3 and len(calls) == 1
     with pytest.raises(NcpError, match="holds images rendered with other settings"):
         gen.generate(str(tiny_pipe_dir), [], prompts, base_only, seeds=[0], steps=STEPS + 1)
+
+
+def test_evaluation_continues_where_it_stopped(tmp_path):
+    """A reward that fails halfway keeps the batches scored so far; the rerun scores only the rest and gives what an
+    uninterrupted run gives. A missing image is named with its index line before any scoring."""
+    from ncp.evaluate import evaluate
+
+    rows = fake_index(tmp_path / "gen")
+    calls = []
+
+    def scorer(images, prompts):
+        calls.append(len(images))
+        if len(calls) == 3 and fail:
+            raise RuntimeError("killed")
+        return [float(np.asarray(im).mean()) for im in images]
+
+    fail = False
+    straight = evaluate(tmp_path / "gen" / "index.jsonl", ["toy"], tmp_path / "straight", batch_size=2,
+                        scorers={"toy": scorer})
+    calls.clear()
+    fail = True
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluate(tmp_path / "gen" / "index.jsonl", ["toy"], tmp_path / "eval", batch_size=2, scorers={"toy": scorer})
+    assert len((tmp_path / "eval" / "scores-toy.partial.jsonl").read_text().splitlines()) == 4
+    calls.clear()
+    fail = False
+    again = evaluate(tmp_path / "gen" / "index.jsonl", ["toy"], tmp_path / "eval", batch_size=2, scorers={"toy": scorer})
+    assert sum(calls) == len(rows) - 4 and again["rewards"] == straight["rewards"]
+    assert not (tmp_path / "eval" / "scores-toy.partial.jsonl").exists()
+
+    (tmp_path / "gen" / rows[1]["path"]).unlink()
+    with pytest.raises(NcpError, match=r"index.jsonl, line 2: no image .*" + rows[1]["path"]):
+        evaluate(tmp_path / "gen" / "index.jsonl", ["toy"], tmp_path / "missing", scorers={"toy": scorer})

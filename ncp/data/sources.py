@@ -300,9 +300,9 @@ def _load_arrow(cfg: DataConfig):
     import datasets
 
     files = resolve_files(cfg.path, cfg.split, (".parquet",))
-    schemas = [_check_parquet(f) for f in files]  # fail on a bad shard or column here, naming the file, not deep in datasets
-    used = lambda s: {c: str(s.field(c).type) for c in PICKAPIC_COLUMNS + IMAGE_COLUMNS + UID_COLUMNS + ["ranking_id"]  # noqa: E731
-                      if c in s.names}
+    schemas = [_check_parquet(f) for f in files]  # a bad shard or column fails here, naming the file, not in datasets
+    read = PICKAPIC_COLUMNS + IMAGE_COLUMNS + UID_COLUMNS + ["ranking_id"]
+    used = lambda s: {c: str(s.field(c).type) for c in read if c in s.names}  # noqa: E731
     for f, schema in zip(files[1:], schemas[1:]):
         if used(schema) != used(schemas[0]):
             diff = {c: (used(schemas[0]).get(c), used(schema).get(c)) for c in used(schemas[0]) | used(schema)
