@@ -473,3 +473,50 @@ def test_evaluation_continues_where_it_stopped(tmp_path):
     (tmp_path / "gen" / rows[1]["path"]).unlink()
     with pytest.raises(NcpError, match=r"index.jsonl, line 2: no image .*" + rows[1]["path"]):
         evaluate(tmp_path / "gen" / "index.jsonl", ["toy"], tmp_path / "missing", scorers={"toy": scorer})
+
+
+def test_hpsv2_loads_its_checkpoint_once_and_scores_in_batches(tmp_path, monkeypatch):
+    """The hpsv2 package's model and checkpoint (stood in for here: the package is not installed) are loaded once;
+    each image's score is cos(its features, its prompt's features), whatever the batch."""
+    import types
+
+    import huggingface_hub
+    import torch.nn.functional as F
+
+    from ncp.evaluate import make_scorer
+
+    loads = []
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.image, self.text = torch.nn.Linear(12, 4), torch.nn.Embedding(50, 4)
+
+        def forward(self, pixels, tokens):
+            return {"image_features": F.normalize(self.image(pixels.flatten(1)), dim=-1),
+                    "text_features": F.normalize(self.text(tokens).mean(1), dim=-1)}
+
+    model = Model()
+    torch.save({"state_dict": {k: torch.randn_like(v) for k, v in model.state_dict().items()}}, tmp_path / "hps.pt")
+    model_dict = {}
+    img_score = types.SimpleNamespace(model_dict=model_dict, initialize_model=lambda: model_dict.update(
+        model=model, preprocess_val=lambda im: torch.tensor(np.asarray(im.resize((2, 2))), dtype=torch.float32).flatten()))
+    tokenizer = lambda texts: torch.tensor([[len(w) for w in t.split()][:3] + [0] * (3 - len(t.split()[:3])) for t in texts])  # noqa: E731
+    for name, module in {"hpsv2": types.SimpleNamespace(), "hpsv2.img_score": img_score,
+                         "hpsv2.src.open_clip": types.SimpleNamespace(get_tokenizer=lambda arch: tokenizer),
+                         "hpsv2.utils": types.SimpleNamespace(hps_version_map={"v2.1": "HPS_v2.1_compressed.pt"})}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, file: loads.append((repo, file)) or str(tmp_path / "hps.pt"))
+    scorer = make_scorer("hpsv2")
+    images = [Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)) for i in range(4)]
+    prompts = ["a red circle", "a blue square on black", "cat", "a dog"]
+    together = scorer(images, prompts)
+    alone = [scorer([im], [p])[0] for im, p in zip(images, prompts)]
+    assert loads == [("xswu/HPSv2", "HPS_v2.1_compressed.pt")]
+    saved = torch.load(tmp_path / "hps.pt")["state_dict"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())  # the checkpoint's weights score
+    assert together == pytest.approx(alone, abs=1e-6) and len(set(round(s, 5) for s in together)) == 4
+    with torch.no_grad():
+        out = model(torch.stack([model_dict["preprocess_val"](im) for im in images]), tokenizer(prompts))
+    assert together == pytest.approx((out["image_features"] * out["text_features"]).sum(-1).tolist(), abs=1e-6)
