@@ -2,7 +2,8 @@
 
 Every checkpoint LoRA of each run, its final LoRA and step 0 (the base model, shared by all runs)
 render the same prompt subset with the same seeds and are scored with one reward. Writes to --out:
-`curves.png` (one line per run), `curves.json` and `curves.csv` (run, step, reward, lora).
+`curves.png` (one line per run), `curves.json` and `curves.csv` (run, step, reward, lora). A stopped run
+continues where it stopped (the same command): each point is kept in curves.partial.jsonl as it is scored.
 
     python -m ncp.curves --run outputs/ncp-dpo --run outputs/diffusion-dpo --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --prompts parti --max-prompts 64 --reward pickscore --out outputs/curves
@@ -92,13 +93,33 @@ def curves(runs: list[str | Path], pipe, prompts: list[str], seeds: list[int], s
     names = [Path(r).name for r in runs]
     if len(set(names)) != len(names):
         raise NcpError(f"--run: runs need distinct folder names, got {names}")
-    base = score_lora(pipe, prompts, seeds, scorer, **render_kwargs)
+    settings = json.dumps(dict(reward=reward_name, prompts=list(prompts), seeds=list(seeds), **render_kwargs),
+                          sort_keys=True, default=str)
+    partial, done = out_dir / "curves.partial.jsonl", {}
+    if partial.is_file():  # points scored before a stop, with these settings
+        for line in partial.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # the line a crash cut short
+                continue
+            if row["settings"] == settings:
+                done[row["lora"]] = row["reward"]
+
+    def point(lora) -> float:
+        key = "base" if lora is None else f"{lora}@{(Path(lora) / LORA_FILE).stat().st_mtime_ns}"
+        if key not in done:
+            with lora_loaded(pipe, lora):
+                done[key] = score_lora(pipe, prompts, seeds, scorer, **render_kwargs)
+            with open(partial, "a", encoding="utf-8") as f:
+                f.write(json.dumps(dict(settings=settings, lora=key, reward=done[key])) + "\n")
+        return done[key]
+
+    base = point(None)
     points = {}
     for name, run in zip(names, runs):
         points[name] = [dict(step=0, reward=base, lora=None)]
         for step, lora in run_loras(run):
-            with lora_loaded(pipe, lora):
-                reward = score_lora(pipe, prompts, seeds, scorer, **render_kwargs)
+            reward = point(lora)
             points[name].append(dict(step=step, reward=reward, lora=str(lora)))
             print(f"{name} step {step}: {reward_name} {reward:.4f}")
     result = dict(reward=reward_name, prompts=list(prompts), seeds=list(seeds), runs=points)
@@ -109,6 +130,7 @@ def curves(runs: list[str | Path], pipe, prompts: list[str], seeds: list[int], s
         for name, rows in points.items():
             w.writerows([name, r["step"], r["reward"], r["lora"] or ""] for r in rows)
     plot(points, reward_name, out_dir / "curves.png")
+    partial.unlink()
     return result
 
 

@@ -294,6 +294,30 @@ def test_curves_over_checkpoints(tiny_pipe_dir, tmp_path):
     with pytest.raises(NcpError, match="no pytorch_lora_weights"):
         run_loras(tmp_path / "gen")
 
+    # stopped at its third point, the same command scores only the points it lacks and gives the same curve
+    import ncp.curves
+
+    real, calls = ncp.curves.score_lora, []
+
+    def stop_at_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    again = tmp_path / "again"
+    argv = ["--run", str(run), "--model", str(tiny_pipe_dir), "--prompts", str(prompts), "--max-prompts", "2",
+            "--seeds", "0", "--steps", str(STEPS), "--reward", "toy", "--device", "cpu", "--out", str(again)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ncp.curves, "score_lora", stop_at_third)
+        with pytest.raises(RuntimeError, match="killed"):
+            curves_main(argv)
+        calls.append("resumed")
+        curves_main(argv)
+    assert calls.count(1) == 5  # base and checkpoint 2, then checkpoint 4 and the final LoRA (its own file)
+    assert json.loads((again / "curves.json").read_text())["runs"] == json.loads((out / "curves.json").read_text())["runs"]
+    assert not (again / "curves.partial.jsonl").exists()
+
 
 # ---------------------------------------------------------------- hub
 def fake_finished_run(root: Path) -> Path:
