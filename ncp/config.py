@@ -208,6 +208,10 @@ class Config:
             warnings.warn(f"encoder.error=difference with train.mixed_precision={mp}: rounding of f's two evaluations "
                           f"exceeds the error they measure (benchmarks/RESULTS.md, precision); encoder.error=auto "
                           f"uses {AUTO_ERROR[mp]}")
+        if self.data.cache_dir and not self.model.text_encoder_3 and self.train.validation_prompts:
+            warnings.warn("model.text_encoder_3=false with data.cache_dir: training reads the cache's prompt embeddings "
+                          "(T5's included: python -m ncp.data.cache loads T5) while validation renders without T5, "
+                          "zeros in its place; validation images then show another conditioning than training's")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -178,6 +178,17 @@ def test_encoder_error_auto_is_the_measured_choice_for_the_precision():
         assert load_config(str(path)).encoder.error == "linearized", path.name
 
 
+def test_validation_without_t5_beside_a_cache_with_it_is_named():
+    keys = ["data.cache_dir=cache", "model.text_encoder_3=false", "train.validation_prompts=[a cat]"]
+    with pytest.warns(UserWarning, match="model.text_encoder_3=false with data.cache_dir: .*validation renders without T5"):
+        load_config(None, keys)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, keys[:2] + ["train.validation_prompts=[]"])  # no validation: nothing to tell
+
+
 def test_bad_keys_and_types_are_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  max_stpes: 3\n")
