@@ -13,6 +13,8 @@ Stages (settings from a YAML, `configs/reproduce/{sd15,sdxl,tiny}.yaml`; copy an
 6. report    OUT/report.md: Table 1 layout (win rates over the base and first run vs second, 95% Wilson
              intervals), the curves, sample grids, the settings and run configs, each stage's wall time.
 Before it starts it prints an estimate of each stage's GPU time from the settings' `estimate` section.
+Stages 3-5 record what they were made with (their settings, and the times of the files they read) in
+<folder>/made_with.json; output made with other settings is refused, not reused beside the new settings.
 """
 
 from __future__ import annotations
@@ -184,13 +186,42 @@ def stage_train(s: dict, out: Path) -> bool:
     return ran
 
 
+MADE_WITH = "made_with.json"
+
+
+def made_with(folder: Path, output: str, settings: dict) -> bool:
+    """Whether `folder` holds the stage's finished `output`, made with `settings` (then it is reused). Output made
+    with other settings is refused: the report would print these settings beside other numbers. Output from
+    before stages recorded their settings is reused."""
+    stamp = folder / MADE_WITH
+    if not (folder / output).exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(settings, indent=1, sort_keys=True, default=str))
+        return False
+    saved = json.loads(stamp.read_text()) if stamp.is_file() else None
+    now = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    if saved is not None and saved != now:
+        changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        raise NcpError(f"{folder}: made with other settings or inputs ({', '.join(changed)} changed); delete it to "
+                       "make it again, or use another --out")
+    return True
+
+
+def file_times(paths) -> dict:
+    """{path: modification time} of the files a stage reads: a retrained LoRA or a new index is another input."""
+    return {str(p): Path(p).stat().st_mtime_ns for p in paths}
+
+
 def stage_generate(s: dict, out: Path, pipe_cache: dict) -> bool:
     from ncp.generate import generate
+    from ncp.models import LORA_FILE
 
     g, ran = s["generate"], False
+    loras = file_times(out / "runs" / run / LORA_FILE for run in s["train"]["runs"])
     for name, spec in g["prompt_sets"].items():
         folder = out / "gen" / name
-        if (folder / "index.jsonl").exists():
+        if made_with(folder, "index.jsonl", dict(model=s["model"], prompts=spec, loras=loras,
+                                                   **{k: v for k, v in g.items() if k not in ("prompt_sets", "batch_size")})):
             continue
         loras = [f"{run}={out / 'runs' / run}" for run in s["train"]["runs"]]
         generate(s["model"], loras, prompts_of(spec, name), folder, g.get("seeds", [0]), g.get("batch_size", 4),
@@ -206,7 +237,9 @@ def stage_score(s: dict, out: Path) -> bool:
     ran = False
     for name in s["generate"]["prompt_sets"]:
         folder = out / "eval" / name
-        if (folder / "results.json").exists():
+        index = out / "gen" / name / "index.jsonl"
+        if made_with(folder, "results.json", dict(rewards=s["score"].get("rewards", ["pickscore"]),
+                                                  index=file_times([index]))):
             continue
         evaluate(out / "gen" / name / "index.jsonl", s["score"].get("rewards", ["pickscore"]), folder,
                  batch_size=s["score"].get("batch_size", 16), device=device(s))
@@ -221,7 +254,11 @@ def stage_curves(s: dict, out: Path, pipe_cache: dict) -> bool:
     from ncp.evaluate import make_scorer
 
     c, g = s["curves"], s["generate"]
-    if (out / "curves" / "curves.json").exists():
+    runs = [out / "runs" / r for r in s["train"]["runs"]]
+    render = {k: g.get(k) for k in ("steps", "guidance", "resolution", "negative_prompt", "dtype")}
+    if made_with(out / "curves", "curves.json", dict(model=s["model"], curves=c, render=render,
+                                                      checkpoints=file_times(sorted(p for r in runs for p in r.rglob(
+                                                          "pytorch_lora_weights.safetensors"))))):
         return False
     reward = c.get("reward", "pickscore")
     with torch.no_grad():

@@ -192,3 +192,16 @@ def test_reproduce_tiny_runs_every_stage_offline(tmp_path):
     report = (out / "report.md").read_text()
     assert "| ncp_dpo vs base |" in report and "| ncp_dpo vs latent_dpo |" in report
     assert (out / "curves" / "curves.png").exists() and (out / "grids" / "toy.png").exists()
+
+
+def test_a_stage_made_with_other_settings_is_refused_not_reused(tmp_path):
+    from ncp.reproduce import made_with
+
+    folder, settings = tmp_path / "gen" / "parti", dict(seeds=[0, 1], loras={"a": 1})
+    assert not made_with(folder, "index.jsonl", settings)  # nothing yet: the stage runs
+    (folder / "index.jsonl").write_text("{}\n")
+    assert made_with(folder, "index.jsonl", settings)  # the same settings: reused
+    with pytest.raises(NcpError, match=r"gen/parti: made with other settings or inputs \(loras, seeds changed\)"):
+        made_with(folder, "index.jsonl", dict(seeds=[0], loras={"a": 2}))
+    (folder / "made_with.json").unlink()  # output from before stages recorded their settings
+    assert made_with(folder, "index.jsonl", dict(seeds=[0]))
