@@ -34,7 +34,10 @@ TEMPLATE = """---
 # {{ title }}
 
 A LoRA for [{{ base_model }}]({{ base_model_link }}) trained with **{{ method }}** ({{ space_text }}),
-following *Aligning Diffusion Models with Noise-Conditioned Perception* (Gambashidze et al. 2024).
+{% if space == "perceptual" %}following *Aligning Diffusion Models with Noise-Conditioned Perception* (Gambashidze et al. 2024).
+{%- else %}the latent-space objective (*Diffusion Model Alignment Using Direct Preference Optimization*, Wallace et
+al. 2023, for DPO) that *Aligning Diffusion Models with Noise-Conditioned Perception* (Gambashidze et al. 2024)
+compares against.{% endif %}
 
 {% if grid %}## Samples
 

@@ -364,12 +364,17 @@ def test_model_card_and_upload_folder(tmp_path):
         assert needed in text, needed
     assert "output_dir" not in text
     assert 'pipe("a red circle on a white background", num_inference_steps=25)' in text  # the pipeline's guidance
+    assert "following *Aligning Diffusion Models with Noise-Conditioned Perception*" in text and "Wallace" not in text
     import yaml
 
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["model"].update(guidance=3.5, max_sequence_length=256)  # a FLUX.1 run's embedded guidance and T5 length
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    assert "num_inference_steps=25, guidance_scale=3.5, max_sequence_length=256)" in str(build_model_card(run))
+    config["objective"]["space"] = "latent"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    card = str(build_model_card(run))
+    assert "num_inference_steps=25, guidance_scale=3.5, max_sequence_length=256)" in card
+    assert "**Diffusion-DPO** (latent space),\nthe latent-space objective (*Diffusion Model Alignment" in card
 
     folder = prepare_upload_folder(run, tmp_path / "upload", "me/sd15-ncp-dpo", license="openrail++")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "pytorch_lora_weights.safetensors",
