@@ -196,7 +196,9 @@ class Config:
             raise NcpError("optim.warmup_steps and train.validate_every must be >= 0")
 
     def resolve(self) -> None:
-        """Settings that follow from others: encoder.error=auto becomes the measured choice for the run's precision."""
+        """Settings that follow from others: encoder.error=auto becomes the measured choice for the run's precision;
+        ~ in data paths becomes the home folder."""
+        self.data.expand_home()
         mp = self.train.mixed_precision
         if self.encoder.error == "auto" and mp in AUTO_ERROR:
             mode = AUTO_ERROR[mp]

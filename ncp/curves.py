@@ -93,8 +93,10 @@ def curves(runs: list[str | Path], pipe, prompts: list[str], seeds: list[int], s
     names = [Path(r).name for r in runs]
     if len(set(names)) != len(names):
         raise NcpError(f"--run: runs need distinct folder names, got {names}")
-    settings = json.dumps(dict(reward=reward_name, prompts=list(prompts), seeds=list(seeds), **render_kwargs),
-                          sort_keys=True, default=str)
+    settings = json.dumps(dict(reward=reward_name, prompts=list(prompts), seeds=list(seeds),
+                               model=getattr(pipe, "name_or_path", None), dtype=str(getattr(pipe, "dtype", None)),
+                               **{k: v for k, v in render_kwargs.items() if k != "batch_size"}),
+                          sort_keys=True, default=str)  # what a point's score depends on
     partial, done = out_dir / "curves.partial.jsonl", {}
     if partial.is_file():  # points scored before a stop, with these settings
         for line in partial.read_text(encoding="utf-8").splitlines():

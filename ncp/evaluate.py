@@ -21,6 +21,7 @@ import contextlib
 import importlib
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -204,7 +205,7 @@ def read_index(path: str | Path) -> list[dict]:
 def score_rows(rows: list[dict], scorer, batch_size: int = 16, partial: Path | None = None) -> list[float]:
     """The scorer's score for each row's image, in row order. With `partial`, scores are appended there as batches
     finish, and the rows it already holds are not scored again."""
-    key = lambda r: f"{r['model']}|{r['prompt_idx']}|{r['seed']}|{r['file']}"  # noqa: E731
+    key = lambda r: f"{r['model']}|{r['prompt_idx']}|{r['seed']}|{r['file']}@{os.stat(r['file']).st_mtime_ns}"  # noqa: E731
     done = {}
     if partial is not None and partial.is_file():
         for line in partial.read_text(encoding="utf-8").splitlines():

@@ -229,9 +229,10 @@ def _rendered(out_dir: Path, settings: dict) -> dict:
     if saved.is_file():
         if json.loads(saved.read_text()) != settings:
             raise NcpError(f"--out {out_dir}: holds images rendered with other settings ({saved}); use another --out")
-    elif (out_dir / "index.jsonl").exists():
-        raise NcpError(f"--out {out_dir}: holds an index.jsonl without its settings (generate.json); use another --out")
     else:
+        if (out_dir / "index.jsonl").exists():  # made before settings were recorded: rendered again, as then
+            print(f"{out_dir}: index.jsonl without generate.json (its settings unknown): rendering every image again")
+            (out_dir / "index.jsonl").unlink()
         out_dir.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(settings, indent=2))
     done = {}

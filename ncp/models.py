@@ -126,6 +126,10 @@ def pipeline_class(arch: str):
     return families.get(arch).pipeline_class
 
 
+ADAPTER_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern", "use_dora",
+                  "use_rslora", "lora_bias")  # what diffusers' load_lora_weights builds the LoraConfig from
+
+
 def save_lora(unet, out_dir: str | Path, arch: str) -> Path:
     """Write `pytorch_lora_weights.safetensors` in the family's format, loadable with `pipe.load_lora_weights(out_dir)`.
     The adapter's config goes into the file's metadata: without it diffusers loads lora.alpha as the rank, so a
@@ -134,6 +138,7 @@ def save_lora(unet, out_dir: str | Path, arch: str) -> Path:
 
     family = families.get(arch)
     config = getattr(unet, "module", unet).peft_config["default"].to_dict()
+    config = {k: config[k] for k in ADAPTER_FIELDS if config.get(k) is not None}  # an older peft takes these too
     family.pipeline_class.save_lora_weights(str(out_dir), **{family.lora_key: family.lora_state_dict(unet),
                                                              f"{family.denoiser_key}_lora_adapter_metadata": config},
                                             safe_serialization=True)

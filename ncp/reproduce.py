@@ -223,8 +223,8 @@ def stage_generate(s: dict, out: Path, pipe_cache: dict) -> bool:
         if made_with(folder, "index.jsonl", dict(model=s["model"], prompts=spec, loras=loras,
                                                    **{k: v for k, v in g.items() if k not in ("prompt_sets", "batch_size")})):
             continue
-        loras = [f"{run}={out / 'runs' / run}" for run in s["train"]["runs"]]
-        generate(s["model"], loras, prompts_of(spec, name), folder, g.get("seeds", [0]), g.get("batch_size", 4),
+        specs = [f"{run}={out / 'runs' / run}" for run in s["train"]["runs"]]
+        generate(s["model"], specs, prompts_of(spec, name), folder, g.get("seeds", [0]), g.get("batch_size", 4),
                  g.get("guidance"), g.get("steps", 25), g.get("resolution"), g.get("negative_prompt"),
                  pipe=pipeline(s, pipe_cache))
         ran = True

@@ -296,6 +296,8 @@ class Run:
             self.checkpoint()  # the last step's state, so resume_from=latest with a larger max_steps extends the run
         if acc.is_main_process and self.stop_signal is None:
             save_lora(acc.unwrap_model(self.parts.unet), self.out, self.parts.arch)
+        elif acc.is_main_process and (self.out / LORA_FILE).exists():  # an earlier finish's, of a run extended since
+            os.replace(self.out / LORA_FILE, self.out / LORA_FILE.replace(".safetensors", ".before-resume.safetensors"))
         acc.wait_for_everyone()
         acc.end_training()
         if self.stop_signal is not None:

@@ -205,3 +205,29 @@ def test_a_stage_made_with_other_settings_is_refused_not_reused(tmp_path):
         made_with(folder, "index.jsonl", dict(seeds=[0], loras={"a": 2}))
     (folder / "made_with.json").unlink()  # output from before stages recorded their settings
     assert made_with(folder, "index.jsonl", dict(seeds=[0]))
+
+
+def test_generate_stage_reruns_cleanly_with_several_prompt_sets(tmp_path, monkeypatch):
+    """Every prompt set's folder records the same inputs (the LoRA files' times), so a rerun reuses all of them."""
+    import ncp.generate
+    import ncp.reproduce as rp
+
+    rendered = []
+
+    def fake_generate(model, loras, prompts, folder, *a, **k):
+        rendered.append((Path(folder).name, list(loras)))
+        Path(folder, "index.jsonl").write_text("{}\n")
+
+    monkeypatch.setattr(ncp.generate, "generate", fake_generate)
+    monkeypatch.setattr(rp, "pipeline", lambda s, cache: None)
+    for run in ("a", "b"):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        (tmp_path / "runs" / run / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    s = {"model": "m", "train": {"runs": {"a": {}, "b": {}}},
+         "generate": {"seeds": [0], "prompt_sets": {"one": {"prompts": "toy"}, "two": {"prompts": "toy"}}}}
+    assert rp.stage_generate(s, tmp_path, {}) and [r[0] for r in rendered] == ["one", "two"]
+    assert rendered[1][1] == [f"a={tmp_path / 'runs' / 'a'}", f"b={tmp_path / 'runs' / 'b'}"]
+    assert not rp.stage_generate(s, tmp_path, {}) and len(rendered) == 2  # both reused
+    s["generate"]["seeds"] = [0, 1]
+    with pytest.raises(NcpError, match=r"gen/one: made with other settings or inputs \(seeds changed\)"):
+        rp.stage_generate(s, tmp_path, {})

@@ -469,6 +469,11 @@ def test_generate_continues_where_it_stopped_and_adds_models_to_the_index(tiny_p
     assert [r["model"] for r in index] == ["base"] * 3 + ["run-a"] * 3 and len(calls) == 1
     with pytest.raises(NcpError, match="holds images rendered with other settings"):
         gen.generate(str(tiny_pipe_dir), [], prompts, base_only, seeds=[0], steps=STEPS + 1)
+    legacy = tmp_path / "legacy"  # an index from before settings were recorded: everything is rendered again
+    legacy.mkdir()
+    (legacy / "index.jsonl").write_text(json.dumps(dict(straight[0], model="old")) + "\n")
+    assert len(gen.generate(str(tiny_pipe_dir), [], prompts[:1], legacy, seeds=[0], steps=STEPS)) == 1
+    assert [json.loads(line)["model"] for line in (legacy / "index.jsonl").read_text().splitlines()] == ["base"]
 
 
 def test_evaluation_continues_where_it_stopped(tmp_path):

@@ -44,7 +44,7 @@ def straight(tiny_sd15, tmp_path_factory):
     return out
 
 
-def test_finished_run_extends_and_changed_settings_are_refused(tiny_sd15, straight, tmp_path, caplog):
+def test_finished_run_extends_and_changed_settings_are_refused(tiny_sd15, straight, tmp_path, caplog, monkeypatch):
     out = tmp_path / "run"
     with caplog.at_level("INFO", logger="ncp"):
         run_script("dpo", args(tiny_sd15, out, *COMMON, "train.max_steps=3", "train.resume_from=latest"))
@@ -53,6 +53,14 @@ def test_finished_run_extends_and_changed_settings_are_refused(tiny_sd15, straig
     for key in ("train.batch_size=4", "train.grad_accum=1", "objective.beta=100"):
         with pytest.raises(NcpError, match=rf"cannot resume .*checkpoint-00000003.*{key.split('=')[0]}"):
             run_script("dpo", args(tiny_sd15, out, *COMMON, key, "train.resume_from=latest"))
+    import ncp.train
+
+    real, _ = sigterm_at_call(monkeypatch, 1)  # extended to 6, stopped in step 4: the step-3 LoRA is not "final"
+    with pytest.raises(SystemExit):
+        run_script("dpo", args(tiny_sd15, out, *COMMON, "train.resume_from=latest"))
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    assert (out / "pytorch_lora_weights.before-resume.safetensors").exists()
+    monkeypatch.setattr(ncp.train, "compute_objective", real)
     run_script("dpo", args(tiny_sd15, out, *COMMON, "train.resume_from=latest"))  # max_steps 3 -> 6
     assert_same_run(straight, out)
 

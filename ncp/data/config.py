@@ -37,7 +37,11 @@ class DataConfig:
     toy_seed: int = 0  # the toy set is a pure function of this seed
 
     def __post_init__(self) -> None:
-        # ~ in a local path, once here: every reader, and a pairs file's relative image paths, see the real folder
+        self.expand_home()
+
+    def expand_home(self) -> None:
+        """~ in a local path becomes the home folder, once: every reader, and a pairs file's relative image paths,
+        see the real folder (load_config calls it after its overrides, a DataConfig built in code at creation)."""
         for key in ("path", "image_dir", "cache_dir", "prepared_dir"):
             value = getattr(self, key)
             if isinstance(value, str) and value.startswith("~"):

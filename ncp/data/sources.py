@@ -214,7 +214,7 @@ def record_lines(path: str) -> list[int]:
             return [n for n, line in enumerate(fh, start=1) if line.strip()]
         reader, starts, end = csv.reader(fh), [], 0
         for row in reader:
-            if any(cell.strip() for cell in row):
+            if row and not (len(row) == 1 and not row[0].strip()):  # pandas skips blank lines, not ",,"
                 starts.append(end + 1)
             end = reader.line_num
         return starts[1:]
@@ -302,13 +302,12 @@ def _load_arrow(cfg: DataConfig):
     files = resolve_files(cfg.path, cfg.split, (".parquet",))
     schemas = [_check_parquet(f) for f in files]  # a bad shard or column fails here, naming the file, not in datasets
     read = PICKAPIC_COLUMNS + IMAGE_COLUMNS + UID_COLUMNS + ["ranking_id"]
-    used = lambda s: {c: str(s.field(c).type) for c in read if c in s.names}  # noqa: E731
+    used = lambda s: {c for c in read if c in s.names}  # noqa: E731
     for f, schema in zip(files[1:], schemas[1:]):
         if used(schema) != used(schemas[0]):
-            diff = {c: (used(schemas[0]).get(c), used(schema).get(c)) for c in used(schemas[0]) | used(schema)
-                    if used(schemas[0]).get(c) != used(schema).get(c)}
-            raise NcpError(f"{f}: its columns differ from {files[0]}'s (there, here: {diff}); the shards of one "
-                           "data.path must share their columns")
+            raise NcpError(f"{f}: its columns differ from {files[0]}'s (only there: {sorted(used(schemas[0]) - used(schema))}"
+                           f", only here: {sorted(used(schema) - used(schemas[0]))}); the shards of one data.path must "
+                           "share their columns")
     metas = [pq.read_metadata(f) for f in files]
     if all(m.row_group(g).num_rows <= SMALL_ROW_GROUP for m in metas for g in range(m.num_row_groups)):
         return ParquetRows(files), cfg.path, metas
