@@ -175,8 +175,8 @@ def generate(model: str, loras: list[str], prompts: list[str], out_dir: str | Pa
     """Render every prompt x seed with the base model ("base") and each LoRA; write images and index.jsonl.
 
     Returns the index rows of this call's models. `pipe` lets a caller reuse an already loaded pipeline (it must
-    have no LoRA loaded). Images already in `out_dir` with these settings (same model, LoRA file, prompt and seed)
-    are kept, not rendered again.
+    have no LoRA loaded). Images already in `out_dir` with these settings (same model, LoRA file and its time, prompt
+    and seed) are kept, not rendered again.
     """
     out_dir = Path(out_dir)
     models = [("base", None)] if include_base else []
@@ -191,9 +191,11 @@ def generate(model: str, loras: list[str], prompts: list[str], out_dir: str | Pa
     rows, partial = [], out_dir / "index.partial.jsonl"
     with open(partial, "a", encoding="utf-8") as log:
         for name, lora in models:
+            stamp = (Path(lora) / LORA_FILE).stat().st_mtime_ns if lora else None  # a retrained LoRA renders again
             lora = str(lora) if lora else None
             kept = {job: done.get((name, job[0], job[2])) for job in jobs}
-            kept = {job: row for job, row in kept.items() if row and row["prompt"] == job[1] and row["lora"] == lora}
+            kept = {job: row for job, row in kept.items()
+                    if row and (row["prompt"], row["lora"], row.get("lora_time")) == (job[1], lora, stamp)}
             todo = [job for job in jobs if job not in kept]
             rows += list(kept.values())
             if not todo:
@@ -208,7 +210,8 @@ def generate(model: str, loras: list[str], prompts: list[str], out_dir: str | Pa
                     for (idx, prompt, seed), image in zip(batch, images):
                         rel = f"{name}/{idx}_{seed}.png"
                         image.save(out_dir / rel)
-                        rows.append(dict(prompt=prompt, prompt_idx=idx, seed=seed, model=name, lora=lora, path=rel))
+                        rows.append(dict(prompt=prompt, prompt_idx=idx, seed=seed, model=name, lora=lora, path=rel,
+                                         lora_time=stamp))
                         log.write(json.dumps(rows[-1]) + "\n")
                     log.flush()
     order = {(n, i, s): k for k, (n, (i, _, s)) in enumerate((n, j) for n in names for j in jobs)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -460,6 +461,11 @@ def test_generate_continues_where_it_stopped_and_adds_models_to_the_index(tiny_p
     assert rows == straight and not (out / "index.partial.jsonl").exists()
     for r in rows:
         assert np.array_equal(pixels(out / r["path"]), pixels(tmp_path / "straight" / r["path"])), r["path"]
+    lora_file = lora_run / "pytorch_lora_weights.safetensors"  # retrained (a new file time): its images again
+    os.utime(lora_file, ns=(lora_file.stat().st_atime_ns, lora_file.stat().st_mtime_ns + 1))
+    calls.clear()
+    gen.generate(str(tiny_pipe_dir), [str(lora_run)], prompts, out, seeds=[0, 1], batch_size=2, steps=STEPS)
+    assert len(calls) == 3  # the LoRA's three batches, not the base's
 
     base_only = tmp_path / "base-first"
     gen.generate(str(tiny_pipe_dir), [], prompts, base_only, seeds=[0], steps=STEPS)
