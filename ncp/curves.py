@@ -22,7 +22,7 @@ import torch
 from ncp.errors import NcpError, run_cli
 from ncp.evaluate import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, REWARDS, make_scorer
 from ncp.generate import add_render_args, default_device, dtype_of, load_pipeline, load_prompts, lora_loaded, render
-from ncp.metrics import read_metrics
+from ncp.metrics import read_metrics, read_progress
 from ncp.models import LORA_FILE
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -97,15 +97,8 @@ def curves(runs: list[str | Path], pipe, prompts: list[str], seeds: list[int], s
                                model=getattr(pipe, "name_or_path", None), dtype=str(getattr(pipe, "dtype", None)),
                                **{k: v for k, v in render_kwargs.items() if k != "batch_size"}),
                           sort_keys=True, default=str)  # what a point's score depends on
-    partial, done = out_dir / "curves.partial.jsonl", {}
-    if partial.is_file():  # points scored before a stop, with these settings
-        for line in partial.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:  # the line a crash cut short
-                continue
-            if row["settings"] == settings:
-                done[row["lora"]] = row["reward"]
+    partial = out_dir / "curves.partial.jsonl"  # points scored before a stop, with these settings
+    done = {row["lora"]: row["reward"] for row in read_progress(partial) if row["settings"] == settings}
 
     def point(lora) -> float:
         key = "base" if lora is None else f"{lora}@{(Path(lora) / LORA_FILE).stat().st_mtime_ns}"

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from ncp.errors import NcpError, run_cli
+from ncp.metrics import read_progress
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"  # docs/method.md: PickScore model and CLIP-H processor
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -205,26 +206,20 @@ def read_index(path: str | Path) -> list[dict]:
 def score_rows(rows: list[dict], scorer, batch_size: int = 16, partial: Path | None = None) -> list[float]:
     """The scorer's score for each row's image, in row order. With `partial`, scores are appended there as batches
     finish, and the rows it already holds are not scored again."""
-    key = lambda r: f"{r['model']}|{r['prompt_idx']}|{r['seed']}|{r['file']}@{os.stat(r['file']).st_mtime_ns}"  # noqa: E731
-    done = {}
-    if partial is not None and partial.is_file():
-        for line in partial.read_text(encoding="utf-8").splitlines():
-            try:
-                done.update([json.loads(line)])
-            except ValueError:  # the line a crash cut short
-                continue
-    todo = [r for r in rows if key(r) not in done]
+    keys = [f"{r['model']}|{r['prompt_idx']}|{r['seed']}|{r['file']}@{os.stat(r['file']).st_mtime_ns}" for r in rows]
+    done = dict(read_progress(partial)) if partial is not None else {}
+    todo = [(k, r) for k, r in zip(keys, rows) if k not in done]
     with open(partial, "a", encoding="utf-8") if partial is not None else contextlib.nullcontext() as log:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
-            images = [Image.open(r["file"]).convert("RGB") for r in batch]
-            for r, s in zip(batch, scorer(images, [r["prompt"] for r in batch])):
-                done[key(r)] = s
+            images = [Image.open(r["file"]).convert("RGB") for _, r in batch]
+            for (k, _), s in zip(batch, scorer(images, [r["prompt"] for _, r in batch])):
+                done[k] = s
                 if log is not None:
-                    log.write(json.dumps([key(r), s]) + "\n")
+                    log.write(json.dumps([k, s]) + "\n")
             if log is not None:
                 log.flush()
-    return [done[key(r)] for r in rows]
+    return [done[k] for k in keys]
 
 
 def summarise(rows: list[dict], scores: dict[str, list[float]], baseline: str = "base") -> dict:

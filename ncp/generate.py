@@ -26,6 +26,7 @@ import torch
 
 from ncp import families
 from ncp.errors import NcpError, run_cli
+from ncp.metrics import read_progress
 from ncp.models import LORA_FILE
 
 PROMPT_SETS = {  # name -> (default hub id, split, caption column); docs/method.md "Evaluation prompts"
@@ -238,17 +239,8 @@ def _rendered(out_dir: Path, settings: dict) -> dict:
             (out_dir / "index.jsonl").unlink()
         out_dir.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(settings, indent=2))
-    done = {}
-    for name in ("index.jsonl", "index.partial.jsonl"):
-        if (out_dir / name).is_file():
-            for line in (out_dir / name).read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:  # empty, or the line a crash cut short
-                    continue
-                if (out_dir / row["path"]).is_file():
-                    done[(row["model"], row["prompt_idx"], row["seed"])] = row
-    return done
+    rows = read_progress(out_dir / "index.jsonl") + read_progress(out_dir / "index.partial.jsonl")
+    return {(r["model"], r["prompt_idx"], r["seed"]): r for r in rows if (out_dir / r["path"]).is_file()}
 
 
 def add_render_args(p: argparse.ArgumentParser) -> None:

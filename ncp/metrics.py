@@ -26,6 +26,19 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return rows
 
 
+def read_progress(path: str | Path) -> list:
+    """The JSON lines of a progress file that a job appends to as its work finishes (generate, evaluate, curves);
+    [] when there is none. A line that a crash cut short (the last) is left out: that work is done again."""
+    path, rows = Path(path), []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
 def write_metrics(run_dir: str | Path, rows: list[dict], append: bool = False) -> None:
     with open(Path(run_dir) / METRICS_FILE, "a" if append else "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)

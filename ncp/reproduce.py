@@ -250,15 +250,15 @@ def stage_score(s: dict, out: Path) -> bool:
 def stage_curves(s: dict, out: Path, pipe_cache: dict) -> bool:
     import torch
 
-    from ncp.curves import curves
+    from ncp.curves import curves, run_loras
     from ncp.evaluate import make_scorer
+    from ncp.models import LORA_FILE
 
     c, g = s["curves"], s["generate"]
     runs = [out / "runs" / r for r in s["train"]["runs"]]
     render = {k: g.get(k) for k in ("steps", "guidance", "resolution", "negative_prompt", "dtype")}
-    if made_with(out / "curves", "curves.json", dict(model=s["model"], curves=c, render=render,
-                                                      checkpoints=file_times(sorted(p for r in runs for p in r.rglob(
-                                                          "pytorch_lora_weights.safetensors"))))):
+    loras = file_times(lora / LORA_FILE for run in runs for _, lora in run_loras(run))  # the LoRAs curves scores
+    if made_with(out / "curves", "curves.json", dict(model=s["model"], curves=c, render=render, checkpoints=loras)):
         return False
     reward = c.get("reward", "pickscore")
     with torch.no_grad():
